@@ -1,0 +1,38 @@
+# The two commands of the README's quick start:
+#   make demo   the whole product in miniature on synthetic SOP-format data (CPU ok, GPU if present)
+#   make test   install into .venv and run the default test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A matching torch/torchvision pair (timm imports torchvision). On CPU machines like the CI's these
+# come from the local wheel cache; GPU hosts: install your CUDA torch into the venv first and run
+# `make install TORCH_PIN=` (README: "Installing on a GPU host").
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all lint demo clean-demo
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	@if [ -n "$(TORCH_PIN)" ]; then $(BIN)/pip install -q $(TORCH_PIN); fi
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# everything but gpu: slow and browser tests included
+test-all: install
+	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check retrieval tests && $(BIN)/ruff format --check retrieval tests
+
+demo: install
+	$(BIN)/python -m retrieval.demo

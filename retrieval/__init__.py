@@ -1,0 +1,3 @@
+"""retrieval: distributed training and evaluation for image retrieval (deep metric learning)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,409 @@
+"""Typed experiment configuration: dataclasses are the schema, YAML holds experiments.
+
+``load_config("configs/tiny.yaml", ["train.lr=1e-4", "data.num_workers=2"])`` merges the YAML file
+over the defaults below, then the dotted overrides, then validates every field. Errors name the
+field (``optim.lr: expected a float, got 'abc'``) so a typo fails before any GPU time is spent.
+
+Derived values (per-rank batch, steps per epoch) are computed in exactly one place:
+:func:`derived`. Every run writes its fully resolved config next to its outputs (:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from retrieval.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config value or key is wrong; the message names the dotted field."""
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/out"  # folder with {train,val,test}-NNNNNN.tar, stats.json, sizes.json
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    classes_per_batch: int = 32  # P: classes in one per-rank batch
+    images_per_class: int = 4  # K: images of each class in a batch
+    small_class: str = "repeat"  # classes with < K images: "repeat" (sample with replacement) or "drop"
+    class_pool: int = 256  # complete classes buffered per worker to draw P from (shuffle quality vs memory)
+    steps_per_epoch: int | None = None  # per-rank batches per epoch; None = train samples // global batch
+    num_workers: int = 4
+    eval_batch_size: int = 128
+    img_size: int | None = None  # None = the model's pretrained input size
+    scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range
+    hflip: float = 0.5
+    color_jitter: float = 0.0  # 0 disables; else brightness/contrast/saturation strength
+    interpolation: str = "bicubic"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("data.classes_per_batch", self.classes_per_batch)
+        _positive("data.images_per_class", self.images_per_class)
+        _positive("data.class_pool", self.class_pool)
+        _positive("data.steps_per_epoch", self.steps_per_epoch)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.eval_batch_size", self.eval_batch_size)
+        _positive("data.img_size", self.img_size)
+        _choice("data.small_class", self.small_class, ("repeat", "drop"))
+        _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))
+        if self.images_per_class < 2:
+            raise ConfigError("data.images_per_class: expected >= 2 (a triplet needs a positive), got "
+                              f"{self.images_per_class}")
+        if self.class_pool < self.classes_per_batch:
+            raise ConfigError(f"data.class_pool: expected >= data.classes_per_batch ({self.classes_per_batch}), "
+                              f"got {self.class_pool}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ConfigError(f"data.scale: expected 0 < min <= max <= 1, got {list(self.scale)}")
+        if not 0 <= self.hflip <= 1:
+            raise ConfigError(f"data.hflip: expected a probability in [0, 1], got {self.hflip}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "swinv2_base_window16_256"  # any timm model name
+    pretrained: bool = False  # timm/HF hub weights (online or from the local HF cache)
+    pretrained_file: str | None = None  # local .safetensors/.pth: offline pretrained weights
+    embed_dim: int | None = None  # linear projection size; None = raw pooled features (the seed)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (tiny test models)
+    normalize: bool = True  # L2-normalise embeddings (False only for the seed recipe: margin 1 on raw features)
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("model.embed_dim", self.embed_dim)
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError(f"model.drop_path_rate: expected a value in [0, 1), got {self.drop_path_rate}")
+
+
+@dataclass
+class LossConfig:
+    miner: str = "batch_hard"  # batch_hard | semi_hard | all | seed
+    distance: str = "cosine"  # cosine | squared_l2 (both on L2-normalised embeddings)
+    margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("loss.miner", self.miner, ("batch_hard", "semi_hard", "all", "seed"))
+        _choice("loss.distance", self.distance, ("cosine", "squared_l2"))
+        _positive("loss.margin", self.margin, allow_zero=True)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # head (projection) learning rate; the backbone uses backbone_lr
+    backbone_lr: float = 1e-4
+    weight_decay: float = 0.05  # not applied to norms, biases, position tables
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01  # cosine floor as a fraction of the peak lr
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.backbone_lr", self.backbone_lr, allow_zero=True)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("optim.grad_clip", self.grad_clip)
+        _positive("optim.grad_accum", self.grad_accum)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"  # run folder is runs/<name> unless --run-dir is given
+    epochs: int = 10
+    seed: int = 0
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or no | bf16 | fp16
+    log_every: int = 10  # optimizer steps between log lines
+    eval_every: int = 1  # epochs between validations (0 = never)
+    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0 = end of epoch only)
+    keep_checkpoints: int = 2  # newest step_N folders kept (best is always kept)
+    select_metric: str = "recall@1"  # metric in metrics.json used to pick `best`
+    early_stop_patience: int = 0  # evaluations without improvement before stopping (0 = off)
+    max_steps: int | None = None  # stop after this many optimizer steps in all (tests, smoke runs)
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume tests on CPU)
+
+    def __post_init__(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.log_every", self.log_every)
+        _positive("train.eval_every", self.eval_every, allow_zero=True)
+        _positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
+        _positive("train.early_stop_patience", self.early_stop_patience, allow_zero=True)
+        _positive("train.max_steps", self.max_steps)
+        _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
+
+
+@dataclass
+class EvalConfig:
+    ks: tuple[int, ...] = (1, 10, 100, 1000)
+    backend: str = "auto"  # auto | faiss | torch
+    chunk: int = 4096  # queries per chunk: memory is O(chunk x N), never N x N
+    dtype: str = "fp32"  # torch backend ranking precision: fp32 | tf32 | bf16
+
+    def __post_init__(self) -> None:
+        _choice("eval.backend", self.backend, ("auto", "faiss", "torch"))
+        _choice("eval.dtype", self.dtype, ("fp32", "tf32", "bf16"))
+        _positive("eval.chunk", self.chunk)
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ConfigError(f"eval.ks: expected positive integers, got {list(self.ks)}")
+
+
+@dataclass
+class LogConfig:
+    wandb: str = "offline"  # online | offline | disabled; offline writes into the run folder
+    project: str = "retrieval"
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("log.wandb", self.wandb, ("online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check/convert one YAML value against a dataclass field type; raise ConfigError naming it."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(name, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: expected one of "
+                          f"{[_type_name(a) for a in args]}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{name}: expected a list of {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")  # schema bug, not user error
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; known keys: {sorted(known)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        tp, value, dotted = hints[f.name], values[f.name], f"{prefix}{f.name}"
+        if is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
+            kwargs[f.name] = _build(tp, value, dotted + ".")
+        else:
+            kwargs[f.name] = _coerce(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-4`` -> (["train", "lr"], 1e-4); values are parsed as YAML (lists, null, bools)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def config_from_dict(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = _deepcopy(values)
+    for item in overrides:
+        path, value = parse_override(item)
+        _set_dotted(tree, path, value)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at top level")
+        values = loaded or {}
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain, YAML-safe dict (tuples become lists)."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, (tuple, list)):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _deepcopy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived values: computed here and nowhere else.
+
+
+@dataclass(frozen=True)
+class Derived:
+    per_rank_batch: int  # images per rank per micro-batch (P x K)
+    global_batch: int  # images per optimizer step across ranks and accumulation
+    steps_per_epoch: int  # per-rank micro-batches per epoch
+    optimizer_steps_per_epoch: int
+    total_optimizer_steps: int
+
+
+def derived(cfg: Config, world_size: int, train_samples: int | None) -> Derived:
+    """Batch and schedule arithmetic from the config, the world size and the train split size."""
+    per_rank = cfg.data.classes_per_batch * cfg.data.images_per_class
+    global_batch = per_rank * world_size * cfg.optim.grad_accum
+    if cfg.data.steps_per_epoch is not None:
+        steps = cfg.data.steps_per_epoch
+    else:
+        if not train_samples:
+            raise ConfigError("data.steps_per_epoch: not set and the train split size is unknown (no stats.json)")
+        steps = train_samples // (per_rank * world_size)
+        if steps < 1:
+            raise ConfigError(f"data.steps_per_epoch: the train split ({train_samples} images) is smaller than one "
+                              f"global batch ({per_rank * world_size}); lower data.classes_per_batch or set "
+                              "data.steps_per_epoch")
+    opt_steps = max(1, steps // cfg.optim.grad_accum)
+    total = opt_steps * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    return Derived(per_rank, global_batch, steps, opt_steps, total)
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) for every leaf field: the README's config reference is checked against it."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type, obj: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], value, f"{prefix}{f.name}.")
+            else:
+                rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), repr(value)))
+
+    walk(Config, Config(), "")
+    return rows

@@ -1,0 +1,152 @@
+"""The one place that reads rank/world environment variables or calls ``torch.distributed``.
+
+Everything else asks here: ``rank()``, ``world_size()``, ``is_main()``, ``barrier()``,
+``all_gather_cat()``. The getters return single-process defaults when no process group exists,
+so callers never branch on "am I distributed". Launchers (``accelerate launch``, ``torchrun``,
+``srun`` via ``slurm/train.sbatch``) set the standard variables ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; Slurm-only variables are translated in
+:func:`slurm_env`, nowhere else. The backend follows the device: NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as td
+
+
+def is_dist() -> bool:
+    return td.is_available() and td.is_initialized()
+
+
+def rank() -> int:
+    if is_dist():
+        return td.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    if is_dist():
+        return td.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def node_rank() -> int:
+    """Machine index: accelerate sets it per node; Slurm's SLURM_NODEID is the fallback."""
+    for key in ("GROUP_RANK", "NODE_RANK", "SLURM_NODEID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """Read one environment variable (library code asks here, never ``os.environ`` directly)."""
+    return os.environ.get(name, default)
+
+
+def set_env(name: str, value: str) -> None:
+    os.environ[name] = value
+
+
+def backend_for(device: torch.device | str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def barrier() -> None:
+    if is_dist():
+        td.barrier()
+
+
+def destroy() -> None:
+    """Tear the process group down so the interpreter exits cleanly (no gloo/NCCL abort at exit)."""
+    if is_dist():
+        td.barrier()
+        td.destroy_process_group()
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, in rank order; the local slice keeps its gradient.
+
+    Other ranks' slices arrive without gradient. A loss computed on the result is the same global
+    loss on every rank, but each rank back-propagates only through its own slice; DDP then *averages*
+    the per-rank gradients, which divides the true gradient by ``world_size``. Callers multiply such a
+    loss by ``world_size()`` to get exactly the single-process gradient of the concatenated batch.
+    All ranks must pass tensors of the same shape.
+    """
+    if not is_dist() or world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    td.all_gather(parts, x.contiguous())
+    parts[rank()] = x  # keep the autograd graph of the local slice
+    return torch.cat(parts, dim=0)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_dist() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_dist() or world_size() == 1:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_dist() and world_size() > 1:
+        x = x.clone()
+        td.all_reduce(x, op=td.ReduceOp.SUM)
+    return x
+
+
+def all_equal(values: Sequence[Any]) -> bool:
+    blob = pickle.dumps(list(values))
+    return all(b == blob for b in all_gather_object(blob))
+
+
+def slurm_env() -> dict[str, str]:
+    """Translate Slurm's variables to the ones launchers expect (used by the sbatch scripts' helper).
+
+    Returns only what Slurm knows: number of nodes, this node's index, the first host of the job
+    (the main process address) and a port derived from the job id (stable across requeues of the
+    same job, different between jobs sharing a node).
+    """
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    job = int(os.environ["SLURM_JOB_ID"])
+    out = {
+        "NUM_MACHINES": os.environ.get("SLURM_NNODES", "1"),
+        "MACHINE_RANK": os.environ.get("SLURM_NODEID", "0"),
+        "MAIN_PROCESS_PORT": str(20000 + job % 20000),
+    }
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if nodelist:
+        out["MAIN_PROCESS_IP"] = first_host(nodelist)
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist such as ``gpu[003-005,009],cpu01`` -> ``gpu003`` (no scontrol needed)."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    first = rest.rstrip("]").split(",")[0].split("-")[0]
+    return prefix + first
