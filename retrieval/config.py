@@ -42,22 +42,22 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
 @dataclass
 class DataConfig:
     shards: str = "shards/out"  # folder with {train,val,test}-NNNNNN.tar, stats.json, sizes.json
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
+    train_split: str = "train"  # shard split names (the builder writes train, val, test)
+    val_split: str = "val"  # validated every train.eval_every epochs; selects the best checkpoint
+    test_split: str = "test"  # the official SOP test file; never used for selection
     classes_per_batch: int = 32  # P: classes in one per-rank batch
     images_per_class: int = 4  # K: images of each class in a batch
     small_class: str = "repeat"  # classes with < K images: "repeat" (sample with replacement) or "drop"
     class_pool: int = 256  # complete classes buffered per worker to draw P from (shuffle quality vs memory)
     steps_per_epoch: int | None = None  # per-rank batches per epoch; None = train samples // global batch
-    num_workers: int = 4
-    eval_batch_size: int = 128
+    num_workers: int = 4  # DataLoader workers per rank (shards are split across them)
+    eval_batch_size: int = 128  # images per batch when embedding val/test
     img_size: int | None = None  # None = the model's pretrained input size
     scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range
-    hflip: float = 0.5
+    hflip: float = 0.5  # horizontal flip probability (train)
     color_jitter: float = 0.0  # 0 disables; else brightness/contrast/saturation strength
-    interpolation: str = "bicubic"
-    seed: int = 0
+    interpolation: str = "bicubic"  # resize filter: bicubic | bilinear
+    seed: int = 0  # data order is a pure function of (seed, epoch, rank, worker)
 
     def __post_init__(self) -> None:
         _positive("data.classes_per_batch", self.classes_per_batch)
@@ -89,10 +89,10 @@ class ModelConfig:
     embed_dim: int | None = None  # linear projection size; None = raw pooled features (the seed)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (tiny test models)
     normalize: bool = True  # L2-normalise embeddings (False only for the seed recipe: margin 1 on raw features)
-    drop_path_rate: float = 0.0
-    grad_checkpointing: bool = False
-    channels_last: bool = False
-    compile: bool = False
+    drop_path_rate: float = 0.0  # stochastic depth (timm)
+    grad_checkpointing: bool = False  # trade compute for activation memory (timm set_grad_checkpointing)
+    channels_last: bool = False  # NHWC memory format (faster convs/patch embed on GPU)
+    compile: bool = False  # torch.compile the model
 
     def __post_init__(self) -> None:
         _positive("model.embed_dim", self.embed_dim)
@@ -104,7 +104,7 @@ class ModelConfig:
 class LossConfig:
     miner: str = "batch_hard"  # batch_hard | semi_hard | all | seed
     distance: str = "cosine"  # cosine | squared_l2 (both on L2-normalised embeddings)
-    margin: float = 0.1
+    margin: float = 0.1  # triplet margin (in the chosen distance)
 
     def __post_init__(self) -> None:
         _choice("loss.miner", self.miner, ("batch_hard", "semi_hard", "all", "seed"))
@@ -115,13 +115,13 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # head (projection) learning rate; the backbone uses backbone_lr
-    backbone_lr: float = 1e-4
+    backbone_lr: float = 1e-4  # learning rate of the pretrained backbone
     weight_decay: float = 0.05  # not applied to norms, biases, position tables
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 100  # linear warmup in optimizer steps, then cosine
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of the peak lr
-    grad_clip: float | None = 1.0
-    grad_accum: int = 1
+    grad_clip: float | None = 1.0  # max global gradient norm; null disables
+    grad_accum: int = 1  # micro-batches per optimizer step
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
@@ -137,8 +137,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     name: str = "run"  # run folder is runs/<name> unless --run-dir is given
-    epochs: int = 10
-    seed: int = 0
+    epochs: int = 10  # each epoch is data.steps_per_epoch P x K batches per rank
+    seed: int = 0  # model init and the seed miner
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or no | bf16 | fp16
     log_every: int = 10  # optimizer steps between log lines
     eval_every: int = 1  # epochs between validations (0 = never)
@@ -146,7 +146,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest step_N folders kept (best is always kept)
     select_metric: str = "recall@1"  # metric in metrics.json used to pick `best`
     early_stop_patience: int = 0  # evaluations without improvement before stopping (0 = off)
-    max_steps: int | None = None  # stop after this many optimizer steps in all (tests, smoke runs)
+    max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps in all; the lr
+    # schedule still spans train.epochs, so a capped run continues exactly when resumed with a higher cap
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume tests on CPU)
 
     def __post_init__(self) -> None:
@@ -162,7 +163,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    ks: tuple[int, ...] = (1, 10, 100, 1000)
+    ks: tuple[int, ...] = (1, 10, 100, 1000)  # Recall@K cut-offs (SOP protocol)
     backend: str = "auto"  # auto | faiss | torch
     chunk: int = 4096  # queries per chunk: memory is O(chunk x N), never N x N
     dtype: str = "fp32"  # torch backend ranking precision: fp32 | tf32 | bf16
@@ -178,8 +179,8 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     wandb: str = "offline"  # online | offline | disabled; offline writes into the run folder
-    project: str = "retrieval"
-    entity: str | None = None
+    project: str = "retrieval"  # wandb project
+    entity: str | None = None  # wandb entity (team); None = your default
 
     def __post_init__(self) -> None:
         _choice("log.wandb", self.wandb, ("online", "offline", "disabled"))
@@ -368,7 +369,8 @@ class Derived:
     global_batch: int  # images per optimizer step across ranks and accumulation
     steps_per_epoch: int  # per-rank micro-batches per epoch
     optimizer_steps_per_epoch: int
-    total_optimizer_steps: int
+    total_optimizer_steps: int  # length of the lr schedule (train.epochs)
+    stop_at_step: int  # where this invocation stops: train.max_steps caps it, the schedule is unchanged
 
 
 def derived(cfg: Config, world_size: int, train_samples: int | None) -> Derived:
@@ -387,23 +389,45 @@ def derived(cfg: Config, world_size: int, train_samples: int | None) -> Derived:
                               "data.steps_per_epoch")
     opt_steps = max(1, steps // cfg.optim.grad_accum)
     total = opt_steps * cfg.train.epochs
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
-    return Derived(per_rank, global_batch, steps, opt_steps, total)
+    stop_at = total if cfg.train.max_steps is None else min(total, cfg.train.max_steps)
+    return Derived(per_rank, global_batch, steps, opt_steps, total, stop_at)
 
 
-def field_docs() -> list[tuple[str, str, str]]:
-    """(dotted key, type, default) for every leaf field: the README's config reference is checked against it."""
-    rows: list[tuple[str, str, str]] = []
+def _field_comments(cls: type) -> dict[str, str]:
+    """Trailing ``# comment`` of each field in the class source: the one place the fields are documented."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def field_docs() -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, comment) for every leaf field; the README's reference is generated from it."""
+    rows: list[tuple[str, str, str, str]] = []
 
     def walk(cls: type, obj: Any, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
+        notes = _field_comments(cls)
         for f in fields(cls):
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], value, f"{prefix}{f.name}.")
             else:
-                rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), repr(value)))
+                type_name = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+                rows.append((f"{prefix}{f.name}", type_name, repr(value), notes.get(f.name, "")))
 
     walk(Config, Config(), "")
     return rows
+
+
+def reference_markdown() -> str:
+    """The README's configuration reference table (a test keeps the README equal to this)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, note in field_docs():
+        lines.append(f"| `{key}` | {tp.replace('|', 'or')} | `{default}` | {note.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"

@@ -150,3 +150,51 @@ def first_host(nodelist: str) -> str:
     prefix, rest = head.split("[", 1)
     first = rest.rstrip("]").split(",")[0].split("-")[0]
     return prefix + first
+
+
+# ---------------------------------------------------------------------------------------------
+# The Accelerator: built here and nowhere else.
+
+
+def uses_deepspeed() -> bool:
+    """True when `accelerate launch` was given a DeepSpeed profile (it exports this variable)."""
+    return env("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """``auto``: the launch profile's mixed precision if it set one, else bf16 on CUDA and fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    from_profile = env("ACCELERATE_MIXED_PRECISION")
+    if from_profile:
+        return from_profile if cuda else "no"
+    return "bf16" if cuda else "no"
+
+
+def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with: str | None = None):
+    """One Accelerator for training/embedding, whatever the launcher (python, accelerate, torchrun, srun).
+
+    - gloo is forced on CPU: accelerate's DeepSpeed path otherwise counts one process (ENV-NOTES) and
+      NCCL cannot run without CUDA.
+    - ``step_scheduler_with_optimizer=False``: the trainer steps its per-optimizer-step schedule once per
+      update; accelerate would otherwise step it ``num_processes`` times.
+    """
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    # Only an explicit CPU request sets cpu=True: with DeepSpeed, accelerate rejects it, and on a CPU-only
+    # host accelerate picks the CPU device by itself.
+    force_cpu = env("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
+    cuda = torch.cuda.is_available() and not force_cpu
+    handlers = [InitProcessGroupKwargs(backend=backend_for("cuda" if cuda else "cpu"), timeout=timedelta(minutes=30))]
+    return Accelerator(
+        cpu=force_cpu,
+        mixed_precision=resolve_precision(precision, cuda),
+        gradient_accumulation_steps=grad_accum,
+        step_scheduler_with_optimizer=False,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=project_dir, automatic_checkpoint_naming=False),
+        kwargs_handlers=handlers,
+    )

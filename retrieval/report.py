@@ -1,0 +1,552 @@
+"""``retrieval report RUN_DIR``: one self-contained HTML page for a run, to open anywhere or attach to a ticket.
+
+    retrieval report runs/tiny                                  # -> runs/tiny/report.html
+    retrieval report runs/sop --embeddings runs/sop/emb-test --shards /data/sop-shards --out sop.html
+
+The page holds, in order: the metrics table (``results.json`` rows when the demo wrote them, else each
+evaluation folder's ``metrics.json``, else the last validation line), loss / recall / throughput curves
+from ``metrics.jsonl``, a gallery of sampled queries with their exact top-k neighbours (green frame: same
+class, red: another class), ``summary.json``, the resolved config and the software versions. Plots and
+thumbnails are embedded as base64 data URIs, so the file needs no folder beside it and no network.
+
+Evaluation folders are the ``retrieval embed`` outputs found as ``RUN_DIR/emb-*/`` and ``RUN_DIR/eval/*/``,
+plus any ``--embeddings DIR``. Thumbnails are read straight from the WebDataset shards (``--shards``, default
+the ``shards`` entry of the folder's ``meta.json``): only the members needed, no extraction. Every part
+that is missing is replaced by a sentence saying what was looked for, never by a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import logging
+import platform
+import tarfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METRICS = [
+    ("recall@1", "Recall@1"),
+    ("recall@10", "Recall@10"),
+    ("recall@100", "Recall@100"),
+    ("recall@1000", "Recall@1000"),
+    ("map@r", "MAP@R"),
+    ("r_precision", "R-Precision"),
+    ("seed_map", "seed-MAP"),
+]
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
+THUMB_PX = 96
+COLORS = {"hit": "#1a9a3c", "miss": "#d62728", "query": "#1f5fbf"}
+
+
+@dataclass
+class EvalFolder:
+    """One ``retrieval embed`` output (``metrics.json`` only when ``retrieval eval`` ran on it)."""
+
+    path: Path
+    meta: dict = field(default_factory=dict)
+    metrics: dict | None = None
+
+    @property
+    def has_embeddings(self) -> bool:
+        return (self.path / "embeddings.npy").is_file()
+
+    @property
+    def training(self) -> str:
+        return "untrained" if self.meta.get("untrained") else "finetuned"
+
+
+@dataclass
+class Gallery:
+    """Sampled queries and their top-k neighbours, as rows of (index, id, label, path, score, thumbnail)."""
+
+    source: Path
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run folder (metrics.jsonl, config.yaml, emb-*/ ...)")
+    parser.add_argument(
+        "--embeddings",
+        action="append",
+        metavar="DIR",
+        help="evaluation folder (embeddings.npy, labels.npy, ids.npy, ...); repeatable; "
+        "default: RUN_DIR/emb-*/ and RUN_DIR/eval/*/",
+    )
+    parser.add_argument("--shards", help="shard folder for thumbnails (default: the folder's meta.json 'shards')")
+    parser.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    parser.add_argument("--queries", type=int, default=12, help="queries in the gallery (default 12)")
+    parser.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = build_report(args.run_dir, args.embeddings, args.shards, args.out, args.queries, args.k, args.seed)
+    print(path)
+    return 0
+
+
+def build_report(
+    run_dir: str | Path,
+    embeddings_dirs: list[str | Path] | None = None,
+    shards: str | Path | None = None,
+    out: str | Path | None = None,
+    queries: int = 12,
+    k: int = 5,
+    seed: int = 0,
+) -> Path:
+    """Write the report of ``run_dir`` and return its path (``RUN_DIR/report.html`` unless ``out``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a folder (expected a run folder with metrics.jsonl)")
+    if queries < 1 or k < 1:
+        raise UserError(f"--queries and --k: expected positive integers, got {queries} and {k}")
+    if shards is not None and not Path(shards).is_dir():
+        raise UserError(f"--shards {shards}: not a folder (expected {{split}}-NNNNNN.tar files)")
+    train, val, log_notes = read_metrics_log(run_dir / "metrics.jsonl")
+    folders = find_eval_folders(run_dir, embeddings_dirs)
+    table, table_note = table_rows(run_dir, folders, val)
+    gallery = build_gallery(folders, shards, queries, k, seed)
+    page = render_page(
+        run_dir=run_dir,
+        table=table,
+        table_note=table_note,
+        curves=curve_images(train, val),
+        log_notes=log_notes,
+        gallery=gallery,
+        k=k,
+        summary=_read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None,
+        config=(run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None,
+    )
+    out = Path(out) if out else run_dir / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    log.info("wrote %s (%.0f KB)", out, out.stat().st_size / 1024)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def read_metrics_log(path: Path) -> tuple[list[dict], list[dict], list[str]]:
+    """(train lines, val lines, notes). A line that is not JSON is skipped with a note, not fatal: a run
+    killed mid-write leaves a truncated last line, and its report is exactly what one wants then."""
+    if not path.is_file():
+        return [], [], [f"{path.name} not found: no curves."]
+    train, val, notes = [], [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            notes.append(f"{path.name} line {n} is not JSON and was skipped.")
+            continue
+        if isinstance(record, dict) and record.get("kind") == "train":
+            train.append(record)
+        elif isinstance(record, dict) and record.get("kind") == "val":
+            val.append(record)
+    return train, val, notes
+
+
+def find_eval_folders(run_dir: Path, explicit: list[str | Path] | None) -> list[EvalFolder]:
+    """The explicit folders (each must exist), else ``emb-*/`` and ``eval/*/`` under the run folder."""
+    if explicit:
+        paths = [Path(p) for p in explicit]
+        for p in paths:
+            if not p.is_dir():
+                raise UserError(f"--embeddings {p}: not a folder (expected embeddings.npy, labels.npy, ids.npy)")
+    else:
+        candidates = sorted(run_dir.glob("emb-*/")) + sorted(run_dir.glob("eval/*/"))
+        paths = [p for p in candidates if (p / "embeddings.npy").is_file() or (p / "metrics.json").is_file()]
+    folders = []
+    for p in paths:
+        meta = _read_json(p / "meta.json") if (p / "meta.json").is_file() else {}
+        metrics = _read_json(p / "metrics.json") if (p / "metrics.json").is_file() else None
+        folders.append(EvalFolder(p, meta if isinstance(meta, dict) else {}, metrics))
+    return folders
+
+
+def table_rows(run_dir: Path, folders: list[EvalFolder], val: list[dict]) -> tuple[list[dict], str]:
+    """Rows of the metrics table (each a dict with 'name', 'training' and metric keys) and where they came from."""
+    results = run_dir / "results.json"
+    if results.is_file():
+        rows = _read_json(results)
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise UserError(f"{results}: expected a list of objects with 'training' and metric keys")
+        return [{"name": r.get("architecture", r.get("model", run_dir.name)), **r} for r in rows], results.name
+    scored = [f for f in folders if f.metrics]
+    if scored:
+        rows = [
+            {"name": f.path.name, "training": f.training, "split": f.meta.get("split", ""), **f.metrics} for f in scored
+        ]
+        return rows, ", ".join(f"{f.path.name}/metrics.json" for f in scored)
+    if val:
+        last = val[-1]
+        return [{"name": run_dir.name, "training": f"val @ step {last.get('step')}", **last}], "metrics.jsonl"
+    return [], ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves (matplotlib without pyplot: no global backend state, nothing opened on screen)
+
+
+def _figure_png(draw) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 3.2), dpi=100, layout="constrained")
+    draw(fig.subplots())
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def curve_images(train: list[dict], val: list[dict]) -> list[tuple[str, str]]:
+    """(title, base64 PNG) for each curve that has data: loss, validation metrics, throughput."""
+    images = []
+    if _series(train, "loss")[0]:
+
+        def loss(ax):
+            ax.plot(*_series(train, "loss"), color="#1f5fbf", lw=1.5, label="loss")
+            ax.set(xlabel="step", ylabel="triplet loss", title="Training loss")
+            steps, active = _series(train, "active_fraction")
+            if steps:
+                twin = ax.twinx()
+                twin.plot(steps, active, color="#999999", lw=1, ls="--")
+                twin.set_ylabel("active triplets (fraction)", color="#777777")
+
+        images.append(("Training loss", _figure_png(loss)))
+    present = [(key, label) for key, label in METRICS if _series(val, key)[0]]
+    if present:
+
+        def recall(ax):
+            for key, label in present:
+                steps, values = _series(val, key)
+                ax.plot(steps, [100 * v for v in values], marker="o", ms=3, lw=1.5, label=label)
+            ax.set(xlabel="step", ylabel="%", title="Validation retrieval metrics")
+            ax.legend(fontsize=7, ncol=2)
+
+        images.append(("Validation metrics", _figure_png(recall)))
+    if _series(train, "images_per_s")[0]:
+
+        def speed(ax):
+            ax.plot(*_series(train, "images_per_s"), color="#6a3d9a", lw=1.5, label="all ranks")
+            steps, per_gpu = _series(train, "images_per_s_per_gpu")
+            if steps:
+                ax.plot(steps, per_gpu, color="#cab2d6", lw=1.5, label="per rank")
+            ax.set(xlabel="step", ylabel="images / s", title="Training throughput")
+            ax.legend(fontsize=7)
+
+        images.append(("Throughput", _figure_png(speed)))
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# Gallery
+
+
+def pick_gallery_folder(folders: list[EvalFolder]) -> EvalFolder | None:
+    """The fine-tuned embeddings when several folders exist (the untrained ones are the baseline)."""
+    usable = [f for f in folders if f.has_embeddings]
+    finetuned = [f for f in usable if not f.meta.get("untrained")]
+    return (finetuned or usable or [None])[0]
+
+
+def sample_queries(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` query indices, a pure function of (labels, n, seed); classes with a second image are preferred,
+    since a query with no same-class image can only show red frames."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    pool = np.flatnonzero(counts[inverse] > 1)
+    if len(pool) == 0:
+        pool = np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(pool, size=min(n, len(pool)), replace=False))
+
+
+def top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of the query rows against every row, each query excluded by its index.
+
+    The gallery needs a dozen queries, so a chunked numpy matmul is exact and fast enough even at SOP scale
+    (memory O(queries x chunk)); ties go to the smaller index so the page is reproducible.
+    """
+    q = np.asarray(embeddings[queries], dtype=np.float32)
+    scores = np.concatenate(
+        [q @ np.asarray(embeddings[s : s + chunk], dtype=np.float32).T for s in range(0, len(embeddings), chunk)],
+        axis=1,
+    )
+    scores[np.arange(len(queries)), queries] = -np.inf
+    k = min(k, len(embeddings) - 1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def _load_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    for name in ("embeddings.npy", "labels.npy", "ids.npy"):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder}: missing {name} (expected the output of `retrieval embed`)")
+    emb = np.load(folder / "embeddings.npy", mmap_mode="r")
+    labels, ids = np.load(folder / "labels.npy"), np.load(folder / "ids.npy")
+    if emb.ndim != 2 or not len(emb) == len(labels) == len(ids):
+        raise UserError(
+            f"{folder}: embeddings.npy {emb.shape}, labels.npy {labels.shape} and ids.npy {ids.shape} "
+            "must be N x d, N and N"
+        )
+    paths = _read_json(folder / "paths.json") if (folder / "paths.json").is_file() else []
+    return emb, labels, ids, paths if isinstance(paths, list) and len(paths) == len(ids) else []
+
+
+def build_gallery(
+    folders: list[EvalFolder], shards: str | Path | None, queries: int, k: int, seed: int
+) -> Gallery | None:
+    folder = pick_gallery_folder(folders)
+    if folder is None:
+        return None
+    emb, labels, ids, paths = _load_folder(folder.path)
+    gallery = Gallery(folder.path)
+    if len(emb) < 2:
+        gallery.notes.append(f"{folder.path.name} holds {len(emb)} embedding(s): no neighbours to show.")
+        return gallery
+    picked = sample_queries(labels, queries, seed)
+    order, scores = top_k(emb, picked, k)
+    needed = {int(ids[i]) for i in np.concatenate([picked, order.ravel()])}
+    thumbs = _thumbnails_for(folder, shards, needed, gallery.notes)
+
+    def item(i: int, score: float | None = None) -> dict:
+        return {
+            "index": int(i),
+            "id": int(ids[i]),
+            "label": int(labels[i]),
+            "path": paths[i] if paths else "",
+            "score": score,
+            "thumb": thumbs.get(int(ids[i])),
+        }
+
+    for row, q in enumerate(picked):
+        neighbours = [item(j, float(s)) for j, s in zip(order[row], scores[row], strict=True)]
+        gallery.rows.append({"query": item(q), "neighbours": neighbours})
+    return gallery
+
+
+def _thumbnails_for(folder: EvalFolder, shards: str | Path | None, ids: set[int], notes: list[str]) -> dict[int, str]:
+    source = shards or folder.meta.get("shards")
+    if not source:
+        notes.append("No shard folder (no --shards, no 'shards' in meta.json): showing ids and classes only.")
+        return {}
+    if not Path(source).is_dir():
+        notes.append(f"Shard folder {source} (from {folder.path.name}/meta.json) not found: ids and classes only.")
+        return {}
+    thumbs = read_thumbnails(Path(source), folder.meta.get("split"), ids, notes)
+    if len(thumbs) < len(ids):
+        notes.append(f"{len(ids) - len(thumbs)} of {len(ids)} images not found in {source}: shown as ids.")
+    return thumbs
+
+
+def read_thumbnails(
+    shards: Path, split: str | None, ids: set[int], notes: list[str] | None = None, size: int = THUMB_PX
+) -> dict[int, str]:
+    """image_id -> JPEG data URI (max side ``size``), reading only the wanted members of ``{split}-*.tar``.
+
+    Tar has no index, so headers are scanned, but only the wanted images are decompressed; the scan
+    stops as soon as every wanted id is found.
+    """
+    notes = notes if notes is not None else []
+    wanted, thumbs = set(ids), {}
+    for tar in sorted(shards.glob(f"{split}-*.tar" if split else "*.tar")):
+        try:
+            with tarfile.open(tar) as tf:
+                for member in tf:
+                    key, _, ext = Path(member.name).name.partition(".")
+                    if ext.lower() not in IMAGE_EXTS or not key.isdigit() or int(key) not in wanted:
+                        continue
+                    wanted.discard(int(key))
+                    try:
+                        thumbs[int(key)] = _thumbnail(tf.extractfile(member).read(), size)
+                    except (OSError, ValueError, AttributeError) as e:  # a corrupt image costs one thumbnail
+                        notes.append(f"{tar.name}/{member.name}: not a readable image ({e}).")
+                    if not wanted:
+                        return thumbs
+        except (tarfile.TarError, OSError) as e:
+            notes.append(f"{tar.name}: unreadable ({e}); its images are shown as ids.")
+    return thumbs
+
+
+def _thumbnail(data: bytes, size: int) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+CSS = f"""
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1200px; color: #222; padding: 0 16px; }}
+h1 {{ font-size: 22px; margin-bottom: 2px; }} h2 {{ font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }}
+.sub, .note {{ color: #666; }} .note {{ font-style: italic; }}
+table {{ border-collapse: collapse; margin: 8px 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 9px; }} th {{ background: #f1f3f6; }} td.num {{ text-align: right; }}
+.curves img {{ max-width: 590px; margin: 4px; border: 1px solid #eee; }}
+.row {{ display: flex; gap: 6px; align-items: flex-start; margin: 10px 0; }}
+.row .sep {{ width: 14px; }}
+figure {{ margin: 0; text-align: center; font-size: 11px; width: {THUMB_PX + 10}px; }}
+figure .box {{ width: {THUMB_PX}px; height: {THUMB_PX}px; border: 5px solid #999; display: flex;
+  align-items: center; justify-content: center; background: #f4f4f4; overflow: hidden; }}
+figure .box img {{ max-width: {THUMB_PX}px; max-height: {THUMB_PX}px; }}
+figure.hit .box {{ border-color: {COLORS["hit"]}; }} figure.miss .box {{ border-color: {COLORS["miss"]}; }}
+figure.query .box {{ border-color: {COLORS["query"]}; }}
+figcaption {{ word-break: break-all; }}
+pre {{ background: #f7f7f7; padding: 10px; overflow-x: auto; }}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
+
+
+def render_table(rows: list[dict], source: str) -> str:
+    if not rows:
+        return (
+            '<p class="note">No metrics: no results.json, no metrics.json in an evaluation folder, and no '
+            '"val" line in metrics.jsonl.</p>'
+        )
+    head = "".join(f"<th>{_e(h)}</th>" for h in ["Model", "Training", *[t for _, t in METRICS], "Queries"])
+    body = []
+    for r in rows:
+        cells = [f"<td>{_e(r.get('name', ''))}</td>", f"<td>{_e(r.get('training', ''))}</td>"]
+        cells += [f'<td class="num">{_pct(r.get(key))}</td>' for key, _ in METRICS]
+        cells.append(f'<td class="num">{_e(r.get("num_queries", "–"))}</td>')
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return (
+        f'<table id="metrics"><tr>{head}</tr>{"".join(body)}</table>'
+        f'<p class="sub">In percent; from {_e(source)}. seed-MAP is the seed README\'s "MAP" (reciprocal rank '
+        "of the first hit), kept under its own name for comparison.</p>"
+    )
+
+
+def _figure(item: dict, role: str) -> str:
+    inner = (
+        f'<img src="{item["thumb"]}" alt="image {item["id"]}">'
+        if item["thumb"]
+        else f"<span>id {item['id']}<br>class {item['label']}</span>"
+    )
+    score = "query" if item["score"] is None else f"{item['score']:.3f}"
+    title = _e(item["path"] or f"image {item['id']}")
+    return (
+        f'<figure class="{role}" data-id="{item["id"]}" data-label="{item["label"]}" title="{title}">'
+        f'<div class="box">{inner}</div><figcaption>{score} · c{item["label"]}</figcaption></figure>'
+    )
+
+
+def render_gallery(gallery: Gallery | None, k: int) -> str:
+    if gallery is None:
+        return (
+            '<p class="note">No gallery: no evaluation folder with embeddings.npy (looked for emb-*/ and eval/*/ '
+            "in the run folder; pass --embeddings DIR).</p>"
+        )
+    parts = [
+        f'<p class="sub">Top-{k} exact inner-product neighbours from {_e(gallery.source)} (query excluded by '
+        f'index). Frame: <b style="color:{COLORS["hit"]}">same class</b>, <b style="color:{COLORS["miss"]}">'
+        f'other class</b>, <b style="color:{COLORS["query"]}">query</b>; caption: score · class.</p>'
+    ]
+    parts += [f'<p class="note">{_e(n)}</p>' for n in gallery.notes]
+    for row in gallery.rows:
+        query = row["query"]
+        cells = [_figure(query, "query"), '<div class="sep"></div>']
+        cells += [_figure(n, "hit" if n["label"] == query["label"] else "miss") for n in row["neighbours"]]
+        parts.append(f'<div class="row">{"".join(cells)}</div>')
+    return "\n".join(parts)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced the page (installed metadata: no heavy imports such as torch)."""
+    from retrieval import __version__
+
+    out = {"retrieval": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "matplotlib", "pillow", "torch", "timm", "faiss-cpu"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def render_page(
+    *,
+    run_dir: Path,
+    table: list[dict],
+    table_note: str,
+    curves: list[tuple[str, str]],
+    log_notes: list[str],
+    gallery: Gallery | None,
+    k: int,
+    summary: Any,
+    config: str | None,
+) -> str:
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    curves_html = "".join(f'<img alt="{_e(t)}" src="data:image/png;base64,{b}">' for t, b in curves) or (
+        '<p class="note">No curves: metrics.jsonl has no train or val lines.</p>'
+    )
+    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in log_notes)
+    summary_html = (
+        ("<table>" + "".join(f"<tr><th>{_e(k_)}</th><td>{_e(v)}</td></tr>" for k_, v in summary.items()) + "</table>")
+        if isinstance(summary, dict)
+        else '<p class="note">No summary.json.</p>'
+    )
+    config_html = (
+        f"<details><summary>config.yaml</summary><pre>{_e(config)}</pre></details>"
+        if config
+        else '<p class="note">No config.yaml in the run folder.</p>'
+    )
+    version_html = " · ".join(f"{_e(n)} {_e(v)}" for n, v in versions().items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>retrieval report: {_e(run_dir.name)}</title>
+<style>{CSS}</style></head><body>
+<h1>Run report: {_e(run_dir.name)}</h1>
+<p class="sub">{_e(run_dir.resolve())} · generated {now}</p>
+<h2>Metrics</h2>{render_table(table, table_note)}
+<h2>Curves</h2><div class="curves">{curves_html}</div>{notes}
+<h2>Query gallery</h2>{render_gallery(gallery, k)}
+<h2>Summary</h2>{summary_html}
+<h2>Configuration</h2>{config_html}
+<p class="sub">Versions: {version_html}</p>
+</body></html>
+"""

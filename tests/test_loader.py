@@ -1,0 +1,227 @@
+"""Streaming loader, single process: P×K structure, determinism, resume, small classes, bad data, eval coverage."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrieval.config import DataConfig
+from retrieval.data import loader as L
+from retrieval.data import transforms as tfm
+from retrieval.errors import UserError
+import _shardkit as sk
+
+MEAN = STD = (0.5, 0.5, 0.5)
+IMG = 32
+
+
+def _train_layout() -> list[list[tuple[int, int]]]:
+    """5 uneven shards, 30 classes of 1..7 images (class c has 1 + c % 7 images)."""
+    sizes = [3, 9, 5, 7, 6]
+    layout, c = [], 1
+    for n in sizes:
+        layout.append([(c + i, 1 + (c + i) % 7) for i in range(n)])
+        c += n
+    return layout
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, dict[int, int]]:
+    """Train shards + a 4-shard test split; returns (dir, image_id -> class_id of train)."""
+    d = tmp_path_factory.mktemp("shards")
+    layout = _train_layout()
+    sk.write_split(d, "train", layout)
+    sk.write_split(d, "test", [[(100 + s * 3 + i, 3) for i in range(3)] for s in range(4)], first_id=1000)
+    classes, image_id = {}, 1
+    for shard in layout:
+        for c, n in shard:
+            for _ in range(n):
+                classes[image_id] = c
+                image_id += 1
+    return d, classes
+
+
+def _cfg(**kw) -> DataConfig:
+    base = dict(classes_per_batch=3, images_per_class=4, class_pool=8, num_workers=0, seed=7)
+    return DataConfig(**{**base, **kw})
+
+
+def _train(d: Path, cfg: DataConfig, epoch: int = 0, steps: int = 6, **kw) -> list[dict]:
+    return list(L.train_loader(d, cfg, IMG, MEAN, STD, epoch=epoch, steps=steps, **kw))
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+        and torch.equal(x["image_id"], y["image_id"]) for x, y in zip(a, b))
+
+
+def _class_sizes(classes: dict[int, int]) -> Counter:
+    return Counter(classes.values())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_batches_are_p_by_k(shards, workers):
+    d, classes = shards
+    cfg = _cfg(num_workers=workers)
+    loader = L.train_loader(d, cfg, IMG, MEAN, STD, epoch=0, steps=7)
+    assert len(loader) == 7
+    batches = list(loader)
+    assert len(batches) == 7
+    sizes = _class_sizes(classes)
+    for b in batches:
+        assert b["image"].shape == (12, 3, IMG, IMG) and b["image"].dtype == torch.float32
+        assert b["label"].dtype == torch.int64 and b["image_id"].dtype == torch.int64
+        labels = b["label"].view(3, 4)
+        assert (labels == labels[:, :1]).all(), "each class fills K consecutive slots"
+        assert len(set(labels[:, 0].tolist())) == 3, "P distinct classes"
+        for lab, iid in zip(b["label"].tolist(), b["image_id"].tolist()):
+            assert classes[iid] == lab
+            assert sizes[lab] >= 2, "1-image classes have no positive and are never used"
+        assert b["skipped"] == 0
+
+
+def test_order_is_a_function_of_seed_and_epoch(shards):
+    d, _ = shards
+    a = _train(d, _cfg(num_workers=2), epoch=3)
+    assert _same(a, _train(d, _cfg(num_workers=2), epoch=3))
+    assert not _same(a, _train(d, _cfg(num_workers=2), epoch=4))
+    assert not _same(a, _train(d, _cfg(num_workers=2, seed=8), epoch=3))
+    # one worker in a process == in-process (W = 1 both ways)
+    assert _same(_train(d, _cfg(num_workers=1)), _train(d, _cfg(num_workers=0)))
+
+
+@pytest.mark.parametrize("workers,start", [(0, 3), (2, 1), (2, 4), (3, 5), (2, 9)])
+def test_resume_yields_the_tail(shards, workers, start):
+    d, _ = shards
+    full = _train(d, _cfg(num_workers=workers), epoch=1, steps=9)
+    tail = _train(d, _cfg(num_workers=workers), epoch=1, steps=9, start_step=start)
+    assert len(tail) == 9 - start
+    assert _same(full[start:], tail)
+
+
+def test_resume_decodes_only_yielded_batches(shards, monkeypatch):
+    d, _ = shards
+    calls = []
+    real = tfm.decode_image
+    monkeypatch.setattr(tfm, "decode_image", lambda data, min_side=0: calls.append(1) or real(data, min_side))
+    _train(d, _cfg(), steps=8, start_step=6)
+    assert len(calls) == 2 * 3 * 4
+
+
+def test_small_class_rule(shards):
+    d, classes = shards
+    sizes = _class_sizes(classes)
+    seen_small = False
+    for b in _train(d, _cfg(small_class="repeat"), steps=10):
+        for lab, ids in zip(b["label"].view(3, 4)[:, 0].tolist(), b["image_id"].view(3, 4).tolist()):
+            distinct = {i for i, c in classes.items() if c == lab}
+            if sizes[lab] < 4:  # repeat: every image of the class once, then repeats
+                seen_small = True
+                assert set(ids) == distinct
+            else:
+                assert len(set(ids)) == 4
+    assert seen_small
+    for b in _train(d, _cfg(small_class="drop"), steps=10):
+        assert all(sizes[lab] >= 4 for lab in b["label"].tolist())
+
+
+def test_too_few_classes_is_a_user_error(tmp_path):
+    sk.write_split(tmp_path, "train", [[(1, 3), (2, 1), (3, 2)]])
+    with pytest.raises(UserError, match="classes_per_batch=3"):
+        _train(tmp_path, _cfg(small_class="drop"))
+
+
+def test_corrupt_jpegs_are_skipped_and_counted(tmp_path, caplog):
+    # class 1: images 1..4, image 2 corrupt; class 2: images 5..7 all corrupt; classes 3..6 fine.
+    layout = [[(1, 4), (2, 3), (3, 4)], [(4, 5), (5, 4), (6, 4)]]
+    bad = {2, 5, 6, 7}
+    sk.write_split(tmp_path, "train", layout, corrupt=bad)
+    sk.write_split(tmp_path, "test", layout, corrupt=bad, first_id=1)
+    cfg = _cfg(class_pool=6)
+    with caplog.at_level(logging.WARNING, logger="retrieval.data.pk"):
+        batches = _train(tmp_path, cfg, steps=8)
+    assert len(batches) == 8
+    assert sum(b["skipped"] for b in batches) == len(bad)
+    assert len([r for r in caplog.records if "skipping sample" in r.message]) == 1, "warn once"
+    for b in batches:
+        assert b["image"].shape[0] == 12 and not set(b["image_id"].tolist()) & bad
+        labels = b["label"].view(3, 4)
+        assert (labels == labels[:, :1]).all() and len(set(labels[:, 0].tolist())) == 3
+        assert 2 not in b["label"].tolist(), "a class with no decodable image is replaced"
+    ev = list(L.eval_loader(tmp_path, "test", 5, IMG, MEAN, STD, 0.875, num_workers=2))
+    ids = [i for b in ev for i in b["image_id"].tolist()]
+    assert sorted(ids) == [i for i in range(1, 25) if i not in bad]
+    assert sum(b["skipped"] for b in ev) == len(bad)
+
+
+@pytest.mark.parametrize("workers,batch", [(0, 4), (3, 5), (4, 7)])
+def test_eval_yields_every_sample_once(shards, workers, batch):
+    d, _ = shards
+    batches = list(L.eval_loader(d, "test", batch, IMG, MEAN, STD, 0.875, num_workers=workers))
+    ids = [i for b in batches for i in b["image_id"].tolist()]
+    assert sorted(ids) == list(range(1000, 1036))
+    for b in batches:
+        assert b["image"].shape[1:] == (3, IMG, IMG) and 0 < len(b["path"]) <= batch
+        assert len(b["label"]) == len(b["super_label"]) == len(b["path"])
+
+
+def test_eval_with_more_ranks_than_shards(shards):
+    d, _ = shards
+    per_rank = [[i for b in L.eval_loader(d, "test", 8, IMG, MEAN, STD, 0.875, 2, rank=r, world=6)
+                 for i in b["image_id"].tolist()] for r in range(6)]
+    assert [len(p) > 0 for p in per_rank] == [True] * 4 + [False] * 2
+    assert sorted(i for p in per_rank for i in p) == list(range(1000, 1036))
+
+
+def test_ranks_see_disjoint_shards_and_equal_counts(shards):
+    d, classes = shards
+    shard_of = {}
+    for iid in classes:  # image ids are numbered shard by shard
+        shard_of[iid] = next(s for s, end in enumerate([3, 12, 17, 24, 30]) if classes[iid] <= end)
+    for epoch in (0, 1):
+        seen = []
+        for r in range(2):
+            batches = _train(d, _cfg(num_workers=2), epoch=epoch, steps=5, rank=r, world=2)
+            assert len(batches) == 5
+            seen.append({shard_of[i] for b in batches for i in b["image_id"].tolist()})
+        assert not seen[0] & seen[1]
+
+
+def test_fewer_shards_than_workers(tmp_path, caplog):
+    sk.write_split(tmp_path, "train", [[(1, 4), (2, 3), (3, 5)], [(4, 2), (5, 4)]])
+    with caplog.at_level(logging.WARNING, logger="retrieval.data.loader"):
+        batches = _train(tmp_path, _cfg(num_workers=4), steps=5)
+    assert len(batches) == 5
+    assert any("using 2 workers" in r.message for r in caplog.records)
+    with pytest.raises(UserError, match="--shard-size"):
+        _train(tmp_path, _cfg(), rank=0, world=3)
+
+
+def test_clear_errors_on_missing_inputs(tmp_path):
+    with pytest.raises(UserError, match="stats.json"):
+        L.read_stats(tmp_path)
+    (tmp_path / "stats.json").write_text("{not json")
+    with pytest.raises(UserError, match="stats.json: not valid JSON"):
+        L.read_stats(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        L.shard_urls(tmp_path / "nope", "train")
+    with pytest.raises(UserError, match="no shards for split 'val'"):
+        L.shard_urls(tmp_path, "val")
+    sk.write_split(tmp_path, "val", [[(1, 2)]])
+    assert L.read_stats(tmp_path)["val"]["samples"] == 2
+    assert L.shard_urls(tmp_path, "val") == [str(tmp_path / "val-000000.tar")]
+
+
+def test_transforms_shapes_and_draft():
+    img = tfm.decode_image(sk.jpeg_bytes(0, size=200), min_side=40)
+    assert min(img.size) >= 40 and min(img.size) < 200  # decoded at reduced scale
+    assert tfm.decode_image(sk.jpeg_bytes(0, size=200)).size == (208, 200)
+    cfg = DataConfig(color_jitter=0.3)
+    assert tfm.train_transform(48, cfg, MEAN, STD)(img).shape == (3, 48, 48)
+    assert tfm.eval_transform(48, MEAN, STD, 0.875)(img).shape == (3, 48, 48)
+    assert tfm.eval_min_side(224, 0.875) == 256 and tfm.train_min_side(64, (0.25, 1.0)) == 128

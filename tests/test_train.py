@@ -1,0 +1,88 @@
+"""Trainer: single-process runs through the CLI, bitwise resume, run-folder layout, clear config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from retrieval.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+FAST = ["log.wandb=disabled", "data.num_workers=0", "train.log_every=1", "train.deterministic=true"]
+
+
+def _train(shards: Path, run_dir: Path, *overrides: str, resume: str | None = None) -> int:
+    argv = ["train", "--config", TINY, "--shards", str(shards), "--run-dir", str(run_dir)]
+    if resume:
+        argv += ["--resume", resume]
+    return main(argv + FAST + list(overrides))
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def test_train_writes_run_folder(synth_shards, tmp_path):
+    run = tmp_path / "run"
+    assert _train(synth_shards, run, "train.epochs=2", "data.steps_per_epoch=3") == 0
+    assert (run / "config.yaml").is_file()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["kind"] == "train"]
+    val_lines = [x for x in lines if x["kind"] == "val"]
+    assert [x["step"] for x in train_lines] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "active_fraction", "images_per_s", "images_per_s_per_gpu", "data_wait", "peak_mem_gb"):
+        assert key in train_lines[0]
+    assert len(val_lines) == 2 and 0 <= val_lines[-1]["recall@1"] <= 1
+    latest = (run / "latest").read_text().strip()
+    assert latest == "checkpoints/step_6" and (run / latest / "trainer_state.json").is_file()
+    best = (run / "best").read_text().strip()
+    assert (run / best).is_dir()
+    assert (run / "model.safetensors").is_file() and (run / "model.yaml").is_file()
+    assert (run / "final" / "model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["weights_agree"] and not summary["preempted"]
+
+
+def test_resume_mid_epoch_is_bitwise_identical(synth_shards, tmp_path):
+    """4 steps straight == 2 steps, stop, resume for 2 more (the stop falls mid-epoch: 3 steps per epoch)."""
+    common = ["train.epochs=2", "data.steps_per_epoch=3", "train.eval_every=0", "model.drop_path_rate=0.1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(synth_shards, straight, *common, "train.max_steps=4") == 0
+    assert _train(synth_shards, resumed, *common, "train.max_steps=2") == 0
+    state = json.loads((resumed / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
+    assert _train(synth_shards, resumed, *common, "train.max_steps=4", resume="latest") == 0
+    a = _weights(straight / "final" / "model.safetensors")
+    b = _weights(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), f"parameter {k} differs after resume"
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_latest_without_checkpoint_is_a_clear_error(synth_shards, tmp_path, capsys):
+    assert _train(synth_shards, tmp_path / "none", resume="latest") == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("optim.lr=abc", "optim.lr: expected a number"), ("train.epoch=3", "did you mean train.epochs"),
+     ("loss.miner=hardest", "loss.miner: expected one of")],
+)
+def test_bad_config_fails_before_training(tmp_path, capsys, override, message):
+    rc = main(["train", "--config", TINY, "--shards", str(tmp_path), "--run-dir", str(tmp_path / "r"), override])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_shards_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", "--config", TINY, "--shards", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r")])
+    assert rc == 2
+    assert "stats.json" in capsys.readouterr().err
