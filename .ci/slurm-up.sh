@@ -57,6 +57,7 @@ SlurmdLogFile=$DIR/slurmd.log
 ReturnToService=2
 JobRequeue=1
 KillWait=5
+AuthInfo=cred_expire=10  # also how long a requeued job waits before it may start again (default 120 s)
 MinJobAge=600
 SchedulerParameters=sched_interval=1,bf_interval=1
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN

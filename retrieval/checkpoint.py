@@ -86,8 +86,9 @@ def read_pointer(run_dir: Path, name: str) -> Path | None:
 
 def _prune(run_dir: Path, keep: int) -> None:
     protected = {read_pointer(run_dir, "best"), read_pointer(run_dir, "latest")}
-    steps = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()),
-                   key=lambda p: int(p.name.split("_")[1]))
+    steps = sorted(
+        (p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1])
+    )
     for old in steps[:-keep]:
         if old not in protected:
             shutil.rmtree(old, ignore_errors=True)

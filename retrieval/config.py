@@ -70,11 +70,13 @@ class DataConfig:
         _choice("data.small_class", self.small_class, ("repeat", "drop"))
         _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))
         if self.images_per_class < 2:
-            raise ConfigError("data.images_per_class: expected >= 2 (a triplet needs a positive), got "
-                              f"{self.images_per_class}")
+            raise ConfigError(
+                f"data.images_per_class: expected >= 2 (a triplet needs a positive), got {self.images_per_class}"
+            )
         if self.class_pool < self.classes_per_batch:
-            raise ConfigError(f"data.class_pool: expected >= data.classes_per_batch ({self.classes_per_batch}), "
-                              f"got {self.class_pool}")
+            raise ConfigError(
+                f"data.class_pool: expected >= data.classes_per_batch ({self.classes_per_batch}), got {self.class_pool}"
+            )
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise ConfigError(f"data.scale: expected 0 < min <= max <= 1, got {list(self.scale)}")
         if not 0 <= self.hflip <= 1:
@@ -219,8 +221,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 return _coerce(name, value, a)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: expected one of "
-                          f"{[_type_name(a) for a in args]}, got {value!r}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{name}: expected one of {[_type_name(a) for a in args]}, got {value!r}"
+        )
     if tp is Any:
         return value
     if tp is bool:
@@ -251,7 +254,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{name}: expected a list of {len(args)} values, got {list(value)!r}")
-        return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
@@ -384,9 +387,11 @@ def derived(cfg: Config, world_size: int, train_samples: int | None) -> Derived:
             raise ConfigError("data.steps_per_epoch: not set and the train split size is unknown (no stats.json)")
         steps = train_samples // (per_rank * world_size)
         if steps < 1:
-            raise ConfigError(f"data.steps_per_epoch: the train split ({train_samples} images) is smaller than one "
-                              f"global batch ({per_rank * world_size}); lower data.classes_per_batch or set "
-                              "data.steps_per_epoch")
+            raise ConfigError(
+                f"data.steps_per_epoch: the train split ({train_samples} images) is smaller than one "
+                f"global batch ({per_rank * world_size}); lower data.classes_per_batch or set "
+                "data.steps_per_epoch"
+            )
     opt_steps = max(1, steps // cfg.optim.grad_accum)
     total = opt_steps * cfg.train.epochs
     stop_at = total if cfg.train.max_steps is None else min(total, cfg.train.max_steps)

@@ -37,8 +37,16 @@ def _free_port() -> int:
 
 def _launcher(nproc: int) -> list[str]:
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--num_processes", str(nproc), "--num_machines", "1",
-           "--main_process_port", str(_free_port())]
+    cmd = [
+        accelerate,
+        "launch",
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     if nproc > 1:
         cmd.append("--multi_gpu")
     return cmd + ["-m", "retrieval"]
@@ -79,21 +87,91 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     times = {}
     if not (sop / "Ebay_test.txt").is_file():
-        times["synth"] = _sh(py + ["synth-sop", str(sop), "--classes", str(args.classes), "--images-per-class",
-                                   args.images_per_class, "--seed", "0", "--size", "96"], "synthetic catalogue", env)
-    times["shards"] = _sh(py + ["shards", "build", "--sop-root", str(sop), "--out", str(shards), "--workers", "2",
-                                "--shard-size", "300", "--val-classes", "0.15", "--max-side", "96"], "shards", env)
+        times["synth"] = _sh(
+            py
+            + [
+                "synth-sop",
+                str(sop),
+                "--classes",
+                str(args.classes),
+                "--images-per-class",
+                args.images_per_class,
+                "--seed",
+                "0",
+                "--size",
+                "96",
+            ],
+            "synthetic catalogue",
+            env,
+        )
+    times["shards"] = _sh(
+        py
+        + [
+            "shards",
+            "build",
+            "--sop-root",
+            str(sop),
+            "--out",
+            str(shards),
+            "--workers",
+            "2",
+            "--shard-size",
+            "300",
+            "--val-classes",
+            "0.15",
+            "--max-side",
+            "96",
+        ],
+        "shards",
+        env,
+    )
     _sh(py + ["shards", "verify", str(shards)], "verify shards", env)
     base = out / "emb-untrained"
-    times["untrained"] = _sh(py + ["embed", "--model", args.config, "--untrained", "--shards", str(shards),
-                                   "--split", "test", "--out", str(base), "--num-workers", "2"], "untrained model", env)
+    times["untrained"] = _sh(
+        py
+        + [
+            "embed",
+            "--model",
+            args.config,
+            "--untrained",
+            "--shards",
+            str(shards),
+            "--split",
+            "test",
+            "--out",
+            str(base),
+            "--num-workers",
+            "2",
+        ],
+        "untrained model",
+        env,
+    )
     _sh(py + ["eval", "--embeddings", str(base)], "evaluate untrained", env)
     launch = _launcher(nproc)
-    times["train"] = _sh(launch + ["train", "--config", args.config, "--shards", str(shards), "--run-dir", str(run),
-                                   *overrides], f"train ({nproc} processes)", env)
+    times["train"] = _sh(
+        launch + ["train", "--config", args.config, "--shards", str(shards), "--run-dir", str(run), *overrides],
+        f"train ({nproc} processes)",
+        env,
+    )
     emb = run / "emb-test"
-    times["embed"] = _sh(launch + ["embed", "--model", str(run), "--shards", str(shards), "--split", "test",
-                                   "--out", str(emb), "--num-workers", "1"], f"embed test split ({nproc} processes)", env)
+    times["embed"] = _sh(
+        launch
+        + [
+            "embed",
+            "--model",
+            str(run),
+            "--shards",
+            str(shards),
+            "--split",
+            "test",
+            "--out",
+            str(emb),
+            "--num-workers",
+            "1",
+        ],
+        f"embed test split ({nproc} processes)",
+        env,
+    )
     _sh(py + ["index", "build", "--embeddings", str(emb), "--out", str(run / "index")], "index", env)
     _sh(py + ["eval", "--embeddings", str(emb)], "evaluate fine-tuned", env)
     rows = _results(args.config, base, emb)

@@ -188,7 +188,10 @@ def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with
     # host accelerate picks the CPU device by itself.
     force_cpu = env("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
     cuda = torch.cuda.is_available() and not force_cpu
-    handlers = [InitProcessGroupKwargs(backend=backend_for("cuda" if cuda else "cpu"), timeout=timedelta(minutes=30))]
+    handlers = []
+    if world_size() > 1:  # a backend in a single process makes accelerate expect a process group
+        backend = backend_for("cuda" if cuda else "cpu")
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30)))
     return Accelerator(
         cpu=force_cpu,
         mixed_precision=resolve_precision(precision, cuda),

@@ -40,12 +40,30 @@ def _autocast(device: torch.device, mixed_precision: str):
 
 
 @torch.no_grad()
-def embed_split(model, shards: str, split: str, img: dict, batch_size: int, num_workers: int,
-                device: torch.device, mixed_precision: str = "no") -> dict:
+def embed_split(
+    model,
+    shards: str,
+    split: str,
+    img: dict,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    mixed_precision: str = "no",
+) -> dict:
     """This rank's share of ``split``: embeddings (float32) with ids, labels, super labels and paths."""
     model.eval()
-    loader = eval_loader(shards, split, batch_size, img["img_size"], img["mean"], img["std"], img["crop_pct"],
-                         num_workers, rank=dist.rank(), world=dist.world_size())
+    loader = eval_loader(
+        shards,
+        split,
+        batch_size,
+        img["img_size"],
+        img["mean"],
+        img["std"],
+        img["crop_pct"],
+        num_workers,
+        rank=dist.rank(),
+        world=dist.world_size(),
+    )
     out: dict[str, list] = {k: [] for k in (*KEYS, "paths")}
     skipped, start, count = 0, time.perf_counter(), 0
     for batch in tqdm(loader, desc=f"embed {split}", disable=not dist.is_main(), unit="batch"):
@@ -96,8 +114,11 @@ def gather_embeddings(local: dict) -> dict | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="run folder, model.safetensors (model.yaml beside it), or a config YAML with --untrained")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run folder, model.safetensors (model.yaml beside it), or a config YAML with --untrained",
+    )
     p.add_argument("--shards", required=True, help="shard folder with stats.json")
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="output folder")
@@ -118,8 +139,10 @@ def load_model_for_embedding(model_path: str, untrained: bool):
     path = Path(model_path)
     if path.suffix in (".yaml", ".yml"):  # an experiment config: only meaningful at its starting weights
         if not untrained:
-            raise UserError(f"--model {model_path}: a config file has no trained weights; add --untrained or pass "
-                            "a run folder / model.safetensors")
+            raise UserError(
+                f"--model {model_path}: a config file has no trained weights; add --untrained or pass "
+                "a run folder / model.safetensors"
+            )
         run_cfg = path
     else:
         run_cfg = path / "config.yaml" if path.is_dir() else None
@@ -147,10 +170,16 @@ def run(args: argparse.Namespace) -> int:
     if args.split not in stats:
         raise UserError(f"{args.shards}/stats.json has no split {args.split!r}; found {sorted(stats)}")
     model = model.to(acc.device)
-    local = embed_split(model, args.shards, args.split, img, args.batch_size, args.num_workers, acc.device,
-                        acc.mixed_precision)
-    log.info("rank %d: %d images in %.1f s (%.1f images/s)", acc.process_index, local["count"], local["seconds"],
-             local["count"] / max(local["seconds"], 1e-9))
+    local = embed_split(
+        model, args.shards, args.split, img, args.batch_size, args.num_workers, acc.device, acc.mixed_precision
+    )
+    log.info(
+        "rank %d: %d images in %.1f s (%.1f images/s)",
+        acc.process_index,
+        local["count"],
+        local["seconds"],
+        local["count"] / max(local["seconds"], 1e-9),
+    )
     out = Path(args.out)
     _write_part(out / "parts", acc.process_index, local)
     acc.wait_for_everyone()
@@ -167,8 +196,11 @@ def run(args: argparse.Namespace) -> int:
 def _write_part(folder: Path, rank: int, local: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / f"part-{rank:05d}.npz", **{k: local[k] for k in KEYS})
-    (folder / f"part-{rank:05d}.json").write_text(json.dumps(
-        {"paths": local["paths"], "skipped": local["skipped"], "seconds": local["seconds"], "count": local["count"]}))
+    (folder / f"part-{rank:05d}.json").write_text(
+        json.dumps(
+            {"paths": local["paths"], "skipped": local["skipped"], "seconds": local["seconds"], "count": local["count"]}
+        )
+    )
 
 
 def _read_part(npz: Path) -> dict:
@@ -182,8 +214,10 @@ def _check_complete(merged: dict, split_stats: dict, args) -> None:
     expected = int(split_stats["samples"])
     got = len(merged["ids"]) + merged["skipped"]
     if got != expected:
-        raise RuntimeError(f"embedded {len(merged['ids'])} images (+{merged['skipped']} undecodable) of split "
-                           f"{args.split!r}, but {args.shards}/stats.json lists {expected}")
+        raise RuntimeError(
+            f"embedded {len(merged['ids'])} images (+{merged['skipped']} undecodable) of split "
+            f"{args.split!r}, but {args.shards}/stats.json lists {expected}"
+        )
 
 
 def _write_merged(out: Path, merged: dict, args, img: dict, provenance: dict, world: int) -> None:
@@ -192,8 +226,16 @@ def _write_merged(out: Path, merged: dict, args, img: dict, provenance: dict, wo
     for key in ("ids", "labels", "super_labels"):
         np.save(out / f"{key}.npy", merged[key].astype(np.int64))
     (out / "paths.json").write_text(json.dumps(merged["paths"]))
-    meta = {**provenance, "shards": str(args.shards), "split": args.split, "count": len(merged["ids"]),
-            "dim": int(merged["embeddings"].shape[1]) if merged["embeddings"].ndim == 2 else 0,
-            "dtype": args.dtype, "skipped": merged["skipped"], "img_size": img["img_size"], "world_size": world}
+    meta = {
+        **provenance,
+        "shards": str(args.shards),
+        "split": args.split,
+        "count": len(merged["ids"]),
+        "dim": int(merged["embeddings"].shape[1]) if merged["embeddings"].ndim == 2 else 0,
+        "dtype": args.dtype,
+        "skipped": merged["skipped"],
+        "img_size": img["img_size"],
+        "world_size": world,
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     log.info("wrote %d embeddings (dim %d) to %s", meta["count"], meta["dim"], out)

@@ -170,8 +170,9 @@ def check_pretrained_file(path: str | os.PathLike, name: str, timm_kwargs: dict[
         found.pop(f"{classifier}.bias", None)
     problem = describe_mismatch(reference.state_dict(), found)
     if problem:
+        user_kwargs = {k: v for k, v in timm_kwargs.items() if k not in _RESERVED_KWARGS}
         raise UserError(f"model.pretrained_file: {str(path)!r} does not fit model.name={name!r} with "
-                        f"model.kwargs={dict(timm_kwargs)}: {problem}")
+                        f"model.kwargs={user_kwargs}: {problem}")
     return path
 
 

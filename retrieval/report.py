@@ -200,7 +200,8 @@ def table_rows(run_dir: Path, folders: list[EvalFolder], val: list[dict]) -> tup
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise UserError(f"{results}: expected a list of objects with 'training' and metric keys")
         return [{"name": r.get("architecture", r.get("model", run_dir.name)), **r} for r in rows], results.name
-    scored = [f for f in folders if f.metrics]
+    # untrained rows first, as in the seed's table (baseline, then fine-tuned)
+    scored = sorted((f for f in folders if f.metrics), key=lambda f: f.training != "untrained")
     if scored:
         rows = [
             {"name": f.path.name, "training": f.training, "split": f.meta.get("split", ""), **f.metrics} for f in scored
@@ -254,7 +255,7 @@ def curve_images(train: list[dict], val: list[dict]) -> list[tuple[str, str]]:
                 steps, values = _series(val, key)
                 ax.plot(steps, [100 * v for v in values], marker="o", ms=3, lw=1.5, label=label)
             ax.set(xlabel="step", ylabel="%", title="Validation retrieval metrics")
-            ax.legend(fontsize=7, ncol=2)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
         images.append(("Validation metrics", _figure_png(recall)))
     if _series(train, "images_per_s")[0]:
@@ -293,19 +294,33 @@ def sample_queries(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(pool, size=min(n, len(pool)), replace=False))
 
 
-def top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of the query rows against every row, each query excluded by its index.
+def top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, use_knn: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices, scores) of the exact inner-product top-k of the query rows, each query excluded by index.
 
-    The gallery needs a dozen queries, so a chunked numpy matmul is exact and fast enough even at SOP scale
-    (memory O(queries x chunk)); ties go to the smaller index so the page is reproducible.
+    Uses the team's exact search (:func:`retrieval.knn.search`, Faiss flat IP: the search ``retrieval eval``
+    ranks with), so the gallery shows what the metrics counted; a chunked numpy matmul when Faiss/torch are
+    not importable (the page itself needs neither).
     """
+    k = min(k, len(embeddings) - 1)
+    if use_knn:
+        try:
+            from retrieval import knn
+        except ImportError as e:
+            log.info("retrieval.knn unavailable (%s): numpy search for the gallery", e)
+        else:
+            scores, order = knn.search(np.asarray(embeddings[queries]), embeddings, k, exclude=queries, backend="faiss")
+            return order, scores
+    return _numpy_top_k(embeddings, queries, k)
+
+
+def _numpy_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int = 16384):
+    """A dozen queries against N rows: memory O(queries x chunk), exact, ties to the smaller index."""
     q = np.asarray(embeddings[queries], dtype=np.float32)
     scores = np.concatenate(
         [q @ np.asarray(embeddings[s : s + chunk], dtype=np.float32).T for s in range(0, len(embeddings), chunk)],
         axis=1,
     )
     scores[np.arange(len(queries)), queries] = -np.inf
-    k = min(k, len(embeddings) - 1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(scores, order, axis=1)
 
@@ -362,10 +377,19 @@ def _thumbnails_for(folder: EvalFolder, shards: str | Path | None, ids: set[int]
     if not source:
         notes.append("No shard folder (no --shards, no 'shards' in meta.json): showing ids and classes only.")
         return {}
-    if not Path(source).is_dir():
-        notes.append(f"Shard folder {source} (from {folder.path.name}/meta.json) not found: ids and classes only.")
+    # meta.json keeps the path as given to `retrieval embed`, often relative to the repo root: also try it
+    # relative to the folders above the embeddings, so the report works from any working directory.
+    pattern = f"{folder.meta['split']}-*.tar" if folder.meta.get("split") else "*.tar"
+    candidates = (Path(source), *(a / source for a in folder.path.resolve().parents[:4]))
+    found = [p for p in candidates if p.is_dir() and any(p.glob(pattern))]
+    if not found:
+        notes.append(
+            f"Shard folder {source} (from {folder.path.name}/meta.json) has no {pattern}: ids and classes only."
+        )
         return {}
-    thumbs = read_thumbnails(Path(source), folder.meta.get("split"), ids, notes)
+    if not folder.meta.get("split"):  # SOP's train and test files both number images from 1
+        notes.append(f"{folder.path.name}/meta.json names no split: thumbnails from any shard with the image id.")
+    thumbs = read_thumbnails(found[0], folder.meta.get("split"), ids, notes)
     if len(thumbs) < len(ids):
         notes.append(f"{len(ids) - len(thumbs)} of {len(ids)} images not found in {source}: shown as ids.")
     return thumbs
@@ -448,10 +472,15 @@ def render_table(rows: list[dict], source: str) -> str:
             '<p class="note">No metrics: no results.json, no metrics.json in an evaluation folder, and no '
             '"val" line in metrics.jsonl.</p>'
         )
-    head = "".join(f"<th>{_e(h)}</th>" for h in ["Model", "Training", *[t for _, t in METRICS], "Queries"])
+    # a textual "loss" (results.json: "triplet") is the seed table's Loss column; a numeric one is a train loss
+    with_loss = any(isinstance(r.get("loss"), str) for r in rows)
+    titles = ["Model", "Training", *(["Loss"] if with_loss else []), *[t for _, t in METRICS], "Queries"]
+    head = "".join(f"<th>{_e(h)}</th>" for h in titles)
     body = []
     for r in rows:
         cells = [f"<td>{_e(r.get('name', ''))}</td>", f"<td>{_e(r.get('training', ''))}</td>"]
+        if with_loss:
+            cells.append(f"<td>{_e(r['loss']) if isinstance(r.get('loss'), str) else ''}</td>")
         cells += [f'<td class="num">{_pct(r.get(key))}</td>' for key, _ in METRICS]
         cells.append(f'<td class="num">{_e(r.get("num_queries", "–"))}</td>')
         body.append(f"<tr>{''.join(cells)}</tr>")

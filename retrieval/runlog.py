@@ -70,8 +70,12 @@ class Throughput:
     def summary(self, world: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self.images / elapsed
-        return {"images_per_s": rate, "images_per_s_per_gpu": rate / world, "data_wait": self.wait / elapsed,
-                "peak_mem_gb": peak_memory_gb(self.device)}
+        return {
+            "images_per_s": rate,
+            "images_per_s_per_gpu": rate / world,
+            "data_wait": self.wait / elapsed,
+            "peak_mem_gb": peak_memory_gb(self.device),
+        }
 
 
 def peak_memory_gb(device: torch.device) -> float:

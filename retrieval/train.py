@@ -120,8 +120,9 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     train_samples = int(stats.get(cfg.data.train_split, {}).get("samples", 0))
     if not train_samples:
         raise UserError(f"{cfg.data.shards}/stats.json: split {cfg.data.train_split!r} has no samples")
-    accelerator = dist.make_accelerator(cfg.train.precision, cfg.optim.grad_accum, str(run_dir),
-                                        runlog.tracker_for(cfg.log.wandb))
+    accelerator = dist.make_accelerator(
+        cfg.train.precision, cfg.optim.grad_accum, str(run_dir), runlog.tracker_for(cfg.log.wandb)
+    )
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     model = initial_model(cfg)
@@ -130,7 +131,8 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     groups = param_groups(model, cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(d.total_optimizer_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+        optimizer, lr_lambda(d.total_optimizer_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+    )
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     _configure_deepspeed(accelerator, d.per_rank_batch, cfg)
@@ -185,9 +187,16 @@ def train(cfg: Config, run_dir: Path, resume: str | None = None) -> dict:
         state = checkpoint.TrainerState.load(start)
         log.info("resumed from %s at epoch %d, step %d", start, state.epoch, state.global_step)
     if acc.is_main_process:
-        log.info("world=%d per-rank batch=%d (P=%d x K=%d) global batch=%d, %d steps/epoch, %d optimizer steps",
-                 acc.num_processes, d.per_rank_batch, cfg.data.classes_per_batch, cfg.data.images_per_class,
-                 d.global_batch, d.steps_per_epoch, d.total_optimizer_steps)
+        log.info(
+            "world=%d per-rank batch=%d (P=%d x K=%d) global batch=%d, %d steps/epoch, %d optimizer steps",
+            acc.num_processes,
+            d.per_rank_batch,
+            cfg.data.classes_per_batch,
+            cfg.data.images_per_class,
+            d.global_batch,
+            d.steps_per_epoch,
+            d.total_optimizer_steps,
+        )
     stop = StopFlag()
     preempted = _loop(cfg, s, d, state, run_dir, mlog, stop)
     summary = _finish(cfg, s, state, run_dir, preempted)
@@ -222,9 +231,18 @@ def _loop(cfg, s: Setup, d, state, run_dir, mlog, stop) -> bool:
 def _run_epoch(cfg, s: Setup, d, state, run_dir, mlog, stop) -> str:
     """One epoch from the saved position: returns "done", "capped" (train.max_steps) or "preempted"."""
     acc, img = s.accelerator, s.img
-    loader = train_loader(cfg.data.shards, cfg.data, img["img_size"], img["mean"], img["std"], epoch=state.epoch,
-                          steps=d.steps_per_epoch, start_step=state.step_in_epoch, rank=acc.process_index,
-                          world=acc.num_processes)
+    loader = train_loader(
+        cfg.data.shards,
+        cfg.data,
+        img["img_size"],
+        img["mean"],
+        img["std"],
+        epoch=state.epoch,
+        steps=d.steps_per_epoch,
+        start_step=state.step_in_epoch,
+        rank=acc.process_index,
+        world=acc.num_processes,
+    )
     meter = runlog.Throughput(acc.device)
     s.model.train()
     batches = iter(loader)
@@ -270,10 +288,15 @@ def _step(cfg, s: Setup, batch: dict, state) -> tuple[torch.Tensor, dict]:
 
 def _log_train(s: Setup, state, loss, stats, meter, mlog) -> None:
     acc = s.accelerator
-    record = {"kind": "train", "step": state.global_step, "epoch": state.epoch,
-              "loss": acc.reduce(loss.detach(), "mean").item() / acc.num_processes,  # undo the x world factor
-              "lr": s.scheduler.get_last_lr()[0], "active_fraction": float(stats["active_fraction"]),
-              **meter.summary(acc.num_processes)}
+    record = {
+        "kind": "train",
+        "step": state.global_step,
+        "epoch": state.epoch,
+        "loss": acc.reduce(loss.detach(), "mean").item() / acc.num_processes,  # undo the x world factor
+        "lr": s.scheduler.get_last_lr()[0],
+        "active_fraction": float(stats["active_fraction"]),
+        **meter.summary(acc.num_processes),
+    }
     mlog.write(record)
     if acc.is_main_process:
         log.info(runlog.console(record))
@@ -287,20 +310,38 @@ def _log_train(s: Setup, state, loss, stats, meter, mlog) -> None:
 def _validate(cfg, s: Setup, state, mlog) -> bool:
     """Embed the val split rank-sharded, score it on rank 0; returns True (on every rank) if it improved."""
     acc, img = s.accelerator, s.img
-    local = embed_split(acc.unwrap_model(s.model), cfg.data.shards, cfg.data.val_split, img,
-                        cfg.data.eval_batch_size, cfg.data.num_workers, acc.device, acc.mixed_precision)
+    local = embed_split(
+        acc.unwrap_model(s.model),
+        cfg.data.shards,
+        cfg.data.val_split,
+        img,
+        cfg.data.eval_batch_size,
+        cfg.data.num_workers,
+        acc.device,
+        acc.mixed_precision,
+    )
     merged = gather_embeddings(local)
     improved = False
     if acc.is_main_process:
-        metrics = retrieval_metrics(merged["embeddings"], merged["labels"], ks=tuple(k for k in cfg.eval.ks),
-                                    backend=cfg.eval.backend, chunk=cfg.eval.chunk)
-        record = {"kind": "val", "step": state.global_step, "epoch": state.epoch,
-                  **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        metrics = retrieval_metrics(
+            merged["embeddings"],
+            merged["labels"],
+            ks=tuple(k for k in cfg.eval.ks),
+            backend=cfg.eval.backend,
+            chunk=cfg.eval.chunk,
+        )
+        record = {
+            "kind": "val",
+            "step": state.global_step,
+            "epoch": state.epoch,
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
         mlog.write(record)
         log.info(runlog.console(record))
         if cfg.train.select_metric not in metrics:
-            raise UserError(f"train.select_metric: {cfg.train.select_metric!r} is not a metric; "
-                            f"known: {sorted(metrics)}")
+            raise UserError(
+                f"train.select_metric: {cfg.train.select_metric!r} is not a metric; known: {sorted(metrics)}"
+            )
         value = float(metrics[cfg.train.select_metric])
         improved = state.best_metric is None or value > state.best_metric
         if improved:
@@ -335,8 +376,14 @@ def _export(cfg, s: Setup, run_dir: Path, sub: str = "") -> None:
 def _finish(cfg, s: Setup, state, run_dir: Path, preempted: bool) -> dict:
     acc = s.accelerator
     agree = dist.all_equal([_param_checksum(acc.unwrap_model(s.model))])
-    summary = {"preempted": preempted, "global_step": state.global_step, "epoch": state.epoch,
-               "best_metric": state.best_metric, "best_step": state.best_step, "weights_agree": agree}
+    summary = {
+        "preempted": preempted,
+        "global_step": state.global_step,
+        "epoch": state.epoch,
+        "best_metric": state.best_metric,
+        "best_step": state.best_step,
+        "weights_agree": agree,
+    }
     if not preempted:
         _export(cfg, s, run_dir, sub="final")
         if state.best_step is None:  # no validation ran: the final weights are the model

@@ -20,14 +20,21 @@ def free_port() -> int:
 
 def cpu_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-               PYTHONPATH=str(REPO), TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache" / "torch_extensions"))
+    env.update(
+        ACCELERATE_USE_CPU="1",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        PYTHONPATH=str(REPO),
+        TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache" / "torch_extensions"),
+    )
     env.update(extra)
     return env
 
 
-def accelerate_cmd(nproc: int, module_args: list[str], config_file: str | None = None,
-                   extra: list[str] | None = None) -> list[str]:
+def accelerate_cmd(
+    nproc: int, module_args: list[str], config_file: str | None = None, extra: list[str] | None = None
+) -> list[str]:
     cmd = [ACCELERATE, "launch"]
     if config_file:
         cmd += ["--config_file", config_file]
@@ -41,6 +48,8 @@ def accelerate_cmd(nproc: int, module_args: list[str], config_file: str | None =
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600, cwd: Path = REPO):
     proc = subprocess.run(cmd, env=env or cpu_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-8000:]}"
+        )
     return proc

@@ -33,8 +33,14 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_split(out: Path, split: str, shards: list[list[tuple[int, int]]], first_id: int = 1,
-                corrupt: set[int] = frozenset(), size: int = 40) -> dict[int, str]:
+def write_split(
+    out: Path,
+    split: str,
+    shards: list[list[tuple[int, int]]],
+    first_id: int = 1,
+    corrupt: set[int] = frozenset(),
+    size: int = 40,
+) -> dict[int, str]:
     """Write ``{split}-NNNNNN.tar`` shards; returns image_id -> shard file name. ``corrupt``: image ids with bad bytes."""
     out.mkdir(parents=True, exist_ok=True)
     image_id, where, counts = first_id, {}, {}
@@ -45,8 +51,15 @@ def write_split(out: Path, split: str, shards: list[list[tuple[int, int]]], firs
                 for _ in range(n):
                     key = f"{image_id:09d}"
                     jpg = CORRUPT if image_id in corrupt else jpeg_bytes(class_id * 1000 + image_id, size)
-                    meta = {"image_id": image_id, "class_id": class_id, "super_class_id": class_id % 3 + 1,
-                            "path": f"c{class_id}/{image_id}.JPG", "width": size + 8, "height": size, "split": split}
+                    meta = {
+                        "image_id": image_id,
+                        "class_id": class_id,
+                        "super_class_id": class_id % 3 + 1,
+                        "path": f"c{class_id}/{image_id}.JPG",
+                        "width": size + 8,
+                        "height": size,
+                        "split": split,
+                    }
                     _add(tar, f"{key}.jpg", jpg)
                     _add(tar, f"{key}.cls", str(class_id).encode())
                     _add(tar, f"{key}.json", json.dumps(meta).encode())
@@ -54,9 +67,15 @@ def write_split(out: Path, split: str, shards: list[list[tuple[int, int]]], firs
                     image_id += 1
         counts[name] = sum(n for _, n in classes)
     _update_json(out / "sizes.json", counts)
-    entry = {"samples": sum(counts.values()), "classes": sum(len(c) for c in shards), "shards": len(shards),
-             "bytes": sum((out / n).stat().st_size for n in counts), "skipped": [], "seconds": 0.0,
-             "shard_samples": counts}
+    entry = {
+        "samples": sum(counts.values()),
+        "classes": sum(len(c) for c in shards),
+        "shards": len(shards),
+        "bytes": sum((out / n).stat().st_size for n in counts),
+        "skipped": [],
+        "seconds": 0.0,
+        "shard_samples": counts,
+    }
     _update_json(out / "stats.json", {split: entry})
     return where
 

@@ -24,8 +24,29 @@ def synth_shards(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("synth")
     sop, out = root / "sop", root / "shards"
-    assert main(["synth-sop", str(sop), "--classes", "48", "--images-per-class", "4-6", "--seed", "0",
-                 "--size", "80"]) == 0
-    assert main(["shards", "build", "--sop-root", str(sop), "--out", str(out), "--workers", "1",
-                 "--shard-size", "40", "--val-classes", "8", "--seed", "0"]) == 0
+    assert (
+        main(["synth-sop", str(sop), "--classes", "48", "--images-per-class", "4-6", "--seed", "0", "--size", "80"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "--sop-root",
+                str(sop),
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--shard-size",
+                "40",
+                "--val-classes",
+                "8",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     return out

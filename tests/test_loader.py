@@ -6,6 +6,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import _shardkit as sk
 import pytest
 import torch
 
@@ -13,7 +14,6 @@ from retrieval.config import DataConfig
 from retrieval.data import loader as L
 from retrieval.data import transforms as tfm
 from retrieval.errors import UserError
-import _shardkit as sk
 
 MEAN = STD = (0.5, 0.5, 0.5)
 IMG = 32
@@ -56,8 +56,11 @@ def _train(d: Path, cfg: DataConfig, epoch: int = 0, steps: int = 6, **kw) -> li
 
 def _same(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
-        torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
-        and torch.equal(x["image_id"], y["image_id"]) for x, y in zip(a, b))
+        torch.equal(x["image"], y["image"])
+        and torch.equal(x["label"], y["label"])
+        and torch.equal(x["image_id"], y["image_id"])
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def _class_sizes(classes: dict[int, int]) -> Counter:
@@ -79,7 +82,7 @@ def test_train_batches_are_p_by_k(shards, workers):
         labels = b["label"].view(3, 4)
         assert (labels == labels[:, :1]).all(), "each class fills K consecutive slots"
         assert len(set(labels[:, 0].tolist())) == 3, "P distinct classes"
-        for lab, iid in zip(b["label"].tolist(), b["image_id"].tolist()):
+        for lab, iid in zip(b["label"].tolist(), b["image_id"].tolist(), strict=True):
             assert classes[iid] == lab
             assert sizes[lab] >= 2, "1-image classes have no positive and are never used"
         assert b["skipped"] == 0
@@ -118,7 +121,7 @@ def test_small_class_rule(shards):
     sizes = _class_sizes(classes)
     seen_small = False
     for b in _train(d, _cfg(small_class="repeat"), steps=10):
-        for lab, ids in zip(b["label"].view(3, 4)[:, 0].tolist(), b["image_id"].view(3, 4).tolist()):
+        for lab, ids in zip(b["label"].view(3, 4)[:, 0].tolist(), b["image_id"].view(3, 4).tolist(), strict=True):
             distinct = {i for i, c in classes.items() if c == lab}
             if sizes[lab] < 4:  # repeat: every image of the class once, then repeats
                 seen_small = True
@@ -130,16 +133,19 @@ def test_small_class_rule(shards):
         assert all(sizes[lab] >= 4 for lab in b["label"].tolist())
 
 
-def test_too_few_classes_is_a_user_error(tmp_path):
-    sk.write_split(tmp_path, "train", [[(1, 3), (2, 1), (3, 2)]])
-    with pytest.raises(UserError, match="classes_per_batch=3"):
-        _train(tmp_path, _cfg(small_class="drop"))
+@pytest.mark.parametrize("workers", [0, 1])
+def test_too_few_classes_is_a_user_error(tmp_path, workers):
+    sk.write_split(tmp_path, "train", [[(1, 4), (2, 1), (3, 2), (4, 5)]])
+    with pytest.raises(UserError, match="classes_per_batch=3") as e:
+        _train(tmp_path, _cfg(small_class="drop", num_workers=workers))
+    assert "Traceback" not in str(e.value)
 
 
 def test_corrupt_jpegs_are_skipped_and_counted(tmp_path, caplog):
-    # class 1: images 1..4, image 2 corrupt; class 2: images 5..7 all corrupt; classes 3..6 fine.
+    # class 1: images 1..4, image 2 corrupt; class 2: images 5..7 all corrupt; class 6: images 21..24,
+    # only 21 decodes (and the eval worker of shard 1 ends on 3 corrupt samples after 2 full batches).
     layout = [[(1, 4), (2, 3), (3, 4)], [(4, 5), (5, 4), (6, 4)]]
-    bad = {2, 5, 6, 7}
+    bad = {2, 5, 6, 7, 22, 23, 24}
     sk.write_split(tmp_path, "train", layout, corrupt=bad)
     sk.write_split(tmp_path, "test", layout, corrupt=bad, first_id=1)
     cfg = _cfg(class_pool=6)
@@ -153,10 +159,13 @@ def test_corrupt_jpegs_are_skipped_and_counted(tmp_path, caplog):
         labels = b["label"].view(3, 4)
         assert (labels == labels[:, :1]).all() and len(set(labels[:, 0].tolist())) == 3
         assert 2 not in b["label"].tolist(), "a class with no decodable image is replaced"
+        if 6 in b["label"].tolist():
+            assert b["image_id"][b["label"] == 6].tolist() == [21] * 4, "one decodable image fills the class"
     ev = list(L.eval_loader(tmp_path, "test", 5, IMG, MEAN, STD, 0.875, num_workers=2))
     ids = [i for b in ev for i in b["image_id"].tolist()]
     assert sorted(ids) == [i for i in range(1, 25) if i not in bad]
     assert sum(b["skipped"] for b in ev) == len(bad)
+    assert [len(b["path"]) for b in ev if b["skipped"] == 3] == [0], "trailing skips come in an empty batch"
 
 
 @pytest.mark.parametrize("workers,batch", [(0, 4), (3, 5), (4, 7)])
@@ -172,8 +181,14 @@ def test_eval_yields_every_sample_once(shards, workers, batch):
 
 def test_eval_with_more_ranks_than_shards(shards):
     d, _ = shards
-    per_rank = [[i for b in L.eval_loader(d, "test", 8, IMG, MEAN, STD, 0.875, 2, rank=r, world=6)
-                 for i in b["image_id"].tolist()] for r in range(6)]
+    per_rank = [
+        [
+            i
+            for b in L.eval_loader(d, "test", 8, IMG, MEAN, STD, 0.875, 2, rank=r, world=6)
+            for i in b["image_id"].tolist()
+        ]
+        for r in range(6)
+    ]
     assert [len(p) > 0 for p in per_rank] == [True] * 4 + [False] * 2
     assert sorted(i for p in per_rank for i in p) == list(range(1000, 1036))
 
@@ -193,7 +208,7 @@ def test_ranks_see_disjoint_shards_and_equal_counts(shards):
 
 
 def test_fewer_shards_than_workers(tmp_path, caplog):
-    sk.write_split(tmp_path, "train", [[(1, 4), (2, 3), (3, 5)], [(4, 2), (5, 4)]])
+    sk.write_split(tmp_path, "train", [[(1, 4), (2, 3), (3, 5)], [(4, 2), (5, 4), (6, 3)]])
     with caplog.at_level(logging.WARNING, logger="retrieval.data.loader"):
         batches = _train(tmp_path, _cfg(num_workers=4), steps=5)
     assert len(batches) == 5
@@ -212,6 +227,7 @@ def test_clear_errors_on_missing_inputs(tmp_path):
         L.shard_urls(tmp_path / "nope", "train")
     with pytest.raises(UserError, match="no shards for split 'val'"):
         L.shard_urls(tmp_path, "val")
+    (tmp_path / "stats.json").unlink()
     sk.write_split(tmp_path, "val", [[(1, 2)]])
     assert L.read_stats(tmp_path)["val"]["samples"] == 2
     assert L.shard_urls(tmp_path, "val") == [str(tmp_path / "val-000000.tar")]

@@ -72,8 +72,11 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(synth_shards, tmp_pat
 
 @pytest.mark.parametrize(
     "override, message",
-    [("optim.lr=abc", "optim.lr: expected a number"), ("train.epoch=3", "did you mean train.epochs"),
-     ("loss.miner=hardest", "loss.miner: expected one of")],
+    [
+        ("optim.lr=abc", "optim.lr: expected a number"),
+        ("train.epoch=3", "did you mean train.epochs"),
+        ("loss.miner=hardest", "loss.miner: expected one of"),
+    ],
 )
 def test_bad_config_fails_before_training(tmp_path, capsys, override, message):
     rc = main(["train", "--config", TINY, "--shards", str(tmp_path), "--run-dir", str(tmp_path / "r"), override])

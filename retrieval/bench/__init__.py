@@ -1,1 +1,150 @@
-"""Throughput benchmarks; each topic module exposes ``run_bench(quick: bool, out_dir: Path) -> dict``."""
+"""``retrieval bench <what>``: throughput benchmarks that compare our code with a plain baseline in the same run.
+
+    retrieval bench all --quick --out /tmp/bench        # every topic, small sizes (< 5 min on 2 CPU cores)
+    retrieval bench train --out bench-out                # trainer vs raw timm (CUDA: both SwinV2-B recipes)
+    retrieval bench train --config configs/x.yaml data.classes_per_batch=16
+    retrieval bench scaling --quick                      # 1 vs N processes of the real trainer
+    bash bench/gpu_check.sh                              # the one-shot GPU check (prints versions first)
+
+Topics: ``loader`` (streaming decode + augment vs raw JPEG decode), ``shards`` (builder vs PIL loop),
+``train`` (trainer vs raw timm forward+backward+AdamW), ``embed`` (``embed_split`` vs raw timm inference),
+``search`` (exact top-k backends), ``scaling`` (weak scaling of the trainer over processes).
+Each prints a table and writes ``OUT/bench-<what>.json``: machine, versions, device, config, and for every
+measured item its median, p10/p90, min/max, repeats and warm-up count, then the ratios (ours / baseline).
+Each topic module exposes ``run_bench(quick: bool, out_dir: Path) -> dict``; this dispatcher adds what a
+module's payload lacks (machine, versions) so every JSON has the same envelope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import logging
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from retrieval.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TOPICS = ("loader", "shards", "train", "embed", "search", "scaling")
+OURS = ("train", "embed", "scaling")  # topics that accept config/overrides/work/tiny (modules of this package)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=(*TOPICS, "all"), help="which benchmark (all = every topic in turn)")
+    p.add_argument("--quick", action="store_true", help="small sizes: tiny model, few steps, small search")
+    p.add_argument("--out", default="bench-out", help="folder for bench-<what>.json and PNG curves")
+    p.add_argument("--config", help="experiment YAML for train/embed/scaling (default: configs/tiny.yaml on CPU; "
+                                    "on CUDA both SwinV2-B recipes are added)")
+    p.add_argument("--no-trainer", action="store_true",
+                   help="train/embed: model-side figures only (no shards, no full trainer run)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smaller than --quick: the tests
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.classes_per_batch=16")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    topics = TOPICS if args.what == "all" else (args.what,)
+    start = time.perf_counter()
+    payloads: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:  # synthetic shards shared between topics
+        for what in topics:
+            try:
+                payloads[what] = run_topic(what, args, out, Path(tmp))
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - `all` reports a failed topic and goes on with the others
+                if len(topics) == 1:
+                    raise
+                failures[what] = f"{type(e).__name__}: {e}"
+                log.error("bench %s failed:\n%s", what, traceback.format_exc())
+    if len(topics) > 1:
+        print(summary(payloads, failures, time.perf_counter() - start))
+    return 1 if failures else 0
+
+
+def run_topic(what: str, args: argparse.Namespace, out: Path, work: Path) -> dict[str, Any]:
+    """Run one topic, complete its payload to the common envelope, write the JSON, print the table."""
+    from retrieval.bench import common
+
+    level = common.level_of(args.quick, args.tiny)
+    try:
+        module = importlib.import_module(f"retrieval.bench.{what}")
+    except ModuleNotFoundError as e:
+        if e.name != f"retrieval.bench.{what}":
+            raise
+        raise RuntimeError(f"retrieval/bench/{what}.py is not there (yet)") from None
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(module.run_bench).parameters
+    if what in OURS:
+        kwargs.update(config=args.config, overrides=tuple(args.overrides), work=work)
+        if what != "scaling":
+            kwargs["trainer"] = not args.no_trainer
+    elif args.config or args.overrides:
+        log.warning("bench %s: --config/overrides do not apply to this topic; ignored", what)
+    if "tiny" in params:
+        kwargs["tiny"] = args.tiny
+    t0 = time.perf_counter()
+    payload = module.run_bench(args.quick or args.tiny, out, **kwargs)
+    payload = complete(what, payload, level, time.perf_counter() - t0)
+    common.write_json(out, what, payload)
+    print(common.format_report(payload), flush=True)
+    return payload
+
+
+def complete(what: str, payload: Any, level: str, seconds: float) -> dict[str, Any]:
+    """Adapt a topic's payload to the shared envelope without dropping any of its keys."""
+    from retrieval.bench import common
+
+    payload = dict(payload or {})
+    if "machine" not in payload:
+        device = payload.get("device")
+        env = common.envelope(what, level, common.default_device(), payload.get("config", {}),
+                              payload.get("results", {}), {}, payload.get("notes", []))
+        for key, value in env.items():
+            payload.setdefault(key, value)
+        if isinstance(device, str):  # a module that names the device as a string keeps it, next to ours
+            payload["device"] = {**env["device"], "name": device}
+    payload.setdefault("bench", what)
+    payload.setdefault("level", level)
+    payload.setdefault("versions", common.versions())
+    if not payload.get("ratios"):
+        payload["ratios"] = find_ratios(payload)
+    payload["seconds"] = round(seconds, 1)
+    return payload
+
+
+def find_ratios(payload: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Ratios a module reported under other names: any numeric key containing 'ratio' (or 'speedup',
+    'efficiency'), anywhere in the payload, named by its path."""
+    out: dict[str, float] = {}
+    for key, value in payload.items():
+        if key in ("machine", "versions", "config", "goals"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(find_ratios(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and any(
+                w in str(key).lower() for w in ("ratio", "speedup", "efficiency")):
+            out[name] = float(value)
+    return out
+
+
+def summary(payloads: dict[str, dict], failures: dict[str, str], seconds: float) -> str:
+    from retrieval.bench.common import format_table
+
+    rows = []
+    for what, payload in payloads.items():
+        goals = payload.get("goals") or {}
+        for name, value in (payload.get("ratios") or {}).items():
+            rows.append((what, name, value, goals.get(name)))
+    text = [f"== bench all: every ratio (ours / baseline), {seconds:.0f} s in all ==",
+            format_table(("topic", "ratio", "value", "goal"), rows)]
+    text += [f"FAILED {what}: {why}" for what, why in failures.items()]
+    return "\n".join(text)

@@ -1,0 +1,92 @@
+"""Streaming loader under 2 real processes (torchrun, gloo) over an odd number of uneven shards."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import _shardkit as sk
+import pytest
+from _launch import cpu_env, free_port, run
+
+from retrieval.config import DataConfig
+from retrieval.data.loader import train_loader
+
+pytestmark = pytest.mark.dist
+
+P, K, STEPS, EPOCHS = 3, 2, 5, 2
+CFG = dict(classes_per_batch=P, images_per_class=K, class_pool=6, num_workers=2, seed=3)
+
+# Each rank: train epochs with one all-reduce per batch (unequal counts would hang, then time out),
+# then its eval share; results go to OUT/rank{R}.json.
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.distributed as td
+    from retrieval import dist
+    from retrieval.config import DataConfig
+    from retrieval.data.loader import eval_loader, train_loader
+
+    shards, out, cfg = sys.argv[1], sys.argv[2], DataConfig(**json.loads(sys.argv[3]))
+    td.init_process_group("gloo")
+    res = {"train": [], "eval": []}
+    for epoch in range(int(sys.argv[4])):
+        ids = []
+        for b in train_loader(shards, cfg, 32, (0.5,) * 3, (0.5,) * 3, epoch=epoch, steps=int(sys.argv[5])):
+            dist.all_reduce_sum(torch.ones(1))
+            ids.append(b["image_id"].tolist())
+        res["train"].append(ids)
+    for b in eval_loader(shards, "test", 4, 32, (0.5,) * 3, (0.5,) * 3, 0.875, num_workers=2):
+        res["eval"] += b["image_id"].tolist()
+    with open(f"{out}/rank{dist.rank()}.json", "w") as f:
+        json.dump(res, f)
+    dist.destroy()
+    """
+)
+
+
+def test_two_ranks_disjoint_equal_and_exactly_once(tmp_path):
+    shards = tmp_path / "shards"
+    # 5 uneven train shards (3..10 classes of 2..6 images), 3 uneven test shards.
+    layout, c = [], 1
+    for n in (3, 8, 4, 10, 5):
+        layout.append([(c + i, 2 + (c + i) % 5) for i in range(n)])
+        c += n
+    shard_of = sk.write_split(shards, "train", layout)
+    test_of = sk.write_split(shards, "test", [[(500, 5)], [(501, 3), (502, 7), (503, 2)], [(504, 4)]], first_id=900)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        str(shards),
+        str(tmp_path),
+        json.dumps(CFG),
+        str(EPOCHS),
+        str(STEPS),
+    ]
+    run(cmd, env=cpu_env(), timeout=120)
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    for epoch in range(EPOCHS):
+        per_rank = [res[r]["train"][epoch] for r in range(2)]
+        assert [len(b) for b in per_rank] == [STEPS, STEPS], "equal batch counts on every rank"
+        seen = [{shard_of[i] for batch in batches for i in batch} for batches in per_rank]
+        assert not seen[0] & seen[1], f"epoch {epoch}: ranks share shards {seen}"
+        assert all(len(batch) == P * K for batches in per_rank for batch in batches)
+    assert res[0]["train"][0] != res[0]["train"][1], "a new order every epoch"
+    # a rank's stream is the same as the single-process loader told its rank explicitly
+    local = train_loader(shards, DataConfig(**CFG), 32, (0.5,) * 3, (0.5,) * 3, epoch=1, steps=STEPS, rank=1, world=2)
+    assert [b["image_id"].tolist() for b in local] == res[1]["train"][1]
+
+    union = res[0]["eval"] + res[1]["eval"]
+    assert sorted(union) == sorted(test_of), "eval: every sample exactly once over the ranks"
+    assert {test_of[i] for i in res[0]["eval"]}.isdisjoint({test_of[i] for i in res[1]["eval"]})

@@ -1,0 +1,58 @@
+"""DDP equivalence: 2 ranks x batch B (gloo, float64) == 1 process x batch 2B, for every miner.
+
+Same mined triplets (global indices), same loss (the returned loss carries the ``* world_size`` factor,
+``stats["loss"]`` does not) and same DDP-averaged gradients to 1e-10, for a Linear+normalise model and a
+tiny SwinV2. The worker is ``tests/_dist_loss_worker.py``, started once with torchrun.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from _launch import cpu_env, free_port, run
+
+import _dist_loss_worker as worker
+
+pytestmark = pytest.mark.dist
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist_loss")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), worker.__file__, "--out", str(out)]
+    run(cmd, env=cpu_env(), timeout=300)
+    initial = torch.load(out / "initial.pt")
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world"] for r in results] == [2, 2]
+    return [{"initial": initial, **r} for r in results]
+
+
+def _single_process(kind: str, initial: dict) -> dict:
+    model = worker.make_model(kind)
+    model.load_state_dict(initial[kind])  # exactly rank 0's weights (DDP broadcast them)
+    inputs, labels = worker.make_batch(kind)
+    return worker.run_cases(kind, model, inputs, labels)
+
+
+@pytest.mark.parametrize("kind", list(worker.CASES))
+def test_ddp_equals_single_process(ranks: list[dict], kind: str) -> None:
+    single = _single_process(kind, ranks[0]["initial"])
+    for case, ref in single.items():
+        assert ref["stats"]["num_triplets"] > 0, case
+        for rank, result in enumerate(ranks):
+            got = result["results"][kind][case]
+            where = f"{kind} {case} rank {rank}"
+            for mined, expected in zip(got["triplets"], ref["triplets"]):
+                assert torch.equal(mined, expected), f"{where}: mined triplets differ"
+            assert abs(got["loss"].item() - 2 * ref["loss"].item()) < TOL, where  # the * world_size factor
+            assert abs(got["stats"]["loss"] - ref["stats"]["loss"]) < TOL, where
+            assert got["stats"]["num_triplets"] == ref["stats"]["num_triplets"], where
+            assert got["stats"]["active_fraction"] == pytest.approx(ref["stats"]["active_fraction"]), where
+            for name, grad in ref["grads"].items():
+                err = (got["grads"][name] - grad).abs().max().item()
+                assert err < TOL, f"{where}: gradient of {name} differs by {err:.2e}"
+        assert any(g.abs().max() > 0 for g in ref["grads"].values()), f"{kind} {case}: no gradient at all"

@@ -1,0 +1,208 @@
+"""`retrieval report`: the HTML holds the table, the curves and a gallery whose green/red frames match a
+brute-force float64 search; missing parts degrade to sentences; a real headless Chromium renders it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _report_fixture import half_right_embeddings, make_run, metric_values
+from PIL import Image
+
+from retrieval.cli import main
+from retrieval.report import build_report, top_k
+
+FIGURE = re.compile(r'<figure class="(query|hit|miss)" data-id="(\d+)" data-label="(\d+)"')
+CHROMIUM = "/usr/bin/chromium"
+
+
+def gallery_rows(page: str) -> list[list[tuple[str, int, int]]]:
+    """[[(role, id, label) of the query, then of each neighbour], ...] in page order."""
+    rows: list[list[tuple[str, int, int]]] = []
+    for role, image_id, label in FIGURE.findall(page):
+        if role == "query":
+            rows.append([])
+        rows[-1].append((role, int(image_id), int(label)))
+    return rows
+
+
+def brute_force_neighbours(query_id: int, k: int) -> list[int]:
+    """Ids of the k nearest images by float64 cosine, the query itself removed by index (independent of report.py)."""
+    emb, _, ids = half_right_embeddings()
+    x = emb.astype(np.float64)
+    q = int(np.flatnonzero(ids == query_id)[0])
+    sims = [(float(x[q] @ x[j]), j) for j in range(len(x)) if j != q]
+    sims.sort(key=lambda t: -t[0])
+    return [int(ids[j]) for _, j in sims[:k]]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return make_run(tmp_path)
+
+
+def test_report_table_curves_and_gallery(run_dir: Path, capsys) -> None:
+    queries, k = 6, 4
+    assert main(["report", str(run_dir), "--queries", str(queries), "--k", str(k)]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    assert out == run_dir / "report.html"
+    page = out.read_text()
+
+    # table: results.json rows in percent, like the seed's table
+    assert '<table id="metrics">' in page and "finetuned" in page and "<td>triplet</td>" in page
+    for key, value in metric_values(0.03).items():
+        assert f'<td class="num">{100 * value:.2f}</td>' in page, key
+    # curves: loss, validation metrics, throughput as embedded PNGs
+    pngs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(pngs) == 3
+    assert all(base64.b64decode(p).startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+
+    # gallery: from the fine-tuned folder, frames agree with brute force, exactly half right by construction
+    rows = gallery_rows(page)
+    assert len(rows) == queries
+    emb, labels, ids = half_right_embeddings()
+    label_of = dict(zip(ids.tolist(), labels.tolist(), strict=True))
+    hits = misses = 0
+    for (role, qid, qlabel), *neighbours in rows:
+        assert qlabel == label_of[qid]
+        assert [n[1] for n in neighbours] == brute_force_neighbours(qid, k)
+        for role, nid, nlabel in neighbours:
+            assert role == ("hit" if label_of[nid] == label_of[qid] else "miss") and nlabel == label_of[nid]
+        hits += sum(label_of[n[1]] == qlabel for n in neighbours)
+        misses += sum(label_of[n[1]] != qlabel for n in neighbours)
+    assert (hits, misses) == (queries * k // 2, queries * k // 2)
+    assert page.count('<figure class="hit"') == hits and page.count('<figure class="miss"') == misses
+
+    # thumbnails: one per shown image, JPEG, at most 96 px; whole page stays small
+    thumbs = re.findall(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(thumbs) == queries * (k + 1)
+    with Image.open(io.BytesIO(base64.b64decode(thumbs[0]))) as im:
+        assert im.format == "JPEG" and max(im.size) <= 96
+    assert out.stat().st_size < 400_000
+    # config collapsed and escaped, summary, versions
+    assert "<details><summary>config.yaml</summary>" in page and "# &lt;tiny&gt;" in page
+    assert "best_step" in page and "numpy" in page and "generated" in page
+
+
+def test_gallery_is_deterministic_for_a_seed(run_dir: Path, tmp_path: Path) -> None:
+    a = gallery_rows(build_report(run_dir, out=tmp_path / "a.html", seed=3).read_text())
+    b = gallery_rows(build_report(run_dir, out=tmp_path / "b.html", seed=3).read_text())
+    c = gallery_rows(build_report(run_dir, out=tmp_path / "c.html", seed=4).read_text())
+    assert a == b and len(a) == 12
+    assert [r[0] for r in a] != [r[0] for r in c]
+
+
+def test_table_falls_back_to_eval_folders_then_val_line(tmp_path: Path) -> None:
+    run = make_run(tmp_path, results=False)
+    page = build_report(run).read_text()
+    assert "emb-test/metrics.json" in page and "Loss" not in page
+    assert page.index("<td>emb-test-untrained</td>") < page.index("<td>emb-test</td>")  # baseline first
+    assert f"{100 * metric_values(0.03)['recall@1']:.2f}" in page
+    for folder in ("emb-test", "emb-test-untrained"):
+        (run / folder / "metrics.json").unlink()
+    page = build_report(run).read_text()
+    assert "val @ step 40" in page and f"{100 * metric_values(40 / 200)['map@r']:.2f}" in page
+
+
+def test_missing_parts_are_sentences_not_errors(tmp_path: Path) -> None:
+    run = make_run(tmp_path, shards=False)  # meta.json names a shard folder that does not exist
+    page = build_report(run, k=4, queries=3).read_text()
+    assert "has no test-*.tar: ids and classes only" in page
+    assert "data:image/jpeg" not in page and page.count("<span>id ") == 3 * 5
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 0.5}\n{"kind": "tra')  # killed mid-write
+    page = build_report(bare).read_text()
+    assert "No metrics" in page and "line 2 is not JSON" in page and "No gallery" in page
+    assert page.count("data:image/png") == 1 and "No config.yaml" in page and "No summary.json" in page
+
+
+def test_explicit_embeddings_and_shards(tmp_path: Path, run_dir: Path) -> None:
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(tmp_path / "shards"), moved)
+    out = build_report(run_dir, embeddings_dirs=[run_dir / "emb-test"], shards=moved, out=tmp_path / "r.html", k=2)
+    page = out.read_text()
+    assert page.count("data:image/jpeg") == 12 * 3 and "not found" not in page
+
+
+def test_relative_shard_path_in_meta_is_found_from_any_cwd(run_dir: Path) -> None:
+    # `retrieval embed --shards shards` run from the folder above the run writes a relative path
+    meta = run_dir / "emb-test" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "shards": "shards"}))
+    page = build_report(run_dir, k=2, queries=4).read_text()
+    assert page.count("data:image/jpeg") == 4 * 3
+
+
+@pytest.mark.parametrize("n", [24, 300])
+def test_knn_and_numpy_gallery_search_agree(n: int) -> None:
+    emb = half_right_embeddings()[0] if n == 24 else np.random.default_rng(0).normal(size=(n, 16)).astype(np.float16)
+    queries = np.array([0, 5, n - 1])
+    order, scores = top_k(emb, queries, 5)
+    order_np, scores_np = top_k(emb, queries, 5, use_knn=False)
+    np.testing.assert_array_equal(order, order_np)
+    np.testing.assert_allclose(scores, scores_np, rtol=1e-5, atol=1e-5)
+    assert not (order == queries[:, None]).any()
+
+
+def test_user_errors_name_the_input(tmp_path: Path, run_dir: Path, capsys) -> None:
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["report", str(run_dir), "--embeddings", str(tmp_path / "nope")]) == 2
+    assert "--embeddings" in capsys.readouterr().err
+    (run_dir / "results.json").write_text("[{")
+    assert main(["report", str(run_dir)]) == 2
+    assert "results.json: not valid JSON" in capsys.readouterr().err
+    (run_dir / "results.json").write_text(json.dumps({"training": "x"}))
+    assert main(["report", str(run_dir)]) == 2
+    assert "expected a list" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# A real browser
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _near(pixels: np.ndarray, rgb: tuple[int, int, int], tol: int = 8) -> int:
+    return int((np.abs(pixels.astype(int) - np.array(rgb)).max(axis=-1) <= tol).sum())
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)")
+    page = build_report(run_dir, k=4, queries=6)
+    shot = tmp_path / "report.png"
+    done = _chromium(f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri(), profile=tmp_path / "p1")
+    assert shot.is_file() and shot.stat().st_size > 20_000, done.stderr[-2000:]
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.shape[:2] == (2000, 1280)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # text, plots and photos, not a blank page
+    assert _near(pixels, (0x1A, 0x9A, 0x3C)) > 500 and _near(pixels, (0xD6, 0x27, 0x28)) > 500  # green and red frames
+
+    dom = _chromium("--dump-dom", page.as_uri(), profile=tmp_path / "p2").stdout
+    assert '<table id="metrics">' in dom and "Recall@1000" in dom and dom.count('<figure class="hit"') == 12
