@@ -63,11 +63,13 @@ class TripletCriterion(nn.Module):
         self.last_triplets: Triplets | None = None  # global indices of the last mined triplets (tests, debugging)
         self._calls = 0
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                step: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, step: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
-            raise ValueError(f"expected B x d embeddings and B labels, got {tuple(embeddings.shape)} and "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(
+                f"expected B x d embeddings and B labels, got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+            )
         step = self._calls if step is None else step  # seed mode: same draw on every rank for the same step
         self._calls += 1
         # Distances in fp32 (or the input's fp64) even when the caller runs under autocast: mining compares them.
@@ -110,15 +112,15 @@ def make_distance(cfg: LossConfig) -> BaseDistance:
     return LpDistance(normalize_embeddings=True, p=2, power=2)
 
 
-def mine(embeddings: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, *, seed: int = 0,
-         step: int = 0) -> Triplets:
+def mine(embeddings: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, *, seed: int = 0, step: int = 0) -> Triplets:
     """(anchor, positive, negative) index tensors that ``cfg.miner`` picks in this (already global) batch."""
     return _mine(embeddings, labels, cfg, make_distance(cfg), seed, step)
 
 
 @torch.no_grad()
-def _mine(emb: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, distance: BaseDistance, seed: int,
-          step: int) -> Triplets:
+def _mine(
+    emb: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, distance: BaseDistance, seed: int, step: int
+) -> Triplets:
     if cfg.miner == "seed":
         return seed_triplets(labels, seed, step)
     if cfg.miner == "batch_hard":

@@ -12,7 +12,8 @@ checkpoint filter still converts formats and resizes what depends on ``img_size`
 position embeddings; SwinV2's continuous position bias has no size-dependent weights, so another ``img_size`` or
 ``window_size`` loads as is). Because timm loads non-strictly whenever the classifier is dropped (``num_classes=0``),
 a file of the wrong architecture would load silently; :func:`check_pretrained_file` therefore compares keys and
-shapes first and raises a :class:`UserError` naming expected vs found keys.
+shapes first and raises a :class:`UserError` naming expected vs found keys. A ``pretrained_file`` wins over
+``pretrained``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,15 @@ _RESERVED_KWARGS = ("num_classes", "pretrained", "pretrained_cfg_overlay", "drop
 class EmbeddingModel(nn.Module):
     """Backbone pooled features, projected by ``head`` (Linear or Identity), L2-normalised when ``normalize``."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, embed_dim: int, normalize: bool,
-                 data_config: dict[str, Any], channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        embed_dim: int,
+        normalize: bool,
+        data_config: dict[str, Any],
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -109,9 +117,11 @@ def _create_backbone(cfg: ModelConfig) -> nn.Module:
         except (ConfigError, KeyboardInterrupt):
             raise
         except Exception as e:  # network, cache miss, HF_HUB_OFFLINE: all mean "no weights here"
-            raise UserError(f"model.pretrained: could not get pretrained weights for {cfg.name!r} from the HF hub "
-                            f"or its cache ({type(e).__name__}: {e}); offline, set model.pretrained_file to a "
-                            "local .safetensors/.pth, or fill the HF cache and set HF_HUB_OFFLINE=1") from None
+            raise UserError(
+                f"model.pretrained: could not get pretrained weights for {cfg.name!r} from the HF hub "
+                f"or its cache ({type(e).__name__}: {e}); offline, set model.pretrained_file to a "
+                "local .safetensors/.pth, or fill the HF cache and set HF_HUB_OFFLINE=1"
+            ) from None
     return _create(cfg.name, pretrained=False, **kwargs)
 
 
@@ -153,16 +163,23 @@ def check_pretrained_file(path: str | os.PathLike, name: str, timm_kwargs: dict[
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"model.pretrained_file: {str(path)!r} does not exist (expected a .safetensors or .pth "
-                        "file of weights for model.name)")
+        raise UserError(
+            f"model.pretrained_file: {str(path)!r} does not exist (expected a .safetensors or .pth "
+            "file of weights for model.name)"
+        )
     try:
         state = timm.models.load_state_dict(str(path))
     except Exception as e:  # truncated, not a checkpoint, pickled objects refused by weights_only
-        raise UserError(f"model.pretrained_file: cannot read {str(path)!r} as a .safetensors or torch "
-                        f"checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(
+            f"model.pretrained_file: cannot read {str(path)!r} as a .safetensors or torch "
+            f"checkpoint ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"model.pretrained_file: {str(path)!r} does not hold a state dict of tensors")
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init time
+            reference = timm.create_model(name, pretrained=False, **timm_kwargs)
+    except Exception:  # a model whose __init__ needs real values (e.g. .item()): build it on the CPU
         reference = timm.create_model(name, pretrained=False, **timm_kwargs)
     found = _filtered(state, name, reference)
     for classifier in _as_tuple(reference.pretrained_cfg.get("classifier")):
@@ -171,8 +188,10 @@ def check_pretrained_file(path: str | os.PathLike, name: str, timm_kwargs: dict[
     problem = describe_mismatch(reference.state_dict(), found)
     if problem:
         user_kwargs = {k: v for k, v in timm_kwargs.items() if k not in _RESERVED_KWARGS}
-        raise UserError(f"model.pretrained_file: {str(path)!r} does not fit model.name={name!r} with "
-                        f"model.kwargs={user_kwargs}: {problem}")
+        raise UserError(
+            f"model.pretrained_file: {str(path)!r} does not fit model.name={name!r} with "
+            f"model.kwargs={user_kwargs}: {problem}"
+        )
     return path
 
 
@@ -196,8 +215,11 @@ def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.
     """Empty when keys and shapes agree; else counts and a few names of missing/unexpected/other-shape keys."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    reshaped = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)}"
-                for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
+    reshaped = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)}"
+        for k in expected
+        if k in found and tuple(expected[k].shape) != tuple(found[k].shape)
+    ]
     if not (missing or unexpected or reshaped):
         return ""
 
@@ -235,8 +257,9 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def export_model(model: nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def export_model(
+    model: nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write ``out_dir/model.safetensors`` (float32, contiguous) and ``out_dir/model.yaml``; return the weights path.
 
     ``state_dict`` overrides the model's own (pass ``accelerator.get_state_dict(model)`` under DeepSpeed ZeRO-3,
@@ -249,7 +272,8 @@ def export_model(model: nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike,
     state = state_dict if state_dict is not None else unwrap(model).state_dict()
     tensors = {}
     for key, value in state.items():
-        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+        while key.startswith(("module.", "_orig_mod.")):  # DDP / DeepSpeed / torch.compile, in any nesting
+            key = key.split(".", 1)[1]
         value = value.detach().to("cpu")
         # clone: safetensors refuses tensors that share storage (tied weights, views)
         tensors[key] = (value.float() if value.is_floating_point() else value).contiguous().clone()
@@ -273,15 +297,18 @@ def resolve_export(path: str | os.PathLike) -> tuple[Path, Path]:
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
-            raise UserError(f"{str(path)!r} holds no {WEIGHTS_NAME} (expected a run dir or an export folder with "
-                            f"{WEIGHTS_NAME} + {CONFIG_NAME}, written by `retrieval train` or export_model)")
+            raise UserError(
+                f"{str(path)!r} holds no {WEIGHTS_NAME} (expected a run dir or an export folder with "
+                f"{WEIGHTS_NAME} + {CONFIG_NAME}, written by `retrieval train` or export_model)"
+            )
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise UserError(f"{str(path)!r}: expected a .safetensors file, a run dir or an export folder")
         weights = path
     else:
-        raise UserError(f"model {str(path)!r} does not exist (expected a run dir, an export folder or a "
-                        f"{WEIGHTS_NAME} file)")
+        raise UserError(
+            f"model {str(path)!r} does not exist (expected a run dir, an export folder or a {WEIGHTS_NAME} file)"
+        )
     config = weights.parent / CONFIG_NAME
     if not config.is_file():
         raise UserError(f"{str(config)!r} is missing: {weights.name} needs the {CONFIG_NAME} written beside it")
@@ -326,11 +353,20 @@ def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: 
             continue
         part = "backbone" if full_name.startswith("backbone.") else "head"
         name = full_name.removeprefix("backbone.")
-        no_decay = param.ndim <= 1 or name.endswith(".bias") or (
-            part == "backbone" and any(name == s or name.startswith(s + ".") for s in skip))
+        no_decay = (
+            param.ndim <= 1
+            or name.endswith(".bias")
+            or (part == "backbone" and any(name == s or name.startswith(s + ".") for s in skip))
+        )
         groups.setdefault((part, not no_decay), []).append(param)
     out = []
     for (part, decay), params in sorted(groups.items()):
-        out.append({"name": f"{part}_{'decay' if decay else 'no_decay'}", "params": params,
-                    "lr": backbone_lr if part == "backbone" else lr, "weight_decay": weight_decay if decay else 0.0})
+        out.append(
+            {
+                "name": f"{part}_{'decay' if decay else 'no_decay'}",
+                "params": params,
+                "lr": backbone_lr if part == "backbone" else lr,
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+        )
     return out

@@ -138,7 +138,7 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     _configure_deepspeed(accelerator, d.per_rank_batch, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model = maybe_compile(model, cfg.model)
-    criterion = build_loss(cfg.loss).to(accelerator.device)
+    criterion = build_loss(cfg.loss, seed=cfg.train.seed).to(accelerator.device)
     return Setup(accelerator, model, criterion, optimizer, scheduler, img, train_samples)
 
 

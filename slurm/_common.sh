@@ -77,7 +77,7 @@ launch_node() {
   local ignore=$1
   shift
   # shellcheck disable=SC2086  # $ignore is a signal list
-  (trap '' $ignore && exec accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@") &
+  (if [[ -n $ignore ]]; then trap '' $ignore; fi && exec accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@") &
   LAUNCHER_PID=$!
   local sig
   for sig in $ignore; do

@@ -25,8 +25,15 @@ from retrieval.losses import build_loss
 
 MARGIN = 0.5
 CASES = {
-    "linear": [("batch_hard", "cosine"), ("semi_hard", "cosine"), ("all", "cosine"), ("batch_hard", "squared_l2"),
-               ("semi_hard", "squared_l2"), ("all", "squared_l2"), ("seed", "cosine")],
+    "linear": [
+        ("batch_hard", "cosine"),
+        ("semi_hard", "cosine"),
+        ("all", "cosine"),
+        ("batch_hard", "squared_l2"),
+        ("semi_hard", "squared_l2"),
+        ("all", "squared_l2"),
+        ("seed", "cosine"),
+    ],
     "swin": [("batch_hard", "cosine"), ("semi_hard", "cosine"), ("all", "cosine"), ("seed", "cosine")],
 }
 
@@ -46,8 +53,17 @@ def make_model(kind: str) -> nn.Module:
         return LinearEmbedder().double()
     import timm
 
-    backbone = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=64, window_size=4,
-                                 embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), num_classes=0)
+    backbone = timm.create_model(
+        "swinv2_tiny_window8_256",
+        pretrained=False,
+        img_size=64,
+        window_size=4,
+        embed_dim=24,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        num_classes=0,
+        drop_path_rate=0.0,
+    )  # timm's SwinV2 default is 0.1: random in train mode
     return backbone.double()
 
 
@@ -70,7 +86,8 @@ def run_cases(kind: str, model: nn.Module, inputs: torch.Tensor, labels: torch.T
         loss.backward()
         params = model.module if isinstance(model, DistributedDataParallel) else model
         out[f"{miner}/{distance}"] = {
-            "loss": loss.detach().clone(), "stats": stats,
+            "loss": loss.detach().clone(),
+            "stats": stats,
             "triplets": [t.clone() for t in criterion.last_triplets],
             "grads": {k: p.grad.detach().clone() for k, p in params.named_parameters()},
         }

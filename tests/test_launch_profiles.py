@@ -34,7 +34,11 @@ def _free_port() -> int:
 def _launch_env(profile: Path, flags: list[str]) -> tuple[object, dict[str, str]]:
     """The args and process environment `accelerate launch --config_file PROFILE FLAGS -m retrieval train` builds."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+    from accelerate.utils.launch import (
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+        prepare_simple_launcher_cmd_env,
+    )
 
     args = launch_command_parser().parse_args(["--config_file", str(profile), *flags, "-m", "retrieval", "train"])
     args, defaults, mp_from_config = _validate_launch_command(args)
@@ -52,8 +56,18 @@ def _launch_env(profile: Path, flags: list[str]) -> tuple[object, dict[str, str]
 def _flags(name: str) -> list[str]:
     """The command-line flags launch/README.md pairs with each profile (2 nodes x 2 processes for multi-node)."""
     port = str(_free_port())
-    multinode = ["--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
-                 "--main_process_port", port, "--num_processes", "4"]
+    multinode = [
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        "0",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        port,
+        "--num_processes",
+        "4",
+    ]
     return {
         "gpu1.yaml": [],
         "cpu_2proc.yaml": ["--main_process_port", port],
@@ -151,11 +165,13 @@ def test_deepspeed_batch_arithmetic(path: Path, world: int) -> None:
     raw = json.loads(path.read_text())
     for cfg in _configs():
         d = derived(cfg, world, train_samples=None if cfg.data.steps_per_epoch else 10**6)
-        filled = _fill_auto(raw, micro=d.per_rank_batch, accum=cfg.optim.grad_accum, world=world,
-                            clip=cfg.optim.grad_clip or 0.0)
+        filled = _fill_auto(
+            raw, micro=d.per_rank_batch, accum=cfg.optim.grad_accum, world=world, clip=cfg.optim.grad_clip or 0.0
+        )
         assert filled["train_batch_size"] == d.global_batch
-        assert filled["train_batch_size"] == (filled["train_micro_batch_size_per_gpu"]
-                                              * filled["gradient_accumulation_steps"] * world)
+        assert filled["train_batch_size"] == (
+            filled["train_micro_batch_size_per_gpu"] * filled["gradient_accumulation_steps"] * world
+        )
         # DeepSpeedConfig sees world size 1 without a process group: validate the per-rank view.
         one = dict(filled, train_batch_size=filled["train_batch_size"] // world)
         parsed = DeepSpeedConfig(one)
@@ -165,8 +181,12 @@ def test_deepspeed_batch_arithmetic(path: Path, world: int) -> None:
 
 def _fill_auto(ds: dict, micro: int, accum: int, world: int, clip: float) -> dict:
     out = json.loads(json.dumps(ds))
-    values = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-              "train_batch_size": micro * accum * world, "gradient_clipping": clip}
+    values = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world,
+        "gradient_clipping": clip,
+    }
     for key, value in values.items():
         if out.get(key) == "auto":
             out[key] = value

@@ -15,6 +15,9 @@ from retrieval.data import loader as L
 from retrieval.data import transforms as tfm
 from retrieval.errors import UserError
 
+# tests run more workers than this machine's 2 cores on purpose (worker splitting), torch warns about it
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
 MEAN = STD = (0.5, 0.5, 0.5)
 IMG = 32
 
@@ -241,3 +244,15 @@ def test_transforms_shapes_and_draft():
     assert tfm.train_transform(48, cfg, MEAN, STD)(img).shape == (3, 48, 48)
     assert tfm.eval_transform(48, MEAN, STD, 0.875)(img).shape == (3, 48, 48)
     assert tfm.eval_min_side(224, 0.875) == 256 and tfm.train_min_side(64, (0.25, 1.0)) == 128
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loading_leaves_the_global_rng_alone(shards, workers):
+    """A resumed trainer's RNG must match an uninterrupted one: loaders neither draw from nor reseed it."""
+    d, _ = shards
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    _train(d, _cfg(num_workers=workers), steps=2)
+    list(L.eval_loader(d, "test", 8, IMG, MEAN, STD, 0.875, num_workers=workers))
+    assert torch.equal(torch.rand(3), expected)

@@ -32,8 +32,8 @@ def _hand_distance(emb: torch.Tensor, distance: str):
     """d(i, j) on L2-normalised rows, written out; for cosine, a *similarity* (larger = closer)."""
     rows = [_unit(r) for r in emb.tolist()]
     if distance == "cosine":
-        return lambda i, j: sum(x * y for x, y in zip(rows[i], rows[j]))
-    return lambda i, j: sum((x - y) ** 2 for x, y in zip(rows[i], rows[j]))
+        return lambda i, j: sum(x * y for x, y in zip(rows[i], rows[j], strict=True))
+    return lambda i, j: sum((x - y) ** 2 for x, y in zip(rows[i], rows[j], strict=True))
 
 
 def _hand_triplets(labels: list[int]) -> list[tuple[int, int, int]]:
@@ -68,8 +68,9 @@ def _hand_mine(emb: torch.Tensor, labels: torch.Tensor, miner: str, distance: st
 
 def _hand_loss(emb: torch.Tensor, triplets: list[tuple[int, int, int]], distance: str) -> float:
     d = _hand_distance(emb, distance)
-    losses = [max(0.0, (d(a, n) - d(a, p) if distance == "cosine" else d(a, p) - d(a, n)) + MARGIN)
-              for a, p, n in triplets]
+    losses = [
+        max(0.0, (d(a, n) - d(a, p) if distance == "cosine" else d(a, p) - d(a, n)) + MARGIN) for a, p, n in triplets
+    ]
     active = [x for x in losses if x > 0]
     return sum(active) / len(active) if active else 0.0  # pml AvgNonZeroReducer
 
@@ -88,7 +89,7 @@ def _torch_hand_loss(emb: torch.Tensor, triplets: list[tuple[int, int, int]], di
 
 
 def _as_set(triplets) -> set[tuple[int, int, int]]:
-    return set(zip(*(t.tolist() for t in triplets)))
+    return set(zip(*(t.tolist() for t in triplets), strict=True))
 
 
 @pytest.mark.parametrize("distance", ["cosine", "squared_l2"])
@@ -107,8 +108,9 @@ def test_loss_and_mining_match_brute_force(miner: str, distance: str, seed: int)
     assert stats["num_triplets"] == len(expected)
     assert stats["loss"] == loss.item()  # world size 1: no factor
     d = _hand_distance(emb, distance)
-    n_active = sum(((d(a, n) - d(a, p)) if distance == "cosine" else (d(a, p) - d(a, n))) + MARGIN > 0
-                   for a, p, n in expected)
+    n_active = sum(
+        ((d(a, n) - d(a, p)) if distance == "cosine" else (d(a, p) - d(a, n))) + MARGIN > 0 for a, p, n in expected
+    )
     assert stats["active_fraction"] == pytest.approx(n_active / len(expected) if expected else 0.0)
 
     loss.backward()
@@ -122,7 +124,7 @@ def test_loss_and_mining_match_brute_force(miner: str, distance: str, seed: int)
 def test_all_triplets_equal_pml_enumeration(seed: int) -> None:
     _, labels = _data(seed)
     ours, theirs = all_triplets(labels), lmu.get_all_triplets_indices(labels)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # same triplets, same order
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))  # same triplets, same order
 
 
 @pytest.mark.parametrize("distance", ["cosine", "squared_l2"])
@@ -153,14 +155,14 @@ def test_seed_mode_picks_valid_triplets_one_per_anchor() -> None:
     a, p, n = seed_triplets(labels, seed=0, step=0)
     eligible = [i for i in range(len(lab)) if lab.count(lab[i]) > 1]
     assert a.tolist() == eligible  # every anchor with a positive, once
-    for i, j, k in zip(a.tolist(), p.tolist(), n.tolist()):
+    for i, j, k in zip(a.tolist(), p.tolist(), n.tolist(), strict=True):
         assert i != j and lab[i] == lab[j] and lab[k] != lab[i]
 
 
 def test_seed_mode_is_deterministic_and_draws_from_all_classes() -> None:
     _, labels = _data(1)
     same = [seed_triplets(labels, seed=7, step=3) for _ in range(2)]
-    assert all(torch.equal(x, y) for x, y in zip(*same))
+    assert all(torch.equal(x, y) for x, y in zip(*same, strict=True))
     steps = [seed_triplets(labels, seed=7, step=s) for s in range(60)]
     assert any(not torch.equal(steps[0][2], t[2]) for t in steps[1:])
     # the seed's bug drew negatives from a fixed slice; here anchor 0 meets every other class over time
@@ -175,7 +177,7 @@ def test_seed_mode_loss_is_torch_triplet_margin_on_raw_features() -> None:
     crit = build_loss(LossConfig(miner="seed", margin=1.0), seed=5)
     loss, stats = crit(x, labels, step=11)
     a, p, n = seed_triplets(labels, seed=5, step=11)
-    assert all(torch.equal(u, v) for u, v in zip(crit.last_triplets, (a, p, n)))
+    assert all(torch.equal(u, v) for u, v in zip(crit.last_triplets, (a, p, n), strict=True))
     ref_x = emb.clone().requires_grad_()
     ref = torch.nn.TripletMarginLoss(margin=1.0, p=2, eps=0.0)(ref_x[a], ref_x[p], ref_x[n])  # unnormalised
     assert abs(loss.item() - ref.item()) < 1e-10 and stats["num_triplets"] == len(a)

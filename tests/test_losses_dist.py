@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import sys
 
+import _dist_loss_worker as worker
 import pytest
 import torch
 from _launch import cpu_env, free_port, run
-
-import _dist_loss_worker as worker
 
 pytestmark = pytest.mark.dist
 TOL = 1e-10
@@ -22,8 +21,20 @@ TOL = 1e-10
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dist_loss")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), worker.__file__, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        worker.__file__,
+        "--out",
+        str(out),
+    ]
     run(cmd, env=cpu_env(), timeout=300)
     initial = torch.load(out / "initial.pt")
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -46,7 +57,7 @@ def test_ddp_equals_single_process(ranks: list[dict], kind: str) -> None:
         for rank, result in enumerate(ranks):
             got = result["results"][kind][case]
             where = f"{kind} {case} rank {rank}"
-            for mined, expected in zip(got["triplets"], ref["triplets"]):
+            for mined, expected in zip(got["triplets"], ref["triplets"], strict=True):
                 assert torch.equal(mined, expected), f"{where}: mined triplets differ"
             assert abs(got["loss"].item() - 2 * ref["loss"].item()) < TOL, where  # the * world_size factor
             assert abs(got["stats"]["loss"] - ref["stats"]["loss"]) < TOL, where

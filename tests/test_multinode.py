@@ -18,16 +18,46 @@ from _launch import ACCELERATE, REPO, cpu_env, free_port
 pytestmark = pytest.mark.dist
 
 STEPS = 4
-OVERRIDES = ["log.wandb=disabled", "data.num_workers=0", "train.log_every=1", "train.deterministic=true",
-             "train.epochs=2", f"data.steps_per_epoch={STEPS // 2}", "train.eval_every=1"]
+OVERRIDES = [
+    "log.wandb=disabled",
+    "data.num_workers=0",
+    "train.log_every=1",
+    "train.deterministic=true",
+    "train.epochs=2",
+    f"data.steps_per_epoch={STEPS // 2}",
+    "train.eval_every=1",
+]
 
 
 def _node_cmd(rank: int, port: int, shards: Path, run_dir: Path) -> list[str]:
-    return [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "ddp_multinode.yaml"),
-            "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-            "--main_process_port", str(port), "--num_processes", "2", "--mixed_precision", "no",
-            "-m", "retrieval", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
-            "--shards", str(shards), "--run-dir", str(run_dir), *OVERRIDES]
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO / "launch" / "ddp_multinode.yaml"),
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "-m",
+        "retrieval",
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--shards",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        *OVERRIDES,
+    ]
 
 
 def test_two_nodes_on_localhost(synth_shards: Path, tmp_path: Path) -> None:
@@ -36,16 +66,25 @@ def test_two_nodes_on_localhost(synth_shards: Path, tmp_path: Path) -> None:
     procs = []
     for rank, cwd in enumerate(cwds):
         cwd.mkdir()
-        procs.append(subprocess.Popen(_node_cmd(rank, port, synth_shards, run_dir), cwd=cwd, env=cpu_env(),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                _node_cmd(rank, port, synth_shards, run_dir),
+                cwd=cwd,
+                env=cpu_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = []
     try:
         for p in procs:
             outs.append(p.communicate(timeout=300)[0])
     finally:
         for p in procs:
-            p.kill() if p.poll() is None else None
-    for rank, (p, out) in enumerate(zip(procs, outs)):
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, f"node {rank} failed ({p.returncode}):\n{out[-6000:]}"
 
     summary = json.loads((run_dir / "summary.json").read_text())

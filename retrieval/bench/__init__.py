@@ -39,10 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=(*TOPICS, "all"), help="which benchmark (all = every topic in turn)")
     p.add_argument("--quick", action="store_true", help="small sizes: tiny model, few steps, small search")
     p.add_argument("--out", default="bench-out", help="folder for bench-<what>.json and PNG curves")
-    p.add_argument("--config", help="experiment YAML for train/embed/scaling (default: configs/tiny.yaml on CPU; "
-                                    "on CUDA both SwinV2-B recipes are added)")
-    p.add_argument("--no-trainer", action="store_true",
-                   help="train/embed: model-side figures only (no shards, no full trainer run)")
+    p.add_argument(
+        "--config",
+        help="experiment YAML for train/embed/scaling (default: configs/tiny.yaml on CPU; "
+        "on CUDA both SwinV2-B recipes are added)",
+    )
+    p.add_argument(
+        "--no-trainer",
+        action="store_true",
+        help="train/embed: model-side figures only (no shards, no full trainer run)",
+    )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smaller than --quick: the tests
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.classes_per_batch=16")
 
@@ -90,6 +96,8 @@ def run_topic(what: str, args: argparse.Namespace, out: Path, work: Path) -> dic
         log.warning("bench %s: --config/overrides do not apply to this topic; ignored", what)
     if "tiny" in params:
         kwargs["tiny"] = args.tiny
+    if "work" in params:  # shards made once in `work` serve every topic of `bench all`
+        kwargs["work"] = work
     t0 = time.perf_counter()
     payload = module.run_bench(args.quick or args.tiny, out, **kwargs)
     payload = complete(what, payload, level, time.perf_counter() - t0)
@@ -105,8 +113,15 @@ def complete(what: str, payload: Any, level: str, seconds: float) -> dict[str, A
     payload = dict(payload or {})
     if "machine" not in payload:
         device = payload.get("device")
-        env = common.envelope(what, level, common.default_device(), payload.get("config", {}),
-                              payload.get("results", {}), {}, payload.get("notes", []))
+        env = common.envelope(
+            what,
+            level,
+            common.default_device(),
+            payload.get("config", {}),
+            payload.get("results", {}),
+            {},
+            payload.get("notes", []),
+        )
         for key, value in env.items():
             payload.setdefault(key, value)
         if isinstance(device, str):  # a module that names the device as a string keeps it, next to ours
@@ -130,8 +145,11 @@ def find_ratios(payload: dict[str, Any], prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(find_ratios(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and any(
-                w in str(key).lower() for w in ("ratio", "speedup", "efficiency")):
+        elif (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and any(w in str(key).lower() for w in ("ratio", "speedup", "efficiency"))
+        ):
             out[name] = float(value)
     return out
 
@@ -144,7 +162,9 @@ def summary(payloads: dict[str, dict], failures: dict[str, str], seconds: float)
         goals = payload.get("goals") or {}
         for name, value in (payload.get("ratios") or {}).items():
             rows.append((what, name, value, goals.get(name)))
-    text = [f"== bench all: every ratio (ours / baseline), {seconds:.0f} s in all ==",
-            format_table(("topic", "ratio", "value", "goal"), rows)]
+    text = [
+        f"== bench all: every ratio (ours / baseline), {seconds:.0f} s in all ==",
+        format_table(("topic", "ratio", "value", "goal"), rows),
+    ]
     text += [f"FAILED {what}: {why}" for what, why in failures.items()]
     return "\n".join(text)

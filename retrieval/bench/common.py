@@ -62,12 +62,23 @@ def summarize(values: Sequence[float], unit: str, warmup: int, **extra: Any) -> 
         return vals[min(n - 1, max(0, math.ceil(q * n) - 1))]
 
     mid = vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
-    return {"median": mid, "min": vals[0], "max": vals[-1], "p10": pct(0.1), "p90": pct(0.9),
-            "mean": sum(vals) / n, "repeats": n, "warmup": warmup, "unit": unit, **extra}
+    return {
+        "median": mid,
+        "min": vals[0],
+        "max": vals[-1],
+        "p10": pct(0.1),
+        "p90": pct(0.9),
+        "mean": sum(vals) / n,
+        "repeats": n,
+        "warmup": warmup,
+        "unit": unit,
+        **extra,
+    }
 
 
-def time_rate(fn: Callable[[], Any], items_per_call: int, reps: Repeats, device: Any = None,
-              unit: str = "images/s", **extra: Any) -> dict[str, Any]:
+def time_rate(
+    fn: Callable[[], Any], items_per_call: int, reps: Repeats, device: Any = None, unit: str = "images/s", **extra: Any
+) -> dict[str, Any]:
     """Items per second of ``fn``: ``reps.warmup`` untimed blocks, then ``reps.repeats`` timed blocks.
 
     A block is ``reps.block`` calls between two synchronised clock reads, so the per-call launch
@@ -101,16 +112,25 @@ def ratio(ours: dict[str, Any] | float | None, reference: dict[str, Any] | float
 
 def machine_info() -> dict[str, Any]:
     """Host facts that change throughput: CPU model and count, memory, GPU."""
-    info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
-                            "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "memory_gb": _memory_gb(),
-                            "gpu": None, "gpu_count": 0, "gpu_memory_gb": None, "loadavg": load_average()}
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_gb": _memory_gb(),
+        "gpu": None,
+        "gpu_count": 0,
+        "gpu_memory_gb": None,
+        "loadavg": load_average(),
+    }
     try:
         import torch
 
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
-                        gpu_memory_gb=round(props.total_memory / 2**30, 1))
+            info.update(
+                gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_gb=round(props.total_memory / 2**30, 1)
+            )
     except ImportError:
         pass
     return info
@@ -210,10 +230,39 @@ def synthetic_shards(work: Path, level: str, px: int | None = None) -> Path:
         return out
     sop = Path(work) / f"sop-{level}-{px}px"
     workers = str(max(1, min(8, (os.cpu_count() or 1))))
-    steps = [["synth-sop", str(sop), "--classes", str(classes), "--images-per-class", "4-6", "--seed", "0",
-              "--size", str(px), "--workers", workers, "--force"],
-             ["shards", "build", "--sop-root", str(sop), "--out", str(out), "--workers", workers,
-              "--shard-size", str(shard_size), "--val-classes", str(val), "--seed", "0"]]
+    steps = [
+        [
+            "synth-sop",
+            str(sop),
+            "--classes",
+            str(classes),
+            "--images-per-class",
+            "4-6",
+            "--seed",
+            "0",
+            "--size",
+            str(px),
+            "--workers",
+            workers,
+            "--force",
+        ],
+        [
+            "shards",
+            "build",
+            "--sop-root",
+            str(sop),
+            "--out",
+            str(out),
+            "--workers",
+            workers,
+            "--shard-size",
+            str(shard_size),
+            "--val-classes",
+            str(val),
+            "--seed",
+            "0",
+        ],
+    ]
     for argv in steps:
         if main(argv) != 0:
             raise RuntimeError(f"`retrieval {' '.join(argv)}` failed; see the log above")
@@ -243,15 +292,33 @@ def load_average() -> list[float] | None:
 # Output
 
 
-def envelope(what: str, level: str, device: Any, config: dict[str, Any], results: dict[str, Any],
-             ratios: dict[str, float | None], notes: Iterable[str] = (), goals: dict[str, float] | None = None,
-             **extra: Any) -> dict[str, Any]:
+def envelope(
+    what: str,
+    level: str,
+    device: Any,
+    config: dict[str, Any],
+    results: dict[str, Any],
+    ratios: dict[str, float | None],
+    notes: Iterable[str] = (),
+    goals: dict[str, float] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """The shape every ``bench-<what>.json`` shares (extra keys are topic-specific)."""
-    return {"bench": what, "schema": SCHEMA, "level": level,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_info(), "versions": versions(), "device": device_info(device),
-            "config": config, "results": results, "ratios": ratios, "goals": goals or {}, "notes": list(notes),
-            **extra}
+    return {
+        "bench": what,
+        "schema": SCHEMA,
+        "level": level,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "device": device_info(device),
+        "config": config,
+        "results": results,
+        "ratios": ratios,
+        "goals": goals or {},
+        "notes": list(notes),
+        **extra,
+    }
 
 
 def _plain(x: Any) -> Any:
@@ -279,8 +346,9 @@ def write_json(out_dir: Path, what: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def plot_curves(path: Path, title: str, xlabel: str, ylabel: str,
-                series: dict[str, tuple[Sequence[float], Sequence[float]]]) -> Path | None:
+def plot_curves(
+    path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[Sequence[float], Sequence[float]]]
+) -> Path | None:
     """One PNG with a line per series; None (and no file) where matplotlib is absent (GPU hosts)."""
     try:
         import matplotlib
@@ -311,8 +379,10 @@ def _fmt(v: Any) -> str:
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -323,13 +393,23 @@ def is_stat(x: Any) -> bool:
 
 def format_report(payload: dict[str, Any]) -> str:
     """The printed form of a ``bench-<what>.json``: measured items with their spread, then the ratios."""
-    rows = [(name, s["median"], s.get("p10", s.get("min")), s.get("p90", s.get("max")), s.get("unit", ""),
-             f"{s.get('repeats', '?')}+{s.get('warmup', '?')}w") for name, s in _flat_stats(payload.get("results", {}))]
+    rows = [
+        (
+            name,
+            s["median"],
+            s.get("p10", s.get("min")),
+            s.get("p90", s.get("max")),
+            s.get("unit", ""),
+            f"{s.get('repeats', '?')}+{s.get('warmup', '?')}w",
+            s.get("peak_mem_gb"),
+        )
+        for name, s in _flat_stats(payload.get("results", {}))
+    ]
     dev = payload.get("device", {})
     head = f"== bench {payload.get('bench')} ({payload.get('level')}, {dev.get('name') or dev.get('type')}) =="
     parts = [head]
     if rows:
-        parts.append(format_table(("item", "median", "p10", "p90", "unit", "repeats"), rows))
+        parts.append(format_table(("item", "median", "p10", "p90", "unit", "repeats", "peak GB"), rows))
     ratios = payload.get("ratios") or {}
     goals = payload.get("goals") or {}
     if ratios:

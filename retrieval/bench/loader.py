@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from retrieval.bench import common
@@ -79,9 +80,13 @@ def _reference_rates(jpgs: list[bytes], transform, reps: int) -> tuple[dict, dic
         for b in jpgs:
             transform(tfm.decode_image(b))
 
-    runs = {}
-    for name, fn in (("raw_decode", decode_all), ("decode_transform", decode_transform_all)):
-        runs[name] = common.time_rate(fn, len(jpgs), common.Repeats(warmup=1, repeats=reps))
+    runs, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker: one image's tensor ops are too small to split
+    try:
+        for name, fn in (("raw_decode", decode_all), ("decode_transform", decode_transform_all)):
+            runs[name] = common.time_rate(fn, len(jpgs), common.Repeats(warmup=1, repeats=reps))
+    finally:
+        torch.set_num_threads(threads)
     return runs["raw_decode"], runs["decode_transform"]
 
 

@@ -49,9 +49,16 @@ GPU_SIZES = {"tiny": (6, 2, 1), "quick": (16, 4, 1), "full": (35, 5, 2)}
 GOAL_CPU = 0.9
 
 
-def run_bench(quick: bool, out_dir: Path, *, tiny: bool = False, config: str | None = None,
-              overrides: tuple[str, ...] | list[str] = (), work: Path | None = None,
-              trainer: bool = True) -> dict[str, Any]:
+def run_bench(
+    quick: bool,
+    out_dir: Path,
+    *,
+    tiny: bool = False,
+    config: str | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    work: Path | None = None,
+    trainer: bool = True,
+) -> dict[str, Any]:
     """Measure every case, write ``out_dir/bench-train.json`` and return its payload."""
     level = common.level_of(quick, tiny)
     device = common.default_device()
@@ -81,8 +88,17 @@ def run_bench(quick: bool, out_dir: Path, *, tiny: bool = False, config: str | N
             ratios[f"{label} step/raw"] = common.ratio(res.get("our_step_in_memory"), res.get("raw_timm"))
     ratios = {k: v for k, v in ratios.items() if v is not None}
     goals = {} if cuda else {k: GOAL_CPU for k in ratios if k.endswith("trainer/raw")}
-    payload = common.envelope("train", level, device, configs, results, ratios, notes, goals,
-                              sizes={"steps": steps, "block": block, "warmup_blocks": warm})
+    payload = common.envelope(
+        "train",
+        level,
+        device,
+        configs,
+        results,
+        ratios,
+        notes,
+        goals,
+        sizes={"steps": steps, "block": block, "warmup_blocks": warm},
+    )
     common.write_json(out_dir, "train", payload)
     return payload
 
@@ -146,8 +162,9 @@ def _peak_gb(device: torch.device) -> float:
     return round(peak_memory_gb(device), 3)
 
 
-def _measure_case(cfg: Config, device: torch.device, reps: common.Repeats, work: Path, level: str,
-                  run_trainer: bool) -> dict[str, Any]:
+def _measure_case(
+    cfg: Config, device: torch.device, reps: common.Repeats, work: Path, level: str, run_trainer: bool
+) -> dict[str, Any]:
     batch = cfg.data.classes_per_batch * cfg.data.images_per_class
     precision = dist.resolve_precision(cfg.train.precision, device.type == "cuda")
     res: dict[str, Any] = {"batch": batch, "img_size": img_size(cfg), "precision": precision}
@@ -181,8 +198,9 @@ def raw_timm_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     """The bare timm backbone our model wraps: same name, kwargs, drop path, memory format, checkpointing."""
     import timm
 
-    model = timm.create_model(cfg.model.name, pretrained=False, num_classes=0, drop_path_rate=cfg.model.drop_path_rate,
-                              **cfg.model.kwargs).to(device)
+    model = timm.create_model(
+        cfg.model.name, pretrained=False, num_classes=0, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs
+    ).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.model.grad_checkpointing:
@@ -202,8 +220,9 @@ def raw_timm_train(cfg: Config, device: torch.device, precision: str, reps: comm
     batch = cfg.data.classes_per_batch * cfg.data.images_per_class
     torch.manual_seed(cfg.train.seed)
     model = raw_timm_model(cfg, device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.backbone_lr or 1e-4,
-                            weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.backbone_lr or 1e-4, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
+    )
     x = synthetic_images(cfg, batch, device)
 
     def step() -> None:
@@ -260,8 +279,9 @@ def _setup(cfg: Config, work: Path) -> tuple[SimpleNamespace, str]:
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     model = maybe_compile(model, cfg.model)
     criterion, loss_impl = _criterion(cfg)
-    return SimpleNamespace(accelerator=acc, model=model, criterion=criterion.to(acc.device), optimizer=optimizer,
-                           scheduler=scheduler), loss_impl
+    return SimpleNamespace(
+        accelerator=acc, model=model, criterion=criterion.to(acc.device), optimizer=optimizer, scheduler=scheduler
+    ), loss_impl
 
 
 def _criterion(cfg: Config) -> tuple[torch.nn.Module, str]:
@@ -320,8 +340,7 @@ class TorchBatchHard(torch.nn.Module):
         viol = (hardest_neg - hardest_pos + self.margin).clamp_min(0)
         active = viol > 0
         loss = viol.sum() / active.sum().clamp_min(1)
-        return loss * dist.world_size(), {"active_fraction": float(active.float().mean()),
-                                          "num_triplets": len(sim)}
+        return loss * dist.world_size(), {"active_fraction": float(active.float().mean()), "num_triplets": len(sim)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,10 +351,20 @@ def trainer_rate(cfg: Config, shards: Path, run_dir: Path, steps: int, block: in
     """Run ``retrieval.train.train`` for ``steps`` steps, logging every ``block``; images/s per log interval."""
     from retrieval.train import train
 
-    run_cfg = config_from_dict(to_dict(cfg), [
-        f"data.shards={shards}", "train.epochs=1", f"data.steps_per_epoch={steps}", f"train.log_every={block}",
-        "train.eval_every=0", "train.checkpoint_every=0", "train.max_steps=null", "log.wandb=disabled",
-        f"train.name=bench-{cfg.train.name}"])
+    run_cfg = config_from_dict(
+        to_dict(cfg),
+        [
+            f"data.shards={shards}",
+            "train.epochs=1",
+            f"data.steps_per_epoch={steps}",
+            f"train.log_every={block}",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "train.max_steps=null",
+            "log.wandb=disabled",
+            f"train.name=bench-{cfg.train.name}",
+        ],
+    )
     train(run_cfg, run_dir)
     return trainer_stats(run_dir / "metrics.jsonl", warm)
 
@@ -349,7 +378,10 @@ def trainer_stats(metrics: Path, warm: int) -> dict[str, Any]:
     measured = train_lines[warm:] or train_lines
     stats = common.summarize([x["images_per_s"] for x in measured], "images/s", warmup=len(train_lines) - len(measured))
     per_gpu = common.summarize([x["images_per_s_per_gpu"] for x in measured], "images/s", warmup=0)
-    stats.update(images_per_s_per_gpu=per_gpu["median"], data_wait=common.summarize(
-        [x["data_wait"] for x in measured], "fraction", 0)["median"],
-        peak_mem_gb=max(x["peak_mem_gb"] for x in measured), source=str(metrics))
+    stats.update(
+        images_per_s_per_gpu=per_gpu["median"],
+        data_wait=common.summarize([x["data_wait"] for x in measured], "fraction", 0)["median"],
+        peak_mem_gb=max(x["peak_mem_gb"] for x in measured),
+        source=str(metrics),
+    )
     return stats

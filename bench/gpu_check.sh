@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The one-shot GPU check: every GPU figure the project reports, in one run of under 8 minutes.
+#
+#   pip install -e . --no-deps && bash bench/gpu_check.sh     # on the GPU host, from the repo root
+#   bash bench/gpu_check.sh --cpu-smoke                        # this script's flow on CPU, tiny sizes, no GPU figures
+#
+# Needs only torch, timm and accelerate (+ numpy, PIL, which they bring): no webdataset, Faiss,
+# pytorch-metric-learning or DeepSpeed. The train/embed checks therefore run on synthetic in-memory tensors
+# (`retrieval bench train|embed --no-trainer`); where pytorch-metric-learning or the trainer module cannot be
+# imported, the JSON names the stand-in that ran instead (see retrieval/bench/train.py). CUDA 13 hosts have no
+# Faiss GPU wheel: search is timed with the project's torch backend (retrieval.knn.torch_search).
+#
+# Prints versions first and stops at once (exit 3) when torch, timm or accelerate is missing, (exit 4) when
+# there is no CUDA device and --cpu-smoke was not given. Writes bench-{train,embed,search-gpu}.json under
+# $OUT when it is set (else ./bench-gpu-out).
+#   1. train: raw timm fwd+bwd+AdamW vs our step, swinv2_base_window16_256 and swinv2_base_window12_192, bf16
+#   2. embed: raw timm inference vs our model + host copy, both models, bf16
+#   3. search: 60,502 x 60,502 x 1024 random unit vectors, top 1001 incl. self, torch CUDA fp32 and bf16
+set -euo pipefail
+
+SMOKE=0
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-smoke) SMOKE=1 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (expected --cpu-smoke)" >&2; exit 2 ;;
+  esac
+done
+[[ "${GPU_CHECK_CPU_SMOKE:-0}" == "1" ]] && SMOKE=1
+
+PY="${PYTHON:-python}"
+OUT_DIR="${OUT:-bench-gpu-out}"
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+START=$(date +%s)
+elapsed() { echo "$(( $(date +%s) - START )) s"; }
+
+echo "== versions"
+"$PY" - <<'PY'
+import importlib, platform, sys
+print(f"python      {platform.python_version()} ({sys.executable})")
+missing = []
+for name in ("torch", "timm", "accelerate", "numpy", "PIL", "retrieval"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name:<11} {getattr(mod, '__version__', '?')}")
+    except Exception as e:  # any import failure counts as missing
+        missing.append(f"{name}: {type(e).__name__}: {e}")
+for name in ("faiss", "webdataset", "pytorch_metric_learning", "torchvision", "deepspeed", "matplotlib"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name:<11} {getattr(mod, '__version__', '?')} (optional)")
+    except Exception as e:
+        print(f"{name:<11} absent (optional: {type(e).__name__})")
+if "torch" not in " ".join(missing):
+    import torch
+    print(f"torch CUDA  {torch.version.cuda}; devices: {torch.cuda.device_count()}"
+          + "".join(f"; {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())))
+if missing:
+    print("MISSING required package(s):\n  " + "\n  ".join(missing)
+          + "\n(`retrieval` missing: run `pip install -e . --no-deps` from the repo root first)", file=sys.stderr)
+    sys.exit(3)
+PY
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+
+if [[ "$SMOKE" == "1" ]]; then
+  echo "== CPU smoke mode: tiny model, tiny search; no GPU figures"
+  LEVEL=(--tiny)
+  SEARCH=(1500 32 101)
+else
+  "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 4)" \
+    || { echo "gpu_check.sh: no CUDA device visible; run with --cpu-smoke to test the flow on CPU" >&2; exit 4; }
+  LEVEL=()
+  SEARCH=(60502 1024 1001)
+fi
+
+echo "== 1/3 train: raw timm vs our step ($(elapsed))"
+timeout 330 "$PY" -m retrieval bench train --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"}
+
+echo "== 2/3 embed: raw timm inference vs our model ($(elapsed))"
+timeout 120 "$PY" -m retrieval bench embed --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"}
+
+echo "== 3/3 search: torch exact top-k, fp32 and bf16 ($(elapsed))"
+timeout 150 "$PY" - "$OUT_DIR" "${SEARCH[@]}" <<'PY'
+"""Exact self-search timings with retrieval.knn.torch_search; recall of bf16 against fp32 on the GPU."""
+import importlib.util, json, sys, time, types
+from pathlib import Path
+
+import torch
+
+out_dir, n, d, k_with_self = Path(sys.argv[1]), *map(int, sys.argv[2:5])
+k = k_with_self - 1  # self is excluded by index: the top 1000 others == the top 1001 including self
+if importlib.util.find_spec("faiss") is None:
+    # No Faiss wheel for CUDA 13: retrieval.knn imports faiss at the top, its torch backend never calls it.
+    sys.modules["faiss"] = types.ModuleType("faiss", "placeholder: Faiss is not installed on this host")
+from retrieval.bench import common
+from retrieval.knn import torch_search
+
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+g = torch.Generator(device=device).manual_seed(0)
+x = torch.randn(n, d, device=device, generator=g)
+x /= x.norm(dim=1, keepdim=True)
+exclude = torch.arange(n).numpy()
+results, ids = {}, {}
+for dtype in ("fp32", "bf16"):
+    def run(dtype=dtype):
+        return torch_search(x, None, k, exclude=exclude, device=device, dtype=dtype)
+    run()  # warm-up: cuBLAS handles, kernel selection
+    times = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        common.synchronize(device)
+        t0 = time.perf_counter()
+        _, found = run()
+        common.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    ids[dtype] = found
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    results[f"torch {device.type} {dtype}"] = common.summarize(times, "s", 1, peak_mem_gb=peak, queries_per_s=n / min(times))
+ref = torch.as_tensor(ids["fp32"], device=device).sort(1).values
+got = torch.as_tensor(ids["bf16"], device=device)
+pos = torch.searchsorted(ref, got).clamp_max(k - 1)
+recall = float((ref.gather(1, pos) == got).float().mean())
+payload = common.envelope("search-gpu", "full" if n >= 60_000 else "tiny", device,
+                          {"n": n, "d": d, "k_including_self": k_with_self, "chunk": 4096},
+                          {"exact": results}, {"fp32/bf16 seconds": common.ratio(results[f"torch {device.type} fp32"],
+                                                                              results[f"torch {device.type} bf16"])},
+                          [f"{n} x {n} x {d} random unit vectors, top {k} others (self excluded by index), "
+                           "1 warm-up + 3 timed runs; times include the copy of the results to host memory",
+                           f"bf16 ranking with fp32 re-scoring: recall@{k} against fp32 = {recall:.6f}"],
+                          recall_bf16_vs_fp32=recall)
+common.write_json(out_dir, "search-gpu", payload)
+print(common.format_report(payload))
+PY
+
+echo "== summary ($(elapsed) in all; JSON in $OUT_DIR)"
+"$PY" - "$OUT_DIR" <<'PY'
+import json, sys
+from pathlib import Path
+for name in ("train", "embed", "search-gpu"):
+    path = Path(sys.argv[1]) / f"bench-{name}.json"
+    if not path.is_file():
+        print(f"{name}: no JSON")
+        continue
+    p = json.loads(path.read_text())
+    for case, res in p["results"].items():
+        if isinstance(res, dict) and "error" in res:
+            print(f"{name} {case}: ERROR {res['error']}")
+        for item, s in (res.items() if isinstance(res, dict) else []):
+            if isinstance(s, dict) and "median" in s:
+                print(f"{name:<10} {case:<34} {item:<22} {s['median']:>10.4g} {s['unit']:<9} "
+                      f"peak {s.get('peak_mem_gb') or 0:.2f} GB")
+    for key, value in p.get("ratios", {}).items():
+        print(f"{name:<10} ratio {key:<45} {value:.3f}")
+PY
