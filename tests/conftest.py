@@ -25,7 +25,7 @@ def synth_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     sop, out = root / "sop", root / "shards"
     assert (
-        main(["synth-sop", str(sop), "--classes", "48", "--images-per-class", "4-6", "--seed", "0", "--size", "80"])
+        main(["synth-sop", str(sop), "--classes", "80", "--images-per-class", "4-6", "--seed", "0", "--size", "80"])
         == 0
     )
     assert (

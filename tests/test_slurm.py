@@ -73,24 +73,24 @@ def slurm_env() -> dict[str, str]:
     return env
 
 
-def _sbatch(env: dict[str, str], log: Path, run_dir: Path, shards: Path, *flags: str) -> subprocess.CompletedProcess:
-    cmd = [
-        "sbatch",
-        "--parsable",
-        "--gres=none",
-        "--cpus-per-task=2",
-        "--time=10",
-        f"--output={log}",
-        *flags,
-        str(TRAIN),
-        "configs/tiny.yaml",
-        "--shards",
-        str(shards),
-        "--run-dir",
-        str(run_dir),
-        *OVERRIDES,
-    ]
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+def _submit(env: dict[str, str], log: Path, script: str, *args: str, wait: bool = False) -> str:
+    """sbatch with the CPU-only options; returns the job id (with wait: after the job ended, checking its status)."""
+    flags = ["--parsable", "--gres=none", "--cpus-per-task=2", "--time=10", f"--output={log}"]
+    flags += ["--wait"] if wait else []  # sbatch --wait exits with the job's exit status
+    proc = subprocess.run(
+        ["sbatch", *flags, str(REPO / "slurm" / script), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"sbatch {script}: {proc.stderr}\n{log.read_text()[-6000:] if log.exists() else ''}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def _train_args(run_dir: Path, shards: Path) -> list[str]:
+    return ["configs/tiny.yaml", "--shards", str(shards), "--run-dir", str(run_dir), *OVERRIDES]
 
 
 def _job(env: dict[str, str], job: str) -> dict[str, str]:
@@ -111,9 +111,8 @@ def _train_steps(run_dir: Path) -> list[int]:
 def reference_run(slurm_env, synth_shards, tmp_path_factory) -> Path:
     """One uninterrupted job, submitted as a user would: `sbatch --wait` returns the job's exit status."""
     tmp = tmp_path_factory.mktemp("slurm-ref")
-    run_dir, log = tmp / "run", tmp / "job.out"
-    proc = _sbatch(slurm_env, log, run_dir, synth_shards, "--wait")
-    assert proc.returncode == 0, f"job failed: {proc.stderr}\n{log.read_text()[-6000:] if log.exists() else ''}"
+    run_dir = tmp / "run"
+    _submit(slurm_env, tmp / "job.out", "train.sbatch", *_train_args(run_dir, synth_shards), wait=True)
     return run_dir
 
 
@@ -133,9 +132,7 @@ def test_train_job_writes_run(reference_run: Path) -> None:
 @pytest.mark.slurm
 def test_preempted_job_requeues_and_resumes(slurm_env, synth_shards, reference_run, tmp_path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    proc = _sbatch(slurm_env, log, run_dir, synth_shards)
-    assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.strip().split(";")[0]
+    job = _submit(slurm_env, log, "train.sbatch", *_train_args(run_dir, synth_shards))
     try:
         _wait_for_step(run_dir, 2, log)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True)
@@ -160,23 +157,10 @@ def test_preempted_job_requeues_and_resumes(slurm_env, synth_shards, reference_r
 def test_embed_job(slurm_env, synth_shards, reference_run, tmp_path) -> None:
     """slurm/embed.sbatch: rank-sharded embedding under accelerate launch, then index build and eval."""
     out, log = tmp_path / "emb", tmp_path / "job.out"
-    cmd = [
-        "sbatch",
-        "--parsable",
-        "--wait",
-        "--gres=none",
-        "--cpus-per-task=2",
-        "--time=10",
-        f"--output={log}",
-        str(REPO / "slurm" / "embed.sbatch"),
-        str(reference_run),
-        str(synth_shards),
-        "test",
-        str(out),
-    ]
     env = dict(slurm_env, EMBED_ARGS="--num-workers 0 --batch-size 32")
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{proc.stderr}\n{log.read_text()[-6000:] if log.exists() else ''}"
+    job = _submit(env, log, "embed.sbatch", str(reference_run), str(synth_shards), "test", str(out))
+    info = _wait_for_end(env, job)  # polled: sbatch --wait's growing poll interval costs ~15 s here
+    assert info["ExitCode"] == "0:0", log.read_text()[-6000:]
     meta = json.loads((out / "meta.json").read_text())
     stats = json.loads((synth_shards / "stats.json").read_text())
     ids = np.load(out / "ids.npy")
