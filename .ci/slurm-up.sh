@@ -28,7 +28,7 @@ fi
 mkdir -p "$DIR"/{state,spool}
 HOST=$(hostname -s)
 CPUS=$(nproc)
-MEM_MB=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10))
+MEM_MB=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) * 8 / 10 / 1024))
 PORT_BASE=$((6817 + RANDOM % 2000 * 2))  # two adjacent free-ish ports, away from a system Slurm's 6817/6818
 cat >"$DIR/slurm.conf" <<EOF
 ClusterName=retrieval-ci

@@ -133,3 +133,18 @@ def test_torch_cuda(dtype):
     scores, ids = knn.search(x, None, 20, backend="torch", device="cuda", dtype=dtype)
     recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(ids, want[1], strict=True)])
     assert recall > (0.999 if dtype == "fp32" else 0.97)
+
+
+def test_bench_search_tiny(tmp_path):
+    """`retrieval bench search` at tiny size: every backend identical to the reference, JSON written."""
+    import json
+
+    from retrieval.cli import main
+
+    assert main(["bench", "search", "--tiny", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "bench-search.json").read_text())
+    assert payload["ratios"]["ours_cpu_speedup_vs_faiss_cpu"] > 0
+    for name, check in payload["checks"].items():
+        assert check["recall"] > 0.9999 and check["differences_are_near_ties"], name
+    assert payload["eval_peak"]["peak_rss_gb"] > 0
+    assert "skipped" in payload["ann"]

@@ -295,3 +295,62 @@ def test_bad_part_and_source_arguments(sop, tmp_path, capsys):
     assert "--part: expected 0 <= i < n" in capsys.readouterr().err
     assert main(["shards", "merge-stats", str(tmp_path / "nothing")]) == 2
     assert os.path.exists(sop / "Ebay_info.txt")
+
+
+def _local_slurm() -> dict[str, str] | None:
+    """SLURM_CONF of the local test cluster (.ci/slurm-up.sh writes it), or None."""
+    conf = os.environ.get("SLURM_CONF")
+    env_file = Path(os.environ.get("RETRIEVAL_SLURM_DIR") or "/tmp/retrieval-slurm") / "slurm.env"
+    if not conf and env_file.is_file():
+        conf = env_file.read_text().strip().split("SLURM_CONF=")[-1]
+    if not conf or not shutil.which("sbatch"):
+        return None
+    env = dict(os.environ, SLURM_CONF=conf)
+    ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True)
+    return env if ping.returncode == 0 and "UP" in ping.stdout else None
+
+
+@pytest.mark.slurm
+def test_sbatch_array_then_dependent_merge(sop, reference, repo_root, tmp_path):
+    env = _local_slurm()
+    if env is None:
+        pytest.skip("no local Slurm: start one with .ci/slurm-up.sh (.ci/run does it)")
+    env["RETRIEVAL"] = f"{sys.executable} -m retrieval"
+    out = tmp_path / "out"
+    submit = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--array=0-2",
+            "--cpus-per-task=1",
+            "--mem=500M",
+            f"--chdir={tmp_path}",
+            str(repo_root / "slurm" / "shards.sbatch"),
+            "--sop-root",
+            str(sop),
+            "--out",
+            str(out),
+            "--shard-size",
+            "12",
+            "--val-classes",
+            "4",
+            "--seed",
+            "5",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert submit.returncode == 0, submit.stderr
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "sizes.json").is_file():
+        time.sleep(1)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
+    assert (out / "sizes.json").is_file(), logs
+    assert tars(out) == tars(reference)
+    assert "part 2/3" in logs and "merge job" in logs
+    deadline = time.time() + 30  # verify runs in the merge job after merge-stats
+    while time.time() < deadline and "verify: " not in logs:
+        time.sleep(1)
+        logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
+    assert f"verify: {out}: ok" in logs

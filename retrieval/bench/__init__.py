@@ -18,9 +18,12 @@ module's payload lacks (machine, versions) so every JSON has the same envelope.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import io
 import logging
+import sys
 import tempfile
 import time
 import traceback
@@ -99,11 +102,31 @@ def run_topic(what: str, args: argparse.Namespace, out: Path, work: Path) -> dic
     if "work" in params:  # shards made once in `work` serve every topic of `bench all`
         kwargs["work"] = work
     t0 = time.perf_counter()
-    payload = module.run_bench(args.quick or args.tiny, out, **kwargs)
+    seen = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(seen):
+        payload = module.run_bench(args.quick or args.tiny, out, **kwargs)
     payload = complete(what, payload, level, time.perf_counter() - t0)
     common.write_json(out, what, payload)
-    print(common.format_report(payload), flush=True)
+    if f"== bench {what} " not in seen.text():  # a module that printed the common report already is not repeated
+        print(common.format_report(payload), flush=True)
     return payload
+
+
+class _Tee(io.TextIOBase):
+    """Passes writes through and keeps a copy, so the dispatcher knows what a topic printed itself."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def complete(what: str, payload: Any, level: str, seconds: float) -> dict[str, Any]:

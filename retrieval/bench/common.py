@@ -360,6 +360,9 @@ def plot_curves(
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
     for label, (xs, ys) in series.items():
         ax.plot(list(xs), list(ys), marker="o", label=label)
+    xs_all = sorted({float(x) for xs, _ in series.values() for x in xs})
+    if xs_all and all(x.is_integer() for x in xs_all) and len(xs_all) <= 12:
+        ax.set_xticks(xs_all)  # process or worker counts: integer ticks only
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
