@@ -74,14 +74,16 @@ else
   SEARCH=(60502 1024 1001)
 fi
 
+FAILED=()  # a failed or timed-out check is reported at the end; the next check still runs
+
 echo "== 1/3 train: raw timm vs our step ($(elapsed))"
-timeout 330 "$PY" -m retrieval bench train --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"}
+timeout 330 "$PY" -m retrieval bench train --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("train ($?)")
 
 echo "== 2/3 embed: raw timm inference vs our model ($(elapsed))"
-timeout 120 "$PY" -m retrieval bench embed --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"}
+timeout 120 "$PY" -m retrieval bench embed --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("embed ($?)")
 
 echo "== 3/3 search: torch exact top-k, fp32 and bf16 ($(elapsed))"
-timeout 150 "$PY" - "$OUT_DIR" "${SEARCH[@]}" <<'PY'
+timeout 150 "$PY" - "$OUT_DIR" "${SEARCH[@]}" <<'PY' || FAILED+=("search ($?)")
 """Exact self-search timings with retrieval.knn.torch_search; recall of bf16 against fp32 on the GPU."""
 import importlib.util, json, sys, time, types
 from pathlib import Path
@@ -154,3 +156,7 @@ for name in ("train", "embed", "search-gpu"):
     for key, value in p.get("ratios", {}).items():
         print(f"{name:<10} ratio {key:<45} {value:.3f}")
 PY
+if (( ${#FAILED[@]} )); then
+  echo "gpu_check.sh: FAILED: ${FAILED[*]} (124 = timed out)" >&2
+  exit 1
+fi

@@ -134,18 +134,17 @@ def test_preempted_job_requeues_and_resumes(slurm_env, synth_shards, reference_r
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     job = _submit(slurm_env, log, "train.sbatch", *_train_args(run_dir, synth_shards))
     try:
-        _wait_for_step(run_dir, 2, log)
+        _wait_for_step(run_dir, 1, log)  # early: 7 steps of margin for the signal to arrive
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True)
         info = _wait_for_end(slurm_env, job)
     finally:
         subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", f"{info}\n{text[-6000:]}"
-    assert int(info["Restarts"]) == 1, text[-6000:]
-    assert "requeueing job" in text and "start (restart 1)" in text
-    steps = _train_steps(run_dir)
-    assert steps[-1] == STEPS and sorted(set(steps)) == list(range(1, STEPS + 1))
-    assert len(steps) < 2 * STEPS, "the requeued job started over instead of resuming"
+    assert int(info["Restarts"]) == 1, f"no requeue (did the signal come after training ended?)\n{text[-6000:]}"
+    assert "requeueing job" in text and "start (restart 1)" in text and "resumed from" in text
+    # Each step once: the requeued job continued from the checkpoint, neither from scratch nor repeating.
+    assert _train_steps(run_dir) == list(range(1, STEPS + 1))
     assert not (run_dir / "preempted").exists()
     ref, got = _final_weights(reference_run), _final_weights(run_dir)
     assert ref.keys() == got.keys()

@@ -185,8 +185,10 @@ def summary(payloads: dict[str, dict], failures: dict[str, str], seconds: float)
         goals = payload.get("goals") or {}
         for name, value in (payload.get("ratios") or {}).items():
             rows.append((what, name, value, goals.get(name)))
+    from retrieval.bench.common import load_average
+
     text = [
-        f"== bench all: every ratio (ours / baseline), {seconds:.0f} s in all ==",
+        f"== bench all: every ratio (ours / baseline), {seconds:.0f} s in all, load average now {load_average()} ==",
         format_table(("topic", "ratio", "value", "goal"), rows),
     ]
     text += [f"FAILED {what}: {why}" for what, why in failures.items()]

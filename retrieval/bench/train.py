@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GPU_RECIPES = ("sop_swinv2_base.yaml", "sop_swinv2_fast.yaml")
 # (trainer steps, steps per timed block = train.log_every, blocks skipped as warm-up)
-CPU_SIZES = {"tiny": (8, 2, 1), "quick": (36, 6, 1), "full": (120, 10, 2)}
+CPU_SIZES = {"tiny": (8, 2, 1), "quick": (30, 5, 1), "full": (120, 10, 2)}
 GPU_SIZES = {"tiny": (6, 2, 1), "quick": (16, 4, 1), "full": (35, 5, 2)}
 GOAL_CPU = 0.9
 
@@ -67,7 +67,9 @@ def run_bench(
     reps = common.Repeats(warmup=warm, repeats=max(1, steps // block - warm), block=block)
     missing = common.data_stack_missing()
     notes = [f"{reps.repeats} timed blocks of {block} steps after {warm} warm-up block(s), the same for all three"]
-    if missing and trainer:
+    if not trainer:
+        notes.append("trainer figure not run (--no-trainer): model-side figures only")
+    elif missing:
         notes.append(f"trainer figure skipped: {missing} is not installed (the shard readers/trainer need it)")
     results: dict[str, Any] = {}
     ratios: dict[str, float | None] = {}
@@ -129,7 +131,10 @@ def img_size(cfg: Config) -> int:
         return int(size if isinstance(size, int) else size[-1])
     import timm
 
-    return int(timm.get_pretrained_cfg(cfg.model.name).input_size[-1])
+    pretrained_cfg = timm.get_pretrained_cfg(cfg.model.name)
+    if pretrained_cfg is None:
+        raise UserError(f"model.name {cfg.model.name!r}: timm knows no input size for it; set data.img_size")
+    return int(pretrained_cfg.input_size[-1])
 
 
 def case_label(cfg: Config) -> str:

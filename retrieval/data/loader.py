@@ -1,0 +1,378 @@
+"""Streaming WebDataset loader: P×K train batches and exactly-once eval batches.
+
+Shards follow the contract of ``retrieval shards build`` (``DIR/{split}-NNNNNN.tar``, members
+``jpg``/``cls``/``json``, ``stats.json``). Both modes are ``torch.utils.data.DataLoader`` objects with
+``batch_size=None``: batches are formed inside the workers, which decode JPEGs with ``Image.draft``.
+
+Train (:func:`train_loader`): every rank yields exactly ``steps - start_step`` batches
+``{"image": B×3×H×W float32, "label": int64 B, "image_id": int64 B, "skipped": int}``, B = P*K.
+
+* Shards are permuted per (seed, epoch), then rank r takes ``shards[r::world]`` (ranks see disjoint
+  shards each epoch) and logical worker w of W takes ``rank_shards[w::W]``.
+* Each worker cycles over its shards (new seeded order per pass) and plans batches on metadata with
+  :class:`retrieval.data.pk.PKPlanner` (pool of ``data.class_pool`` classes, P classes × K images, the
+  small-class rule is documented there). Cycling means uneven shard sizes never change the number of
+  batches, which is what keeps DDP ranks in lock-step.
+* Per-rank batch g comes from logical worker ``g % W`` (its ``g // W``-th plan). The DataLoader
+  collects from its workers round-robin starting at worker 0, so physical worker i serves logical
+  worker ``(i + start_step) % W``; the sequence is a pure function of (seed, epoch, rank, W).
+* Augmentations are seeded per batch from (seed, epoch, rank, g), so a batch is the same whichever
+  process makes it. Resuming at ``start_step`` replays the skipped plans without decoding and yields
+  the very batches an uninterrupted epoch would have yielded from there on.
+* W = ``data.num_workers`` (0 means in-process, W = 1), reduced with a warning when the rank has fewer
+  shards than workers. Fewer shards than ranks is a UserError.
+
+Eval (:func:`eval_loader`): shards ``[r::world]`` per rank, then ``[w::W]`` per worker; each sample
+exactly once over all ranks; ranks may yield different numbers of batches (possibly none).
+Batches: ``{"image", "label", "image_id", "super_label", "path": list[str], "skipped": int}``.
+
+Small classes (train): a 1-image class is never used (no positive); ``data.small_class=repeat`` uses
+a class of 2..K-1 images with all its images plus draws with replacement, ``drop`` skips it.
+
+Bad data (undecodable JPEG, missing member): the sample is skipped and counted; each batch's
+``"skipped"`` holds the skips found since the worker's previous batch, so the consumer sums them
+(eval: skips after a worker's last batch come in one more batch with zero images, which consumers
+skip). The first skip of a worker logs a warning. In train mode a corrupt image's slot is filled by
+the next image of the same class that decodes (in shard order), so its class simply has one image
+fewer; a class with no decodable image is replaced by the first spare pool class. Neither uses
+random numbers, so later batches stay put.
+
+The loaders neither draw from nor reseed the global torch RNG (own DataLoader generator, per-batch
+seeding inside ``fork_rng``), so a resumed trainer's RNG stream matches an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from retrieval import dist
+from retrieval.config import DataConfig
+from retrieval.data import transforms as tfm
+from retrieval.data.pk import TAG_AUG, TAG_SHARDS, PKPlanner, Plan, Sample, SkipCounter, read_samples, rng_for, seed_seq
+from retrieval.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what PIL raises on corrupt bytes
+
+
+def read_stats(shards_dir: str | Path) -> dict:
+    """``DIR/stats.json`` written by ``retrieval shards build``."""
+    path = Path(shards_dir) / "stats.json"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; build shards first (`retrieval shards build ... --out {shards_dir}`)")
+    try:
+        stats = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); rebuild the shards") from None
+    if not isinstance(stats, dict):
+        raise UserError(f"{path}: expected a JSON object with per-split entries, got {type(stats).__name__}")
+    return stats
+
+
+def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
+    """Sorted paths of ``DIR/{split}-*.tar``."""
+    root = Path(shards_dir)
+    if not root.is_dir():
+        raise UserError(f"shards folder {str(root)!r} does not exist; build it with `retrieval shards build`")
+    urls = sorted(str(p) for p in root.glob(f"{split}-*.tar"))
+    if not urls:
+        raise UserError(f"{root}: no shards for split {split!r} (expected {split}-000000.tar, ...)")
+    return urls
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # the DataLoader does this too; explicit because N workers x M threads thrash
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Per-image tensor ops on one intra-op thread, also when loading in the main process (num_workers=0).
+
+    ToTensor/Normalize of one image are too small to split, and a batch's stack is a plain copy; on a busy
+    machine the threads' barriers made decode + transform 7-10x and stacking a 32-image batch ~50x slower
+    with 2 threads than with 1 (measured on the 2-core dev host under load). Never held
+    across a ``yield``, so the consumer's model code keeps its threads.
+    """
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
+def _seed_int(*words: int) -> int:
+    return int(seed_seq(*words).generate_state(1, dtype="uint64")[0] >> 1)
+
+
+def _decode(sample: Sample, min_side: int, counter: SkipCounter):
+    if (sample.url, sample.key) in counter.keys:
+        return None
+    try:
+        return tfm.decode_image(sample.jpg, min_side)
+    except _DECODE_ERRORS as e:
+        counter.add(sample.key, sample.url, e)
+        return None
+
+
+class _TrainStream(IterableDataset):
+    """One rank's P×K batches; see the module docstring for the worker/step mapping."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        data: DataConfig,
+        transform,
+        min_side: int,
+        epoch: int,
+        rank: int,
+        workers: int,
+        steps: int,
+        start_step: int,
+    ) -> None:
+        self.urls, self.data, self.transform, self.min_side = urls, data, transform, min_side
+        self.epoch, self.rank, self.workers, self.steps, self.start_step = epoch, rank, workers, steps, start_step
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def __iter__(self):
+        try:
+            yield from self._batches()
+        except UserError as e:  # travels as data: the DataLoader would wrap it in a worker traceback
+            yield _Failure(str(e))
+
+    def _batches(self):
+        info = get_worker_info()
+        i, W = (info.id if info else 0), self.workers
+        logical = (i + self.start_step) % W
+        if i >= len(self):  # no batch for this worker (resume near the end of the epoch)
+            return
+        where = f"rank {self.rank} data worker {logical}"
+        counter = SkipCounter(where)
+        d = self.data
+        planner = PKPlanner(
+            self.urls[logical::W],
+            d.classes_per_batch,
+            d.images_per_class,
+            d.class_pool,
+            d.small_class,
+            (d.seed, self.epoch, self.rank, logical),
+            counter,
+            where,
+        )
+        for j, plan in enumerate(planner):
+            g = j * W + logical
+            if g >= self.steps:
+                return
+            if g >= self.start_step:  # earlier plans are replayed for their pool/RNG state, not decoded
+                yield self._materialise(plan, g, counter)
+
+    def _images(self, group: list[Sample], chosen: list[int], counter: SkipCounter) -> list[tuple] | None:
+        """(image tensor, sample) for ``chosen``; a bad image is replaced by the class's next decodable one."""
+        out = []
+        for i in chosen:
+            for j in range(len(group)):
+                sample = group[(i + j) % len(group)]
+                img = _decode(sample, self.min_side, counter)
+                if img is not None:
+                    out.append((self.transform(img), sample))
+                    break
+            else:
+                return None
+        return out
+
+    def _materialise(self, plan: Plan, step: int, counter: SkipCounter) -> dict:
+        K = self.data.images_per_class
+        spares = iter(plan.spares)
+        out: list[tuple] = []
+        # torchvision draws from the global CPU generator: seed it per batch, restore it after (in-process loading
+        # must not disturb the trainer's RNG). Not torch.manual_seed: it would reseed CUDA too, and costs ~1 ms.
+        with torch.random.fork_rng(devices=[]), _one_thread():
+            torch.random.default_generator.manual_seed(_seed_int(TAG_AUG, self.data.seed, self.epoch, self.rank, step))
+            for group, chosen in plan.classes:
+                imgs = self._images(group, chosen, counter)
+                while imgs is None:  # no image of this class decodes: a spare class stands in
+                    group = next(spares, None)
+                    if group is None:
+                        raise UserError(
+                            f"rank {self.rank}: too many undecodable images to form a P×K batch; "
+                            "run `retrieval shards verify` and rebuild the shards"
+                        )
+                    imgs = self._images(group, [k % len(group) for k in range(K)], counter)
+                out += imgs
+            images = torch.stack([x for x, _ in out])
+        return {
+            "image": images,
+            "label": torch.tensor([s.label for _, s in out], dtype=torch.int64),
+            "image_id": torch.tensor([s.image_id for _, s in out], dtype=torch.int64),
+            "skipped": counter.take(),
+        }
+
+
+def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    rank = dist.rank() if rank is None else rank
+    world = dist.world_size() if world is None else world
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world of {world}")
+    return rank, world
+
+
+@dataclass(frozen=True)
+class _Failure:
+    message: str
+
+
+class _Loader(DataLoader):
+    """DataLoader that re-raises a worker's UserError as a plain UserError (no worker traceback in the message)."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, _Failure):
+                raise UserError(batch.message)
+            yield batch
+
+
+def _dataloader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
+    return _Loader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        worker_init_fn=_worker_init if workers else None,
+        # Its own generator: by default iter() draws a worker base seed from the global RNG, which would make a
+        # resumed trainer's RNG differ from an uninterrupted one. Randomness here is seeded per batch instead.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def epoch_shards(urls: Sequence[str], seed: int, epoch: int, rank: int, world: int) -> list[str]:
+    """This rank's train shards for an epoch: a (seed, epoch) permutation of all shards, then ``[rank::world]``."""
+    if len(urls) < world:
+        raise UserError(
+            f"{len(urls)} train shard(s) for {world} processes: every rank needs at least one; "
+            "rebuild the shards with a smaller --shard-size (or use fewer processes)"
+        )
+    perm = rng_for(TAG_SHARDS, seed, epoch).permutation(len(urls))
+    return [urls[i] for i in perm][rank::world]
+
+
+def train_loader(
+    shards_dir: str | Path,
+    data_cfg: DataConfig,
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    epoch: int,
+    steps: int,
+    start_step: int = 0,
+    rank: int | None = None,
+    world: int | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Exactly ``steps - start_step`` P×K batches of ``data_cfg.train_split`` for this rank and epoch."""
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step {start_step} outside [0, steps={steps}]")
+    rank, world = _rank_world(rank, world)
+    urls = epoch_shards(shard_urls(shards_dir, data_cfg.train_split), data_cfg.seed, epoch, rank, world)
+    workers = data_cfg.num_workers
+    if workers > len(urls):
+        log.warning(
+            "rank %d: %d train shard(s) for data.num_workers=%d; using %d workers (more shards, from a "
+            "smaller --shard-size, keep them all busy)",
+            rank,
+            len(urls),
+            workers,
+            len(urls),
+        )
+        workers = len(urls)
+    dataset = _TrainStream(
+        urls,
+        data_cfg,
+        tfm.train_transform(img_size, data_cfg, mean, std),
+        tfm.train_min_side(img_size, data_cfg.scale),
+        epoch,
+        rank,
+        max(workers, 1),
+        steps,
+        start_step,
+    )
+    return _dataloader(dataset, workers, pin_memory)
+
+
+class _EvalStream(IterableDataset):
+    """One rank's eval shards, split across workers at shard granularity, batched in the worker."""
+
+    def __init__(
+        self, urls: list[str], workers: int, batch_size: int, transform, img_size: int, min_side: int, rank: int
+    ) -> None:
+        self.urls, self.workers, self.batch_size = urls, workers, batch_size
+        self.transform, self.img_size, self.min_side, self.rank = transform, img_size, min_side, rank
+
+    def __iter__(self):
+        info = get_worker_info()
+        w = info.id if info else 0
+        counter = SkipCounter(f"rank {self.rank} eval worker {w}")
+        batch: list[tuple] = []
+        for s in read_samples(self.urls[w :: self.workers], counter):
+            img = _decode(s, self.min_side, counter)
+            if img is None:
+                continue
+            batch.append((img, s))
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, counter)
+                batch = []
+        if batch:
+            yield self._collate(batch, counter)
+        if counter.pending:  # carry the count even though no image is left
+            yield self._collate([], counter)
+
+    def _collate(self, batch: list[tuple], counter: SkipCounter) -> dict:
+        """Transform the decoded images of a batch (in one go: see :func:`_one_thread`) and collate."""
+        samples = [s for _, s in batch]
+        with _one_thread():
+            images = torch.stack([self.transform(img) for img, _ in batch]) if batch else None
+        return {
+            "image": images if batch else torch.empty(0, 3, self.img_size, self.img_size),
+            "label": torch.tensor([s.label for s in samples], dtype=torch.int64),
+            "image_id": torch.tensor([s.image_id for s in samples], dtype=torch.int64),
+            "super_label": torch.tensor([s.super_label for s in samples], dtype=torch.int64),
+            "path": [s.path for s in samples],
+            "skipped": counter.take(),
+        }
+
+
+def eval_loader(
+    shards_dir: str | Path,
+    split: str,
+    batch_size: int,
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_pct: float,
+    num_workers: int,
+    rank: int | None = None,
+    world: int | None = None,
+    interpolation: str = "bicubic",
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Every sample of ``split`` exactly once across ranks (this rank's part; empty when it has no shard)."""
+    rank, world = _rank_world(rank, world)
+    urls = shard_urls(shards_dir, split)[rank::world]
+    workers = min(num_workers, len(urls))
+    transform = tfm.eval_transform(img_size, mean, std, crop_pct, interpolation)
+    min_side = tfm.eval_min_side(img_size, crop_pct)
+    dataset = _EvalStream(urls, max(workers, 1), batch_size, transform, img_size, min_side, rank)
+    return _dataloader(dataset, workers, pin_memory)

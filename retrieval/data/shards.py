@@ -1,0 +1,381 @@
+"""``retrieval shards build|verify|merge-stats``: WebDataset shards from SOP, a manifest or an image folder.
+
+    retrieval shards build --sop-root /data/Stanford_Online_Products --out /data/sop-shards --workers 16
+    retrieval shards build --manifest catalogue.csv --out shards/mine --val-classes 0.1 --test-classes 0.5
+    retrieval shards build --image-folder photos/ --out shards/photos
+    retrieval shards verify /data/sop-shards
+    # Slurm job array (slurm/shards.sbatch does this): task i of n builds every n-th shard, then one merge
+    retrieval shards build --sop-root ... --out DIR --part 3/8  &&  retrieval shards merge-stats DIR
+
+Output (the contract in ``shards/README.md``): ``DIR/{train,val,test}-NNNNNN.tar`` with samples
+``<image_id:09d>.{jpg,cls,json}``, ``DIR/stats.json`` and ``DIR/sizes.json``. Train and val shards
+hold whole classes (a class never spans two shards), classes in an order shuffled by ``--seed``, so a
+streaming reader can form P×K batches; test shards are in image_id order.
+
+Each shard is one unit of work for a process pool: written to ``.NAME.tmp``, summarised in
+``DIR/.build/NAME.json``, then renamed into place. A rerun keeps the finished shards and builds the rest,
+so a killed build resumes; ``DIR/.build/plan.json`` pins the plan's digest so a rerun with other options
+cannot mix two plans in one folder. Tars are byte-identical for the same input and options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from retrieval.data.shard_writer import ShardJob, read_json, sidecar_path, verify, write_shard
+from retrieval.data.sop import ON_MISSING, SPLITS, Catalogue, Record, load_catalogue
+from retrieval.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the bytes of a shard change for the same options
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+def plan_split(records: list[Record], split: str, shard_size: int, seed: int) -> list[list[Record]]:
+    """Cut one split into shards of at most ``shard_size`` samples.
+
+    Train/val: whole classes, in an order shuffled by (seed, split); a class larger than ``shard_size``
+    gets a shard of its own (over the limit) rather than being cut. Test: image_id order.
+    """
+    if split == "test":
+        ordered = sorted(records, key=lambda r: r.image_id)
+        return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
+    by_class: dict[int, list[Record]] = defaultdict(list)
+    for rec in sorted(records, key=lambda r: r.image_id):
+        by_class[rec.class_id].append(rec)
+    class_ids = sorted(by_class)
+    order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(class_ids))
+    shards: list[list[Record]] = [[]]
+    for i in order:
+        group = by_class[class_ids[i]]
+        if shards[-1] and len(shards[-1]) + len(group) > shard_size:
+            shards.append([])
+        shards[-1].extend(group)
+    big = sum(len(g) > shard_size for g in by_class.values())
+    if big:
+        log.warning(
+            "%s: %d class(es) have more than --shard-size %d images; each fills a shard alone", split, big, shard_size
+        )
+    return [s for s in shards if s]
+
+
+def plan_jobs(cat: Catalogue, out_dir: Path, options: dict) -> tuple[list[ShardJob], str]:
+    """All shard jobs of a build, in split then index order, and the digest that identifies the plan."""
+    plans = {s: plan_split(cat.splits[s], s, options["shard_size"], options["seed"]) for s in SPLITS}
+    h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **options}, sort_keys=True).encode())
+    for split in SPLITS:
+        for shard in plans[split]:
+            h.update(json.dumps([split, [asdict(r) for r in shard]]).encode())
+    digest = h.hexdigest()[:16]
+    jobs = [
+        ShardJob(
+            f"{split}-{i:06d}.tar",
+            split,
+            tuple(shard),
+            str(cat.root),
+            str(out_dir),
+            options["max_side"],
+            options["quality"],
+            digest,
+        )
+        for split in SPLITS
+        for i, shard in enumerate(plans[split])
+    ]
+    return jobs, digest
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Atomic write (unique temp name: several array tasks may write the same file at once)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be read by every user of the shards
+    os.replace(tmp, path)
+
+
+def _claim_out_dir(out: Path, plan: dict) -> None:
+    """Create ``out`` and pin the plan; refuse a folder that holds another build (or unknown shards)."""
+    (out / ".build").mkdir(parents=True, exist_ok=True)
+    previous = read_json(out / ".build" / "plan.json")
+    if previous is not None and previous.get("digest") != plan["digest"]:
+        raise UserError(
+            f"{out}: holds a build made from other inputs or options (plan {previous.get('digest')}, "
+            f"now {plan['digest']}); use another --out or delete that folder"
+        )
+    if previous is None and any(out.glob("*.tar")):
+        raise UserError(f"{out}: contains .tar files not written by `retrieval shards build`; use an empty --out")
+    _write_json(out / ".build" / "plan.json", plan)
+
+
+def is_finished(job: ShardJob) -> bool:
+    """A shard is finished when its tar has its final name and its sidecar belongs to this plan."""
+    side = read_json(sidecar_path(job.out_dir, job.name))
+    return (Path(job.out_dir) / job.name).is_file() and side is not None and side.get("digest") == job.digest
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int) -> None:
+    """Write the shards, in a process pool when ``workers > 1``; a tqdm bar counts finished shards."""
+    # Not routed through retrieval.dist.is_main(): the builder never runs under a distributed launcher (Slurm
+    # array tasks are independent processes), and importing torch would cost seconds per command.
+    bar = tqdm(total=len(jobs), unit="shard", desc="shards", disable=None)
+    try:
+        if workers <= 1:
+            for job in jobs:
+                write_shard(job)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for fut in as_completed([pool.submit(write_shard, job) for job in jobs]):
+                    fut.result()
+                    bar.update()
+    finally:
+        bar.close()
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"3/8"`` -> (3, 8): this task builds shards 3, 11, 19, ... of the global shard list."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--part: expected i/n (e.g. 0/8), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--part: expected 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def build(
+    *,
+    out: str | Path,
+    sop_root: str | None = None,
+    manifest: str | None = None,
+    image_folder: str | None = None,
+    workers: int = 1,
+    max_side: int = 256,
+    quality: int = 90,
+    shard_size: int = 1000,
+    val_classes: int | float = 0.2,
+    test_classes: int | float = 0.5,
+    seed: int = 0,
+    on_missing: str = "error",
+    part: tuple[int, int] = (0, 1),
+) -> dict | None:
+    """Build (part of) a shard folder; returns stats.json's content once every shard exists, else None."""
+    if max_side < 8 or not 1 <= quality <= 95 or shard_size < 1:
+        raise UserError(
+            f"expected --max-side >= 8, 1 <= --quality <= 95, --shard-size >= 1; got {max_side}, "
+            f"{quality}, {shard_size}"
+        )
+    t0 = time.perf_counter()
+    cat = load_catalogue(
+        sop_root=sop_root,
+        manifest=manifest,
+        image_folder=image_folder,
+        val_classes=val_classes,
+        test_classes=test_classes,
+        seed=seed,
+        on_missing=on_missing,
+    )
+    out = Path(out)
+    options = {
+        "max_side": max_side,
+        "quality": quality,
+        "shard_size": shard_size,
+        "val_classes": val_classes,
+        "test_classes": test_classes if cat.source["kind"] != "sop" else None,
+        "seed": seed,
+        "on_missing": on_missing,
+    }
+    jobs, digest = plan_jobs(cat, out, options)
+    shards = {s: [j.name for j in jobs if j.split == s] for s in SPLITS}
+    plan = {
+        "digest": digest,
+        "format": FORMAT_VERSION,
+        "config": {"source": cat.source, **options},
+        "shards": shards,
+        "catalogue_skipped": cat.skipped,
+    }
+    _claim_out_dir(out, plan)
+    i, n = part
+    mine = jobs[i::n]  # round-robin: every part gets a mix of train and test shards
+    todo = [j for j in mine if not is_finished(j)]
+    log.info(
+        "%s: %d shards in the plan, %d in part %d/%d, %d already finished, building %d with %d worker(s)",
+        out,
+        len(jobs),
+        len(mine),
+        i,
+        n,
+        len(mine) - len(todo),
+        len(todo),
+        workers,
+    )
+    _run_jobs(todo, workers)
+    log.info("part %d/%d done in %.1f s", i, n, time.perf_counter() - t0)
+    if n > 1:
+        log.info("run `retrieval shards merge-stats %s` once every part has finished", out)
+        return None
+    return merge_stats(out)
+
+
+# -------------------------------------------------------------------------------------------- merging
+
+
+def merge_stats(out: str | Path) -> dict:
+    """Combine the per-shard summaries into ``stats.json`` and ``sizes.json``; every shard must exist."""
+    out = Path(out)
+    plan = read_json(out / ".build" / "plan.json")
+    if plan is None:
+        raise UserError(f"{out}/.build/plan.json: not found; run `retrieval shards build ... --out {out}` first")
+    missing, stats, sizes = [], {}, {}
+    for split in SPLITS:
+        entry = {
+            "samples": 0,
+            "classes": 0,
+            "shards": len(plan["shards"][split]),
+            "bytes": 0,
+            "skipped": list(plan["catalogue_skipped"].get(split, [])),
+            "seconds": 0.0,
+            "shard_samples": {},
+        }
+        classes: set[int] = set()
+        for name in plan["shards"][split]:
+            side = read_json(sidecar_path(out, name))
+            if side is None or side.get("digest") != plan["digest"] or not (out / name).is_file():
+                missing.append(name)
+                continue
+            entry["samples"] += side["samples"]
+            entry["bytes"] += side["bytes"]
+            entry["skipped"] += side["skipped"]
+            entry["seconds"] = round(entry["seconds"] + side["seconds"], 3)
+            entry["shard_samples"][name] = side["samples"]
+            classes.update(side["classes"])
+        entry["classes"] = len(classes)
+        stats[split] = entry
+        sizes.update(entry["shard_samples"])
+    if missing:
+        raise UserError(
+            f"{out}: {len(missing)} shard(s) not built yet ({', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}); run the missing --part tasks or rerun the build"
+        )
+    stats["config"] = {**plan["config"], "digest": plan["digest"], "format": plan["format"]}
+    _write_json(out / "stats.json", stats)
+    _write_json(out / "sizes.json", sizes)
+    for split in SPLITS:
+        s = stats[split]
+        log.info(
+            "%s: %d samples, %d classes, %d shards, %.1f MB, %d skipped",
+            split,
+            s["samples"],
+            s["classes"],
+            s["shards"],
+            s["bytes"] / 1e6,
+            len(s["skipped"]),
+        )
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _classes_arg(text: str) -> int | float:
+    """A number of classes (``100``) or a fraction (``0.2``)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of classes or a fraction, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="write DIR/{train,val,test}-NNNNNN.tar, stats.json, sizes.json")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--sop-root", help="Stanford_Online_Products root (Ebay_train.txt, Ebay_test.txt)")
+    src.add_argument("--manifest", help="CSV/TSV path,label[,group]; paths relative to the manifest's folder")
+    src.add_argument("--image-folder", help="ImageFolder tree: one subfolder per class")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="encoding processes")
+    b.add_argument("--max-side", type=int, default=256, help="longer image side after re-encoding")
+    b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    b.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (a class is never cut)")
+    b.add_argument(
+        "--val-classes",
+        type=_classes_arg,
+        default=0.2,
+        help="train classes held out for validation: a count or a fraction (default 0.2)",
+    )
+    b.add_argument(
+        "--test-classes",
+        type=_classes_arg,
+        default=0.5,
+        help="manifest/image folder only: classes held out for test (SOP uses its test file)",
+    )
+    b.add_argument("--seed", type=int, default=0, help="seeds the val split and the train class order")
+    b.add_argument("--on-missing", choices=ON_MISSING, default="error", help="a listed image file is missing")
+    b.add_argument(
+        "--part",
+        default="0/1",
+        metavar="I/N",
+        help="build only part I of N (Slurm arrays); then run merge-stats",
+    )
+    v = sub.add_parser("verify", help="decode every sample and check counts against stats.json")
+    v.add_argument("dir")
+    v.add_argument("--workers", type=int, default=1)
+    m = sub.add_parser("merge-stats", help="write stats.json / sizes.json once every --part has finished")
+    m.add_argument("dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "build":
+        build(
+            out=args.out,
+            sop_root=args.sop_root,
+            manifest=args.manifest,
+            image_folder=args.image_folder,
+            workers=args.workers,
+            max_side=args.max_side,
+            quality=args.quality,
+            shard_size=args.shard_size,
+            val_classes=args.val_classes,
+            test_classes=args.test_classes,
+            seed=args.seed,
+            on_missing=args.on_missing,
+            part=parse_part(args.part),
+        )
+        return 0
+    if args.action == "merge-stats":
+        merge_stats(args.dir)
+        return 0
+    problems, stats = verify(args.dir, args.workers)
+    if problems:
+        for p in problems[:50]:
+            print(f"verify: {p}")
+        print(f"verify: {args.dir}: FAILED, {len(problems)} problem(s)")
+        return 1
+    print(
+        f"verify: {args.dir}: ok, "
+        + ", ".join(
+            f"{s} {stats[s]['samples']} samples / {stats[s]['classes']} classes / {stats[s]['shards']} shards"
+            for s in SPLITS
+        )
+    )
+    return 0

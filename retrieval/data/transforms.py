@@ -1,0 +1,79 @@
+"""Image decoding and the train/eval transforms of the loader.
+
+torchvision's v1 transforms are used: on PIL input (what the loader decodes to) they measured about
+10 % faster than v2 here (RandomResizedCrop + flip + ColorJitter + ToTensor + Normalize, one thread,
+64 and 224 px: 441 vs 519 and 1489 vs 1590 us/image).
+
+JPEG decoding uses ``Image.draft``: libjpeg can decode at 1/2, 1/4 or 1/8 scale for the cost of the
+smaller image. The loader asks for the smallest shorter side the transform still needs at full
+quality, so draft only kicks in when the stored image is at least twice that (large sources, small
+``img_size``); it never lowers the resolution the crop sees.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from retrieval.config import DataConfig
+
+_INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
+    """Decode image bytes to RGB; JPEGs at the smallest libjpeg scale whose shorter side is >= ``min_side``.
+
+    Raises whatever PIL raises for corrupt or truncated data (``OSError``, ``SyntaxError``,
+    ``ValueError``...); the loader catches, counts and skips.
+    """
+    img = Image.open(io.BytesIO(data))
+    if min_side > 0 and img.format == "JPEG":
+        img.draft("RGB", (min_side, min_side))
+    return img.convert("RGB")  # forces the full decode here, so errors surface at this call
+
+
+def train_min_side(img_size: int, scale: Sequence[float]) -> int:
+    """Shorter side a source needs so that the smallest RandomResizedCrop still has ``img_size`` pixels."""
+    return math.ceil(img_size / math.sqrt(scale[0]))
+
+
+def eval_min_side(img_size: int, crop_pct: float) -> int:
+    """Shorter side after the eval Resize: decoding below it would upsample."""
+    return int(img_size / crop_pct)
+
+
+def train_transform(img_size: int, data: DataConfig, mean: Sequence[float], std: Sequence[float]) -> Transform:
+    """RandomResizedCrop(scale=data.scale) + horizontal flip(data.hflip) [+ ColorJitter] + ToTensor + Normalize."""
+    steps: list = [
+        T.RandomResizedCrop(img_size, scale=tuple(data.scale), interpolation=_INTERPOLATION[data.interpolation]),
+    ]
+    if data.hflip > 0:
+        steps.append(T.RandomHorizontalFlip(data.hflip))
+    if data.color_jitter > 0:
+        j = data.color_jitter
+        steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
+    steps += [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
+    return T.Compose(steps)
+
+
+def eval_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875, interpolation: str = "bicubic"
+) -> Transform:
+    """Resize(shorter side to img_size / crop_pct) + CenterCrop(img_size) + ToTensor + Normalize (timm's eval)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct: expected a value in (0, 1], got {crop_pct}")
+    return T.Compose(
+        [
+            T.Resize(eval_min_side(img_size, crop_pct), interpolation=_INTERPOLATION[interpolation]),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
