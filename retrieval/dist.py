@@ -162,12 +162,11 @@ def uses_deepspeed() -> bool:
 
 
 def resolve_precision(precision: str, cuda: bool) -> str:
-    """``auto``: the launch profile's mixed precision if it set one, else bf16 on CUDA and fp32 on CPU."""
+    """``auto``: bf16 on CUDA, fp32 on CPU. The launcher's own value is not consulted: `accelerate launch`
+    exports ``ACCELERATE_MIXED_PRECISION=no`` whenever a profile is silent (and DeepSpeed profiles must be),
+    which would silently train in fp32 on GPUs. Set ``train.precision`` to choose explicitly."""
     if precision != "auto":
         return precision
-    from_profile = env("ACCELERATE_MIXED_PRECISION")
-    if from_profile:
-        return from_profile if cuda else "no"
     return "bf16" if cuda else "no"
 
 

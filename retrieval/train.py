@@ -171,6 +171,7 @@ class StopFlag:
 def train(cfg: Config, run_dir: Path, resume: str | None = None) -> dict:
     """Train, validate, checkpoint; returns a summary dict. Every rank calls it."""
     run_dir = Path(run_dir)
+    stop = StopFlag()  # before setup: a preemption signal during start-up must not be lost
     s = setup(cfg, run_dir)
     acc = s.accelerator
     d = derived(cfg, acc.num_processes, s.train_samples)
@@ -197,7 +198,6 @@ def train(cfg: Config, run_dir: Path, resume: str | None = None) -> dict:
             d.steps_per_epoch,
             d.total_optimizer_steps,
         )
-    stop = StopFlag()
     preempted = _loop(cfg, s, d, state, run_dir, mlog, stop)
     summary = _finish(cfg, s, state, run_dir, preempted)
     acc.end_training()
