@@ -77,13 +77,13 @@ fi
 FAILED=()  # a failed or timed-out check is reported at the end; the next check still runs
 
 echo "== 1/3 train: raw timm vs our step ($(elapsed))"
-timeout 330 "$PY" -m retrieval bench train --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("train ($?)")
+timeout -k 15 330 "$PY" -m retrieval bench train --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("train ($?)")
 
 echo "== 2/3 embed: raw timm inference vs our model ($(elapsed))"
-timeout 120 "$PY" -m retrieval bench embed --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("embed ($?)")
+timeout -k 15 120 "$PY" -m retrieval bench embed --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("embed ($?)")
 
 echo "== 3/3 search: torch exact top-k, fp32 and bf16 ($(elapsed))"
-timeout 150 "$PY" - "$OUT_DIR" "${SEARCH[@]}" <<'PY' || FAILED+=("search ($?)")
+timeout -k 15 150 "$PY" - "$OUT_DIR" "${SEARCH[@]}" <<'PY' || FAILED+=("search ($?)")
 """Exact self-search timings with retrieval.knn.torch_search; recall of bf16 against fp32 on the GPU."""
 import importlib.util, json, sys, time, types
 from pathlib import Path

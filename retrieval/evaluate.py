@@ -188,8 +188,18 @@ def load_embeddings(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak resident memory of this process so far, in GiB.
+
+    Linux: ``VmHWM`` of /proc/self/status, which starts afresh at exec; ``ru_maxrss`` would also count
+    the RSS of the parent at fork time (a benchmark that spawns the eval would measure itself).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 # -------------------------------------------------------------------------------------------------- CLI

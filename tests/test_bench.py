@@ -162,13 +162,14 @@ def test_bench_search_tiny_through_the_cli(tmp_path, capsys):
 
 @pytest.mark.parametrize("what", ["loader", "shards"])
 def test_bench_colleague_topics_tiny(tmp_path, what):
+    """Through the CLI in a fresh process: the shard builder forks a process pool, unsafe in a threaded pytest."""
     pytest.importorskip(f"retrieval.bench.{what}")
-    from retrieval.cli import main
-
-    assert main(["bench", what, "--tiny", "--out", str(tmp_path)]) == 0
+    cmd = [sys.executable, "-m", "retrieval", "bench", what, "--tiny", "--out", str(tmp_path), "--work", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / f"bench-{what}.json").read_text())
     check_payload(payload, tmp_path, what, ())
-    assert payload["ratios"]
+    assert payload["ratios"] and f"== bench {what}" in proc.stdout
 
 
 @pytest.mark.slow

@@ -22,15 +22,14 @@ import contextlib
 import importlib
 import inspect
 import io
+import json
 import logging
+import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
-
-from retrieval.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +52,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train/embed: model-side figures only (no shards, no full trainer run)",
     )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smaller than --quick: the tests
+    p.add_argument("--work", help=argparse.SUPPRESS)  # scratch folder shared by the topics of `all`
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.classes_per_batch=16")
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    topics = TOPICS if args.what == "all" else (args.what,)
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        if args.what != "all":
+            run_topic(args.what, args, out, work)
+            return 0
+        return run_all(args, out, work)
+
+
+def run_all(args: argparse.Namespace, out: Path, work: Path) -> int:
+    """Every topic in its own process, one after the other, sharing ``work`` (synthetic shards).
+
+    Separate processes because topics leave state behind in-process: the trainer installs SIGTERM/SIGUSR1
+    handlers, accelerate keeps a global state, and a process pool forked from a process with running
+    torch threads can deadlock (seen with the shard builder after the loader benchmark).
+    """
     start = time.perf_counter()
     payloads: dict[str, dict] = {}
     failures: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:  # synthetic shards shared between topics
-        for what in topics:
-            try:
-                payloads[what] = run_topic(what, args, out, Path(tmp))
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 - `all` reports a failed topic and goes on with the others
-                if len(topics) == 1:
-                    raise
-                failures[what] = f"{type(e).__name__}: {e}"
-                log.error("bench %s failed:\n%s", what, traceback.format_exc())
-    if len(topics) > 1:
-        print(summary(payloads, failures, time.perf_counter() - start))
+    for what in TOPICS:
+        cmd = [sys.executable, "-m", "retrieval", "bench", what, "--out", str(out), "--work", str(work)]
+        cmd += [
+            flag
+            for flag, on in (("--quick", args.quick), ("--tiny", args.tiny), ("--no-trainer", args.no_trainer))
+            if on
+        ]
+        cmd += ["--config", args.config] if args.config else []
+        cmd += list(args.overrides)
+        sys.stdout.flush()
+        rc = subprocess.run(cmd).returncode
+        result = out / f"bench-{what}.json"
+        if rc == 0 and result.is_file():
+            payloads[what] = json.loads(result.read_text())
+        else:
+            failures[what] = f"exit code {rc}; see its log above"
+    print(summary(payloads, failures, time.perf_counter() - start))
     return 1 if failures else 0
 
 

@@ -229,7 +229,9 @@ def synthetic_shards(work: Path, level: str, px: int | None = None) -> Path:
     if (out / "stats.json").is_file():
         return out
     sop = Path(work) / f"sop-{level}-{px}px"
-    workers = str(max(1, min(8, (os.cpu_count() or 1))))
+    # One worker: these sets are small (seconds), and a process pool forked from a process whose torch/OpenMP
+    # threads are running can deadlock in the child (seen here: a shards build hung inside a test process).
+    workers = "1"
     steps = [
         [
             "synth-sop",

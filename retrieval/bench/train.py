@@ -27,6 +27,7 @@ import gc
 import itertools
 import json
 import logging
+import signal
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -370,7 +371,12 @@ def trainer_rate(cfg: Config, shards: Path, run_dir: Path, steps: int, block: in
             f"train.name=bench-{cfg.train.name}",
         ],
     )
-    train(run_cfg, run_dir)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        train(run_cfg, run_dir)
+    finally:  # the trainer's preemption handlers would outlive it and make this process ignore SIGTERM
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     return trainer_stats(run_dir / "metrics.jsonl", warm)
 
 
