@@ -77,8 +77,15 @@ def search(index_dir: str | Path, images: list[str], k: int = 10, model_path: st
             if image_id < 0:  # fewer than k images in the index
                 break
             row = lookup.get(int(image_id), {})
-            hits.append({"rank": rank, "image_id": int(image_id), "class_id": row.get("label"),
-                         "path": row.get("path"), "score": float(score)})
+            hits.append(
+                {
+                    "rank": rank,
+                    "image_id": int(image_id),
+                    "class_id": row.get("label"),
+                    "path": row.get("path"),
+                    "score": float(score),
+                }
+            )
         out.append({"query": path, "results": hits})
     return out
 

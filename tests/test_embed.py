@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _launch import REPO, accelerate_cmd, run
+
 from retrieval.cli import main
 
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -30,8 +30,27 @@ def _test_ids(shards: Path) -> set[int]:
 @pytest.fixture(scope="module")
 def untrained_single(synth_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("emb1")
-    assert main(["embed", "--model", TINY, "--untrained", "--shards", str(synth_shards), "--split", "test",
-                 "--out", str(out), "--num-workers", "2", "--batch-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                TINY,
+                "--untrained",
+                "--shards",
+                str(synth_shards),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--num-workers",
+                "2",
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -51,24 +70,76 @@ def test_single_process_embeds_every_image_once(untrained_single, synth_shards):
 @pytest.mark.dist
 def test_two_ranks_merge_to_the_same_arrays(untrained_single, synth_shards, tmp_path):
     out = tmp_path / "emb2"
-    run(accelerate_cmd(2, ["embed", "--model", TINY, "--untrained", "--shards", str(synth_shards), "--split", "test",
-                           "--out", str(out), "--num-workers", "1", "--batch-size", "16"]))
+    run(
+        accelerate_cmd(
+            2,
+            [
+                "embed",
+                "--model",
+                TINY,
+                "--untrained",
+                "--shards",
+                str(synth_shards),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--num-workers",
+                "1",
+                "--batch-size",
+                "16",
+            ],
+        )
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["world_size"] == 2
     for name in ("ids", "labels", "super_labels"):
         assert np.array_equal(np.load(out / f"{name}.npy"), np.load(untrained_single / f"{name}.npy")), name
-    np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(untrained_single / "embeddings.npy"),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(untrained_single / "embeddings.npy"), atol=1e-5)
     assert json.loads((out / "paths.json").read_text()) == json.loads((untrained_single / "paths.json").read_text())
 
 
 def test_float16_output_and_unknown_split(synth_shards, tmp_path, capsys):
     out = tmp_path / "half"
-    assert main(["embed", "--model", TINY, "--untrained", "--shards", str(synth_shards), "--split", "val",
-                 "--out", str(out), "--num-workers", "0", "--dtype", "float16"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                TINY,
+                "--untrained",
+                "--shards",
+                str(synth_shards),
+                "--split",
+                "val",
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+                "--dtype",
+                "float16",
+            ]
+        )
+        == 0
+    )
     assert np.load(out / "embeddings.npy").dtype == np.float16
-    assert main(["embed", "--model", TINY, "--untrained", "--shards", str(synth_shards), "--split", "nope",
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                TINY,
+                "--untrained",
+                "--shards",
+                str(synth_shards),
+                "--split",
+                "nope",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "no split 'nope'" in capsys.readouterr().err
 
 

@@ -207,47 +207,4 @@ def test_cpu_profile_needs_cpu_env() -> None:
     assert "ACCELERATE_USE_CPU=1" in text
 
 
-@pytest.mark.dist
-@pytest.mark.slow  # ~1 min warm, ~3 min when DeepSpeed first compiles its C++ op
-def test_zero2_trains_resumes_and_exports(synth_shards: Path, tmp_path: Path) -> None:
-    """launch/zero2.yaml on 2 CPU processes (gloo): train 2 steps, resume to 4; the exported model loads
-    without DeepSpeed and embeds exactly like the fp32 weights consolidated from the ZeRO checkpoint."""
-    import torch
-    from _launch import accelerate_cmd, cpu_env, run
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from retrieval.models import load_exported
-
-    run_dir = tmp_path / "run"
-    train = [
-        "train",
-        "--config",
-        str(REPO / "configs" / "tiny.yaml"),
-        "--shards",
-        str(synth_shards),
-        "--run-dir",
-        str(run_dir),
-        "log.wandb=disabled",
-        "data.num_workers=0",
-        "train.log_every=1",
-        "train.epochs=2",
-        "data.steps_per_epoch=2",
-        "train.eval_every=0",
-    ]
-    env = cpu_env()
-    env.pop("ACCELERATE_USE_CPU")  # with it accelerate silently runs plain DDP (ENV-NOTES)
-    profile = str(LAUNCH / "zero2.yaml")
-    run(accelerate_cmd(2, [*train, "train.max_steps=2"], config_file=profile), env=env)
-    proc = run(accelerate_cmd(2, [*train, "--resume", "latest"], config_file=profile), env=env)
-    assert "resumed from" in proc.stdout + proc.stderr
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["global_step"] == 4 and summary["weights_agree"]
-    latest = run_dir / (run_dir / "latest").read_text().strip()
-    assert (latest / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()  # really ZeRO
-
-    model, _ = load_exported(run_dir / "final" / "model.safetensors")
-    reference, _ = load_exported(run_dir / "final" / "model.safetensors")
-    reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(latest)))
-    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(images), reference.eval()(images))
+# The ZeRO-2 train/resume/export run lives in tests/test_train_dist.py.

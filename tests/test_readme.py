@@ -46,8 +46,13 @@ def test_readme_has_runnable_blocks():
 @pytest.mark.parametrize("index", range(len(_runnable_blocks())))
 def test_readme_cpu_block_runs(index, tmp_path):
     script = "set -euo pipefail\n" + _runnable_blocks()[index]
-    env = dict(os.environ, WORK=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        WORK=str(tmp_path),
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
     proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"README block {index} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from _launch import REPO, accelerate_cmd, cpu_env, run
+
 from retrieval.cli import main
 
 pytestmark = pytest.mark.dist
@@ -26,8 +26,24 @@ def _lines(run_dir: Path, kind: str) -> list[dict]:
 def _reembed_matches_validation(run_dir: Path, shards: Path, tmp_path: Path) -> None:
     """model.safetensors (the best checkpoint's export) embedded in a plain process == the val line it won with."""
     out = tmp_path / f"{run_dir.name}-val"
-    assert main(["embed", "--model", str(run_dir), "--shards", str(shards), "--split", "val", "--out", str(out),
-                 "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(run_dir),
+                "--shards",
+                str(shards),
+                "--split",
+                "val",
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert main(["eval", "--embeddings", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -38,8 +54,9 @@ def _reembed_matches_validation(run_dir: Path, shards: Path, tmp_path: Path) -> 
 
 def test_ddp_two_processes(synth_shards, tmp_path):
     run_dir = tmp_path / "ddp"
-    cmd = accelerate_cmd(2, ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run_dir),
-                             *COMMON])
+    cmd = accelerate_cmd(
+        2, ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run_dir), *COMMON]
+    )
     run(cmd)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["weights_agree"] and summary["global_step"] == 4
@@ -62,4 +79,22 @@ def test_deepspeed_zero2_trains_resumes_and_exports(synth_shards, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 4 and summary["weights_agree"]
     assert [r["step"] for r in _lines(run_dir, "train")] == [1, 2, 3, 4]
+    latest = run_dir / (run_dir / "latest").read_text().strip()
+    assert (latest / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()  # really sharded
+    _export_equals_zero_checkpoint(run_dir / "final", latest)
     _reembed_matches_validation(run_dir, synth_shards, tmp_path)
+
+
+def _export_equals_zero_checkpoint(export: Path, checkpoint: Path) -> None:
+    """The exported weights are exactly DeepSpeed's own fp32 consolidation of the ZeRO checkpoint."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from retrieval.models import load_exported
+
+    model, _ = load_exported(export / "model.safetensors")
+    reference, _ = load_exported(export / "model.safetensors")
+    reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint)))
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), reference.eval()(images))
