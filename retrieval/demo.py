@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-DEMO_OVERRIDES = ["train.epochs=8", "train.eval_every=2", "train.log_every=10", "log.wandb=offline"]
+DEMO_OVERRIDES = ["train.eval_every=1", "train.log_every=25", "log.wandb=offline"]
 
 
 def _sh(cmd: list[str], label: str, env: dict | None = None) -> float:

@@ -151,8 +151,12 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.raised = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        """Give the signals back (a caller that trains in-process, e.g. a benchmark, keeps its own handling)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
@@ -172,15 +176,26 @@ def train(cfg: Config, run_dir: Path, resume: str | None = None) -> dict:
     """Train, validate, checkpoint; returns a summary dict. Every rank calls it."""
     run_dir = Path(run_dir)
     stop = StopFlag()  # before setup: a preemption signal during start-up must not be lost
-    s = setup(cfg, run_dir)
+    try:
+        s = setup(cfg, run_dir)
+        d = derived(cfg, s.accelerator.num_processes, s.train_samples)
+        state = _start(cfg, s, d, run_dir, resume)
+        preempted = _loop(cfg, s, d, state, run_dir, runlog.MetricsLog(s.accelerator, run_dir), stop)
+        summary = _finish(cfg, s, state, run_dir, preempted)
+        s.accelerator.end_training()
+        return summary
+    finally:
+        stop.restore()
+
+
+def _start(cfg: Config, s: Setup, d, run_dir: Path, resume: str | None) -> checkpoint.TrainerState:
+    """Run folder, resolved config, trackers; the restored state when resuming."""
     acc = s.accelerator
-    d = derived(cfg, acc.num_processes, s.train_samples)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "preempted").unlink(missing_ok=True)
     runlog.init_trackers(acc, cfg, run_dir, to_dict(cfg))
-    mlog = runlog.MetricsLog(acc, run_dir)
     state = checkpoint.TrainerState()
     start = checkpoint.resolve_resume(run_dir, resume)
     if start is not None:
@@ -198,10 +213,7 @@ def train(cfg: Config, run_dir: Path, resume: str | None = None) -> dict:
             d.steps_per_epoch,
             d.total_optimizer_steps,
         )
-    preempted = _loop(cfg, s, d, state, run_dir, mlog, stop)
-    summary = _finish(cfg, s, state, run_dir, preempted)
-    acc.end_training()
-    return summary
+    return state
 
 
 def _loop(cfg, s: Setup, d, state, run_dir, mlog, stop) -> bool:

@@ -37,23 +37,38 @@ TOPICS = ("loader", "shards", "train", "embed", "search", "scaling")
 OURS = ("train", "embed", "scaling")  # topics that accept config/overrides/work/tiny (modules of this package)
 
 
+HELP = {
+    "loader": "streaming decode + train transforms, 0..N workers, vs raw JPEG decode",
+    "shards": "shard builder images/s vs a plain PIL decode -> resize -> encode loop",
+    "train": "trainer step vs raw timm forward+backward+AdamW (CUDA: both SwinV2-B recipes)",
+    "embed": "embed_split vs raw timm inference of the same model and batch",
+    "search": "exact top-k backends at N x N x d vs Faiss IndexFlatIP",
+    "scaling": "1, 2, ... processes of the real trainer: weak-scaling efficiency",
+    "all": "every topic in turn, each in its own process",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=(*TOPICS, "all"), help="which benchmark (all = every topic in turn)")
-    p.add_argument("--quick", action="store_true", help="small sizes: tiny model, few steps, small search")
-    p.add_argument("--out", default="bench-out", help="folder for bench-<what>.json and PNG curves")
-    p.add_argument(
+    # One subparser per topic so that dotted overrides may follow the options (`train --quick data.x=1`).
+    opts = argparse.ArgumentParser(add_help=False)
+    opts.add_argument("--quick", action="store_true", help="small sizes: tiny model, few steps, small search")
+    opts.add_argument("--out", default="bench-out", help="folder for bench-<what>.json and PNG curves")
+    opts.add_argument(
         "--config",
         help="experiment YAML for train/embed/scaling (default: configs/tiny.yaml on CPU; "
         "on CUDA both SwinV2-B recipes are added)",
     )
-    p.add_argument(
+    opts.add_argument(
         "--no-trainer",
         action="store_true",
         help="train/embed: model-side figures only (no shards, no full trainer run)",
     )
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smaller than --quick: the tests
-    p.add_argument("--work", help=argparse.SUPPRESS)  # scratch folder shared by the topics of `all`
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.classes_per_batch=16")
+    opts.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smaller than --quick: the tests
+    opts.add_argument("--work", help=argparse.SUPPRESS)  # scratch folder shared by the topics of `all`
+    opts.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.classes_per_batch=16")
+    sub = p.add_subparsers(dest="what", required=True, metavar="{" + ",".join((*TOPICS, "all")) + "}")
+    for name in (*TOPICS, "all"):
+        sub.add_parser(name, parents=[opts], help=HELP[name], description=HELP[name])
 
 
 def run(args: argparse.Namespace) -> int:

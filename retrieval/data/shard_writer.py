@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import tarfile
 import time
@@ -270,7 +271,7 @@ def verify(out: str | Path, workers: int = 1) -> tuple[list[str], dict]:
     names = {split: sorted(p.name for p in out.glob(f"{split}-*.tar")) for split in SPLITS}
     jobs = [(out / name, split) for split in SPLITS for name in names[split]]
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(check_shard, *zip(*jobs, strict=True))) if jobs else []
     else:
         results = [check_shard(path, split) for path, split in tqdm(jobs, unit="shard", desc="verify", disable=None)]

@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 import time
@@ -39,6 +40,8 @@ from retrieval.data.shard_writer import ShardJob, read_json, sidecar_path, verif
 from retrieval.data.sop import ON_MISSING, SPLITS, Catalogue, Record, load_catalogue
 from retrieval.errors import UserError
 
+# spawn, not fork: a fork of a process that already runs torch/OpenMP threads can hang in the child.
+_SPAWN = multiprocessing.get_context("spawn")
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the bytes of a shard change for the same options
@@ -144,7 +147,7 @@ def _run_jobs(jobs: list[ShardJob], workers: int) -> None:
                 write_shard(job)
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=_SPAWN) as pool:
                 for fut in as_completed([pool.submit(write_shard, job) for job in jobs]):
                     fut.result()
                     bar.update()

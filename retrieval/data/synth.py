@@ -394,7 +394,7 @@ def synth_sop(
     _prepare_out(out, force)
     jobs = [(seed, cls, size, str(out)) for cls in plan]
     if workers > 1:
-        with mp.get_context("spawn" if mp.get_start_method() != "fork" else "fork").Pool(workers) as pool:
+        with mp.get_context("spawn").Pool(workers) as pool:  # fork can hang under torch threads
             total = sum(pool.imap_unordered(_render_class, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
     else:
         total = sum(map(_render_class, jobs))
