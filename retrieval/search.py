@@ -65,7 +65,9 @@ def search(index_dir: str | Path, images: list[str], k: int = 10, model_path: st
     from retrieval.index import load_index, search_index
 
     index_dir = Path(index_dir)
-    model, img, _ = load_model_for_embedding(_model_path(index_dir, model_path), untrained=False)
+    meta_path = index_dir / "meta.json"
+    untrained = bool(json.loads(meta_path.read_text()).get("untrained")) if meta_path.is_file() else False
+    model, img, _ = load_model_for_embedding(_model_path(index_dir, model_path), untrained=untrained and not model_path)
     queries = embed_images(model, img, images)
     scores, ids = search_index(index_dir, queries, k)
     catalogue = load_index(index_dir)

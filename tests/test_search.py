@@ -1,0 +1,72 @@
+"""`retrieval search`: a catalogue image finds itself first; results carry ids, classes, paths; clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def index_dir(synth_shards, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("search")
+    emb, index = work / "emb", work / "index"
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                TINY,
+                "--untrained",
+                "--shards",
+                str(synth_shards),
+                "--split",
+                "test",
+                "--out",
+                str(emb),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert main(["index", "build", "--embeddings", str(emb), "--out", str(index)]) == 0
+    return index
+
+
+def _sop_root(shards: Path) -> Path:
+    return shards.parent / "sop"
+
+
+def test_catalogue_image_finds_itself_first(index_dir, synth_shards, capsys):
+    ids = np.load(index_dir / "ids.npy")
+    paths = json.loads((index_dir / "paths.json").read_text())
+    labels = np.load(index_dir / "labels.npy")
+    row = 7
+    query = _sop_root(synth_shards) / paths[row]
+    assert main(["search", "--index", str(index_dir), "--image", str(query), "--k", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    top = out["results"][0]
+    assert top["image_id"] == int(ids[row]) and top["path"] == paths[row] and top["class_id"] == int(labels[row])
+    assert top["score"] == pytest.approx(1.0, abs=1e-4)
+    scores = [h["score"] for h in out["results"]]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+
+
+def test_table_output_and_bad_image(index_dir, synth_shards, tmp_path, capsys):
+    paths = json.loads((index_dir / "paths.json").read_text())
+    assert main(["search", "--index", str(index_dir), "--image", str(_sop_root(synth_shards) / paths[0])]) == 0
+    assert "rank" in capsys.readouterr().out
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    assert main(["search", "--index", str(index_dir), "--image", str(bad)]) == 2
+    assert "cannot read the image" in capsys.readouterr().err
+    assert main(["search", "--index", str(tmp_path), "--image", str(bad)]) == 2
+    assert "retrieval index build" in capsys.readouterr().err
