@@ -99,7 +99,7 @@ def test_torch_batch_hard_equals_retrieval_losses():
     from retrieval.bench.train import TorchBatchHard
     from retrieval.losses import build_loss
 
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("loss.miner=batch_hard")  # the GPU check's stand-in mirrors the batch-hard SOP recipes
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(32, 16, generator=g, dtype=torch.float64), dim=1)
     labels = torch.arange(8).repeat_interleave(4)
