@@ -36,12 +36,12 @@ import torch
 
 from retrieval import checkpoint, dist, runlog
 from retrieval.config import Config, derived, load_config, save_config, to_dict
-from retrieval.data.loader import read_stats, train_loader
-from retrieval.embed import embed_split, gather_embeddings
 from retrieval.errors import UserError
-from retrieval.evaluate import retrieval_metrics
-from retrieval.losses import build_loss
 from retrieval.models import build_model, export_model, maybe_compile, param_groups
+
+# The data stack (webdataset), the losses (pytorch-metric-learning) and evaluation (faiss) are imported where
+# they are used, so `_step` imports with torch + timm + accelerate alone: bench/gpu_check.sh times this exact
+# step on GPU hosts that have nothing else installed.
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 3
@@ -116,6 +116,9 @@ def _configure_deepspeed(accelerator, per_rank_batch: int, cfg: Config) -> None:
 
 
 def setup(cfg: Config, run_dir: Path) -> Setup:
+    from retrieval.data.loader import read_stats
+    from retrieval.losses import build_loss
+
     stats = read_stats(cfg.data.shards)  # bad input fails here, before any process group or GPU work
     train_samples = int(stats.get(cfg.data.train_split, {}).get("samples", 0))
     if not train_samples:
@@ -242,6 +245,8 @@ def _loop(cfg, s: Setup, d, state, run_dir, mlog, stop) -> bool:
 
 def _run_epoch(cfg, s: Setup, d, state, run_dir, mlog, stop) -> str:
     """One epoch from the saved position: returns "done", "capped" (train.max_steps) or "preempted"."""
+    from retrieval.data.loader import train_loader
+
     acc, img = s.accelerator, s.img
     loader = train_loader(
         cfg.data.shards,
@@ -321,6 +326,9 @@ def _log_train(s: Setup, state, loss, stats, meter, mlog) -> None:
 
 def _validate(cfg, s: Setup, state, mlog) -> bool:
     """Embed the val split rank-sharded, score it on rank 0; returns True (on every rank) if it improved."""
+    from retrieval.embed import embed_split, gather_embeddings
+    from retrieval.evaluate import retrieval_metrics
+
     acc, img = s.accelerator, s.img
     local = embed_split(
         acc.unwrap_model(s.model),

@@ -17,7 +17,7 @@ tiny model). On CUDA both SwinV2-B recipes (``configs/sop_swinv2_base.yaml``: wi
 ``configs/sop_swinv2_fast.yaml``: window12 at 192 px, ``pretrained=false``) run in their configured
 precision (bf16). A GPU host with only torch + timm + accelerate (``bench/gpu_check.sh``) cannot import
 the shard readers or pytorch-metric-learning: there the trainer figure is skipped and the in-memory step
-uses a line-for-line mirror of ``_step`` and a pure-torch batch-hard criterion; the JSON says which ran.
+uses the trainer's own ``_step`` with a pure-torch batch-hard criterion; the JSON says which ran.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def raw_timm_train(cfg: Config, device: torch.device, precision: str, reps: comm
 
 
 def our_step_in_memory(cfg: Config, reps: common.Repeats, work: Path) -> dict[str, Any]:
-    """``retrieval.train._step`` (or its mirror) on pre-made P×K batches already on the device."""
+    """``retrieval.train._step`` on pre-made P×K batches already on the device."""
     s, loss_impl = _setup(cfg, work)
     step_fn, step_impl = _step_impl()
     device = s.accelerator.device
@@ -299,31 +299,9 @@ def _criterion(cfg: Config) -> tuple[torch.nn.Module, str]:
 
 
 def _step_impl():
-    try:
-        from retrieval.train import _step
-    except ImportError as e:  # GPU check hosts: no webdataset/faiss/pml for the trainer module's imports
-        return mirror_step, f"bench mirror of retrieval.train._step ({e.name} missing)"
+    from retrieval.train import _step  # imports with torch + timm + accelerate alone (see retrieval/train.py)
+
     return _step, "retrieval.train._step"
-
-
-def mirror_step(cfg: Config, s, batch: dict, state) -> tuple[torch.Tensor, dict]:
-    """Line-for-line copy of ``retrieval.train._step`` for hosts that cannot import the trainer module."""
-    acc = s.accelerator
-    images = batch["image"].to(acc.device, non_blocking=True)
-    labels = batch["label"].to(acc.device, non_blocking=True)
-    if cfg.model.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with acc.accumulate(s.model):
-        embeddings = s.model(images)
-        loss, stats = s.criterion(embeddings.float(), labels, step=state.global_step)
-        acc.backward(loss)
-        if acc.sync_gradients and cfg.optim.grad_clip is not None and not dist.uses_deepspeed():
-            acc.clip_grad_norm_(s.model.parameters(), cfg.optim.grad_clip)
-        s.optimizer.step()
-        if acc.sync_gradients:
-            s.scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
-    return loss, stats
 
 
 class TorchBatchHard(torch.nn.Module):
