@@ -1,14 +1,13 @@
-"""Streaming loader under 2 real processes (torchrun, gloo) over an odd number of uneven shards."""
+"""Streaming loader under 2 real processes (accelerate launch, gloo) over an odd number of uneven shards."""
 
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import _shardkit as sk
 import pytest
-from _launch import cpu_env, free_port, run
+from _launch import ACCELERATE, cpu_env, free_port, run
 
 from retrieval.config import DataConfig
 from retrieval.data.loader import train_loader
@@ -58,21 +57,10 @@ def test_two_ranks_disjoint_equal_and_exactly_once(tmp_path):
     test_of = sk.write_split(shards, "test", [[(500, 5)], [(501, 3), (502, 7), (503, 2)], [(504, 4)]], first_id=900)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(script),
-        str(shards),
-        str(tmp_path),
-        json.dumps(CFG),
-        str(EPOCHS),
-        str(STEPS),
-    ]
+    # accelerate launch with 2 CPU processes (gloo), as users launch the trainer
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--main_process_port", str(free_port()), str(script), str(shards), str(tmp_path), json.dumps(CFG)]
+    cmd += [str(EPOCHS), str(STEPS)]
     run(cmd, env=cpu_env(), timeout=120)
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
