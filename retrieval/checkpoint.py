@@ -35,6 +35,9 @@ class TrainerState:
     best_metric: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0
+    world_size: int = 1  # the data position and the schedule are only valid for the same world and batch
+    per_rank_batch: int = 0
+    grad_accum: int = 1
 
     @classmethod
     def load(cls, folder: Path) -> TrainerState:
@@ -63,9 +66,14 @@ def save(accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        shutil.rmtree(final, ignore_errors=True)
+        # never delete the folder `latest` may name before its replacement is in place
+        old = ckpt_root / f".old-step_{state.global_step}"
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         write_atomic(run_dir / "latest", str(final.relative_to(run_dir)))
+        shutil.rmtree(old, ignore_errors=True)
         _prune(run_dir, keep)
     accelerator.wait_for_everyone()
     log.info("checkpoint written: %s", final)
@@ -100,6 +108,11 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         return None
     if resume in ("auto", "latest"):
         found = read_pointer(run_dir, "latest")
+        if found is None and (run_dir / "latest").is_file():
+            raise UserError(
+                f"{run_dir / 'latest'} names a checkpoint that does not exist; pass --resume PATH to a "
+                f"checkpoints/step_N folder"
+            )
         if found is None and resume == "latest":
             raise UserError(f"--resume latest: no complete checkpoint under {run_dir} (no valid 'latest' pointer)")
         return found

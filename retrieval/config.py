@@ -198,6 +198,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self) -> None:
+        known = [f"recall@{k}" for k in self.eval.ks] + ["map@r", "r_precision", "seed_map", f"map@{max(self.eval.ks)}"]
+        if self.train.select_metric not in known:
+            raise ConfigError(f"train.select_metric: expected one of {known}, got {self.train.select_metric!r}")
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading, overrides, validation
@@ -392,7 +397,13 @@ def derived(cfg: Config, world_size: int, train_samples: int | None) -> Derived:
                 f"global batch ({per_rank * world_size}); lower data.classes_per_batch or set "
                 "data.steps_per_epoch"
             )
-    opt_steps = max(1, steps // cfg.optim.grad_accum)
+    if steps < cfg.optim.grad_accum:
+        raise ConfigError(
+            f"optim.grad_accum: {cfg.optim.grad_accum} micro-batches per step, but an epoch has only {steps} per rank"
+        )
+    # whole optimizer steps per epoch: accelerate's accumulation counter would otherwise straddle epoch ends
+    steps -= steps % cfg.optim.grad_accum
+    opt_steps = steps // cfg.optim.grad_accum
     total = opt_steps * cfg.train.epochs
     stop_at = total if cfg.train.max_steps is None else min(total, cfg.train.max_steps)
     return Derived(per_rank, global_batch, steps, opt_steps, total, stop_at)

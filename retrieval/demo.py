@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _sh(py + ["eval", "--embeddings", str(base)], "evaluate untrained", env)
     launch = _launcher(nproc)
+    shutil.rmtree(run, ignore_errors=True)  # the data above is reused; the run is trained afresh
     times["train"] = _sh(
         launch + ["train", "--config", args.config, "--shards", str(shards), "--run-dir", str(run), *overrides],
         f"train ({nproc} processes)",

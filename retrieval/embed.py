@@ -184,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
     _write_part(out / "parts", acc.process_index, local)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        merged = merge([_read_part(p) for p in sorted((out / "parts").glob("part-*.npz"))])
+        parts = [out / "parts" / f"part-{r:05d}.npz" for r in range(acc.num_processes)]  # not stale ones
+        merged = merge([_read_part(p) for p in parts])
         _check_complete(merged, stats[args.split], args)
         _write_merged(out, merged, args, img, provenance, acc.num_processes)
         shutil.rmtree(out / "parts")

@@ -192,18 +192,34 @@ def train(cfg: Config, run_dir: Path, resume: str | None = None) -> dict:
 
 
 def _start(cfg: Config, s: Setup, d, run_dir: Path, resume: str | None) -> checkpoint.TrainerState:
-    """Run folder, resolved config, trackers; the restored state when resuming."""
+    """Check what we resume (before writing anything), then run folder, resolved config, trackers, state."""
     acc = s.accelerator
+    shape = {"world_size": acc.num_processes, "per_rank_batch": d.per_rank_batch, "grad_accum": cfg.optim.grad_accum}
+    state = checkpoint.TrainerState(**shape)
+    start = checkpoint.resolve_resume(run_dir, resume)
+    if start is not None:
+        state = checkpoint.TrainerState.load(start)
+        saved = {k: getattr(state, k) for k in shape}
+        if saved != shape:
+            raise UserError(
+                f"checkpoint {start} was written with {saved}; this run has {shape}: resume with the "
+                "same number of processes, batch and accumulation (or start a new --run-dir)"
+            )
+    elif (run_dir / "latest").is_file():
+        raise UserError(
+            f"{run_dir} already holds a run (it has a 'latest' checkpoint): pass --resume auto to "
+            "continue it, or choose a new --run-dir"
+        )
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "preempted").unlink(missing_ok=True)
+        if start is None:  # a fresh run: no log lines from an earlier attempt that never checkpointed
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    acc.wait_for_everyone()
     runlog.init_trackers(acc, cfg, run_dir, to_dict(cfg))
-    state = checkpoint.TrainerState()
-    start = checkpoint.resolve_resume(run_dir, resume)
     if start is not None:
         acc.load_state(str(start))
-        state = checkpoint.TrainerState.load(start)
         log.info("resumed from %s at epoch %d, step %d", start, state.epoch, state.global_step)
     if acc.is_main_process:
         log.info(
@@ -279,8 +295,9 @@ def _run_epoch(cfg, s: Setup, d, state, run_dir, mlog, stop) -> str:
         if stop.agreed(acc):
             checkpoint.save(acc, run_dir, state, cfg.train.keep_checkpoints)
             return "preempted"
-        if cfg.train.checkpoint_every and state.global_step % cfg.train.checkpoint_every == 0:
-            checkpoint.save(acc, run_dir, state, cfg.train.keep_checkpoints)
+        at_boundary = state.step_in_epoch >= d.steps_per_epoch or state.global_step >= d.stop_at_step
+        if cfg.train.checkpoint_every and state.global_step % cfg.train.checkpoint_every == 0 and not at_boundary:
+            checkpoint.save(acc, run_dir, state, cfg.train.keep_checkpoints)  # boundaries save once, below
     return "done"
 
 
@@ -346,9 +363,10 @@ def _validate(cfg, s: Setup, state, mlog) -> bool:
         metrics = retrieval_metrics(
             merged["embeddings"],
             merged["labels"],
-            ks=tuple(k for k in cfg.eval.ks),
+            ks=tuple(cfg.eval.ks),
             backend=cfg.eval.backend,
             chunk=cfg.eval.chunk,
+            dtype=cfg.eval.dtype,
         )
         record = {
             "kind": "val",

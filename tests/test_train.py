@@ -76,6 +76,7 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(synth_shards, tmp_pat
         ("optim.lr=abc", "optim.lr: expected a number"),
         ("train.epoch=3", "did you mean train.epochs"),
         ("loss.miner=hardest", "loss.miner: expected one of"),
+        ("train.select_metric=recall@5", "train.select_metric: expected one of"),
     ],
 )
 def test_bad_config_fails_before_training(tmp_path, capsys, override, message):
@@ -89,3 +90,33 @@ def test_missing_shards_is_a_clear_error(tmp_path, capsys):
     rc = main(["train", "--config", TINY, "--shards", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r")])
     assert rc == 2
     assert "stats.json" in capsys.readouterr().err
+
+
+def test_fresh_run_into_an_existing_run_is_refused(synth_shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train.epochs=1", "data.steps_per_epoch=2", "train.eval_every=0"]
+    assert _train(synth_shards, run, *args) == 0
+    assert _train(synth_shards, run, *args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # resuming with another per-rank batch would silently change the data position: refused too
+    assert _train(synth_shards, run, *args, "data.classes_per_batch=4", resume="auto") == 2
+    assert "same number of processes, batch and accumulation" in capsys.readouterr().err
+
+
+def test_epochs_hold_whole_optimizer_steps():
+    from retrieval.config import ConfigError, derived, load_config
+
+    cfg = load_config(TINY, ["optim.grad_accum=4", "data.steps_per_epoch=10", "train.epochs=3"])
+    d = derived(cfg, 2, None)
+    assert (d.steps_per_epoch, d.optimizer_steps_per_epoch, d.total_optimizer_steps) == (8, 2, 6)
+    with pytest.raises(ConfigError, match="optim.grad_accum"):
+        derived(load_config(TINY, ["optim.grad_accum=4", "data.steps_per_epoch=3"]), 1, None)
+
+
+def test_dangling_latest_pointer_is_an_error_not_a_fresh_start(tmp_path):
+    from retrieval.checkpoint import resolve_resume
+    from retrieval.errors import UserError
+
+    (tmp_path / "latest").write_text("checkpoints/step_9")
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_resume(tmp_path, "auto")
