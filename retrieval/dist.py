@@ -101,6 +101,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` on rank ``dst`` (None elsewhere): no rank but ``dst`` holds all of them."""
+    if not is_dist() or world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if rank() == dst else None
+    td.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_dist() or world_size() == 1:
         return obj

@@ -105,8 +105,8 @@ def merge(parts: list[dict]) -> dict:
 
 def gather_embeddings(local: dict) -> dict | None:
     """In-memory gather for validation: the merged arrays on rank 0, None on the others."""
-    parts = dist.all_gather_object(local)
-    return merge(parts) if dist.is_main() else None
+    parts = dist.gather_object(local)
+    return merge(parts) if parts is not None else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,8 +64,10 @@ class TripletCriterion(nn.Module):
         self._calls = 0
 
     def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, step: int | None = None
+        self, embeddings: torch.Tensor, labels: torch.Tensor, step: int | None = None, with_stats: bool = True
     ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``with_stats=False`` skips the statistics: they cost a distance matrix and host syncs (the trainer
+        asks for them on logging steps only)."""
         if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
             raise ValueError(
                 f"expected B x d embeddings and B labels, got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
@@ -80,7 +82,7 @@ class TripletCriterion(nn.Module):
             labels_all = dist.all_gather_cat(labels.to(embeddings.device))
             triplets = _mine(emb_all, labels_all, self.cfg, self.distance, self.seed, step)
             loss = self.loss_fn(emb_all, labels_all, triplets)
-            stats = self._stats(emb_all, triplets, loss)
+            stats = self._stats(emb_all, triplets, loss) if with_stats else {}
         self.last_triplets = triplets
         world = dist.world_size() if dist.is_dist() else 1
         return loss * world, stats

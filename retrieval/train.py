@@ -309,7 +309,8 @@ def _step(cfg, s: Setup, batch: dict, state) -> tuple[torch.Tensor, dict]:
         images = images.contiguous(memory_format=torch.channels_last)
     with acc.accumulate(s.model):
         embeddings = s.model(images)
-        loss, stats = s.criterion(embeddings.float(), labels, step=state.global_step)
+        log_now = (state.global_step + 1) % cfg.train.log_every == 0  # stats sync the host: logging steps only
+        loss, stats = s.criterion(embeddings.float(), labels, step=state.global_step, with_stats=log_now)
         acc.backward(loss)
         if acc.sync_gradients and cfg.optim.grad_clip is not None and not dist.uses_deepspeed():
             acc.clip_grad_norm_(s.model.parameters(), cfg.optim.grad_clip)

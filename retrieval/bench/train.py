@@ -313,7 +313,7 @@ class TorchBatchHard(torch.nn.Module):
         super().__init__()
         self.margin = margin
 
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor, step: int | None = None):
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, step: int | None = None, with_stats: bool = True):
         emb_all = dist.all_gather_cat(emb.float())
         labels_all = dist.all_gather_cat(labels)
         sim = emb_all @ emb_all.T
