@@ -71,12 +71,14 @@ def test_summarize_spread_and_ratio():
     assert len(calls) == 8 and r["repeats"] == 3 and r["items_per_call"] == 8 and r["median"] > 0
 
 
-def test_foreign_payload_is_completed_to_the_envelope():
-    from retrieval.bench import complete
-
-    p = complete("x", {"results": {"a": {"median": 1.0}}, "speedup_vs_faiss": 2.0, "device": "cpu"}, "tiny", 1.0)
-    assert ENVELOPE <= set(p) and p["ratios"] == {"speedup_vs_faiss": 2.0} and p["device"]["type"] == "cpu"
-    assert "a" in common.format_report(p) and "speedup_vs_faiss" in common.format_report(p)
+def test_publish_writes_the_envelope_once_and_prints_it(tmp_path, capsys):
+    results = {"a": common.summarize([1.0, 2.0, 3.0], "images/s", 1)}
+    p = common.envelope("x", "tiny", torch.device("cpu"), {}, results, {"speedup_vs_faiss": 2.0}, [])
+    assert common.publish(tmp_path, p) is p
+    written = json.loads((tmp_path / "bench-x.json").read_text())
+    assert ENVELOPE <= set(written) and written["ratios"] == {"speedup_vs_faiss": 2.0}
+    out = capsys.readouterr().out
+    assert "a" in out and "speedup_vs_faiss" in out
 
 
 def test_unknown_topic_and_plot(tmp_path, capsys):

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import importlib
 import inspect
-import io
 import json
 import logging
 import subprocess
@@ -112,10 +111,7 @@ def run_all(args: argparse.Namespace, out: Path, work: Path) -> int:
 
 
 def run_topic(what: str, args: argparse.Namespace, out: Path, work: Path) -> dict[str, Any]:
-    """Run one topic, complete its payload to the common envelope, write the JSON, print the table."""
-    from retrieval.bench import common
-
-    level = common.level_of(args.quick, args.tiny)
+    """Run one topic with the arguments it takes; the topic writes its JSON and prints its table."""
     try:
         module = importlib.import_module(f"retrieval.bench.{what}")
     except ModuleNotFoundError as e:
@@ -134,80 +130,7 @@ def run_topic(what: str, args: argparse.Namespace, out: Path, work: Path) -> dic
         kwargs["tiny"] = args.tiny
     if "work" in params:  # shards made once in `work` serve every topic of `bench all`
         kwargs["work"] = work
-    t0 = time.perf_counter()
-    seen = _Tee(sys.stdout)
-    with contextlib.redirect_stdout(seen):
-        payload = module.run_bench(args.quick or args.tiny, out, **kwargs)
-    payload = complete(what, payload, level, time.perf_counter() - t0)
-    common.write_json(out, what, payload)
-    if f"== bench {what} " not in seen.text():  # a module that printed the common report already is not repeated
-        print(common.format_report(payload), flush=True)
-    return payload
-
-
-class _Tee(io.TextIOBase):
-    """Passes writes through and keeps a copy, so the dispatcher knows what a topic printed itself."""
-
-    def __init__(self, stream) -> None:
-        self.stream, self.parts = stream, []
-
-    def write(self, text: str) -> int:
-        self.parts.append(text)
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
-def complete(what: str, payload: Any, level: str, seconds: float) -> dict[str, Any]:
-    """Adapt a topic's payload to the shared envelope without dropping any of its keys."""
-    from retrieval.bench import common
-
-    payload = dict(payload or {})
-    if "machine" not in payload:
-        device = payload.get("device")
-        env = common.envelope(
-            what,
-            level,
-            common.default_device(),
-            payload.get("config", {}),
-            payload.get("results", {}),
-            {},
-            payload.get("notes", []),
-        )
-        for key, value in env.items():
-            payload.setdefault(key, value)
-        if isinstance(device, str):  # a module that names the device as a string keeps it, next to ours
-            payload["device"] = {**env["device"], "name": device}
-    payload.setdefault("bench", what)
-    payload.setdefault("level", level)
-    payload.setdefault("versions", common.versions())
-    if not payload.get("ratios"):
-        payload["ratios"] = find_ratios(payload)
-    payload["seconds"] = round(seconds, 1)
-    return payload
-
-
-def find_ratios(payload: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Ratios a module reported under other names: any numeric key containing 'ratio' (or 'speedup',
-    'efficiency'), anywhere in the payload, named by its path."""
-    out: dict[str, float] = {}
-    for key, value in payload.items():
-        if key in ("machine", "versions", "config", "goals"):
-            continue
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(find_ratios(value, f"{name}/"))
-        elif (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and any(w in str(key).lower() for w in ("ratio", "speedup", "efficiency"))
-        ):
-            out[name] = float(value)
-    return out
+    return module.run_bench(args.quick or args.tiny, out, **kwargs)  # writes bench-<what>.json, prints its table
 
 
 def summary(payloads: dict[str, dict], failures: dict[str, str], seconds: float) -> str:

@@ -396,6 +396,13 @@ def is_stat(x: Any) -> bool:
     return isinstance(x, dict) and "median" in x
 
 
+def publish(out_dir: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """Every topic ends here: ``bench-<what>.json`` written once, its table printed once."""
+    write_json(out_dir, payload["bench"], payload)
+    print(format_report(payload), flush=True)
+    return payload
+
+
 def format_report(payload: dict[str, Any]) -> str:
     """The printed form of a ``bench-<what>.json``: measured items with their spread, then the ratios."""
     rows = [

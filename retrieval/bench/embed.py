@@ -82,8 +82,7 @@ def run_bench(
         notes,
         sizes={"warmup_passes": warm, "timed_passes": timed, "batches_per_pass": n_batches},
     )
-    common.write_json(out_dir, "embed", payload)
-    return payload
+    return common.publish(out_dir, payload)
 
 
 def measure_case(

@@ -147,6 +147,4 @@ def run_bench(
         f"{os.cpu_count()} CPUs; load average {common.load_average()}",
     ]
     payload = common.envelope("loader", level, "cpu", config, results, ratios, notes)
-    common.write_json(out_dir, "loader", payload)
-    print(common.format_report(payload))
-    return payload
+    return common.publish(out_dir, payload)

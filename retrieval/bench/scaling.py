@@ -84,8 +84,7 @@ def run_bench(
         sizes={"steps": steps, "block": block, "warmup_blocks": warm, "processes": counts},
         plots=[str(plot)] if plot else [],
     )
-    common.write_json(out_dir, "scaling", payload)
-    return payload
+    return common.publish(out_dir, payload)
 
 
 def process_counts(cuda: bool) -> list[int]:

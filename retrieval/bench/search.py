@@ -215,7 +215,6 @@ def run_bench(quick: bool, out_dir: Path, tiny: bool = False) -> dict[str, Any]:
         eval_peak=peak,
         ann=ann,
     )
-    common.write_json(out_dir, "search", payload)
     print(common.format_table(("backend", "seconds", "speedup vs faiss-cpu", "recall", "identical rows"), table))
     if "error" not in peak:
         print(f"eval at {n} x {d}: peak RSS {peak['peak_rss_gb']:.2f} GB, search {peak['search_seconds']:.1f} s")
@@ -224,4 +223,4 @@ def run_bench(quick: bool, out_dir: Path, tiny: bool = False) -> dict[str, Any]:
             print(
                 f"{name}: build {row['build_seconds']} s, {row['queries_per_s']:.0f} QPS, recall@10 {row['recall@10']:.3f}"
             )
-    return payload
+    return common.publish(out_dir, payload)

@@ -110,6 +110,4 @@ def run_bench(quick: bool, out_dir: Path, tiny: bool = False, work: Path | None 
         f"{os.cpu_count()} CPUs; load average {common.load_average()} (shared machines make 2-worker figures noisy)",
     ]
     payload = common.envelope("shards", level, "cpu", config, results, ratios, notes)
-    common.write_json(out_dir, "shards", payload)
-    print(common.format_report(payload))
-    return payload
+    return common.publish(out_dir, payload)

@@ -102,8 +102,7 @@ def run_bench(
         goals,
         sizes={"steps": steps, "block": block, "warmup_blocks": warm},
     )
-    common.write_json(out_dir, "train", payload)
-    return payload
+    return common.publish(out_dir, payload)
 
 
 def cases(config: str | None, overrides, cuda: bool) -> list[tuple[Config, str]]:
