@@ -4,25 +4,28 @@
 #   pip install -e . --no-deps && bash bench/gpu_check.sh     # on the GPU host, from the repo root
 #   bash bench/gpu_check.sh --cpu-smoke                        # this script's flow on CPU, tiny sizes, no GPU figures
 #
-# Needs only torch, timm and accelerate (+ numpy, PIL, which they bring): no webdataset, Faiss,
-# pytorch-metric-learning or DeepSpeed. The train/embed checks therefore run on synthetic in-memory tensors
-# (`retrieval bench train|embed --no-trainer`); where pytorch-metric-learning or the trainer module cannot be
-# imported, the JSON names the stand-in that ran instead (see retrieval/bench/train.py). CUDA 13 hosts have no
-# Faiss GPU wheel: search is timed with the project's torch backend (retrieval.knn.torch_search).
+# Needs torch, timm and accelerate (+ numpy, PIL, which they bring). With the data stack too (webdataset,
+# Faiss CPU, pytorch-metric-learning) it also runs the whole product (check 2) and the real trainer on shards
+# (check 3); without it those parts are skipped and the JSON says so. CUDA 13 hosts have no Faiss GPU wheel:
+# search is timed with the project's torch backend (retrieval.knn.torch_search).
 #
 # Prints versions first and stops at once (exit 3) when torch, timm or accelerate is missing, (exit 4) when
-# there is no CUDA device and --cpu-smoke was not given. Writes bench-{train,embed,search-gpu}.json under
-# $OUT when it is set (else ./bench-gpu-out).
-#   1. train: raw timm fwd+bwd+AdamW vs our step, swinv2_base_window16_256 and swinv2_base_window12_192, bf16
-#   2. embed: raw timm inference vs our model + host copy, both models, bf16
-#   3. search: 60,502 x 60,502 x 1024 random unit vectors, top 1001 incl. self, torch CUDA fp32 and bf16
+# there is no CUDA device and --cpu-smoke was not given. Writes bench-{search-gpu,train,embed}.json, the demo's
+# demo-results.json, demo-metrics.jsonl, demo-search.json and report.html under $OUT when it is set (else
+# ./bench-gpu-out). Most important first, each check time-boxed, about 8 minutes in all on an H100:
+#   1. search: 60,502 x 60,502 x 1024 random unit vectors, top 1001 incl. self, torch CUDA fp32 and bf16
+#   2. demo: synthetic catalogue (4,000 classes) -> shards -> train configs/demo_gpu.yaml (3 min budget) ->
+#      embed -> index -> eval -> `retrieval search --queries` with new photos of the test products -> report
+#   3. train: raw timm fwd+bwd+AdamW vs our step vs the trainer on shards, both SwinV2-B recipes, bf16
+#   4. embed: raw timm inference vs our model + host copy, both models, bf16
+#   5. pytest -m gpu
 set -euo pipefail
 
 SMOKE=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (expected --cpu-smoke)" >&2; exit 2 ;;
   esac
 done
@@ -67,23 +70,19 @@ if [[ "$SMOKE" == "1" ]]; then
   echo "== CPU smoke mode: tiny model, tiny search; no GPU figures"
   LEVEL=(--tiny)
   SEARCH=(1500 32 101)
+  DEMO=(--classes 200 --size 64 data.steps_per_epoch=4 train.epochs=2 data.classes_per_batch=8 data.num_workers=1)
 else
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 4)" \
     || { echo "gpu_check.sh: no CUDA device visible; run with --cpu-smoke to test the flow on CPU" >&2; exit 4; }
-  LEVEL=()
+  LEVEL=(--quick)
   SEARCH=(60502 1024 1001)
+  DEMO=(--classes 4000)
 fi
 
 FAILED=()  # a failed or timed-out check is reported at the end; the next check still runs
 
-echo "== 1/3 train: raw timm vs our step ($(elapsed))"
-timeout -k 15 330 "$PY" -m retrieval bench train --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("train ($?)")
-
-echo "== 2/3 embed: raw timm inference vs our model ($(elapsed))"
-timeout -k 15 120 "$PY" -m retrieval bench embed --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("embed ($?)")
-
-echo "== 3/3 search: torch exact top-k, fp32 and bf16 ($(elapsed))"
-timeout -k 15 150 "$PY" - "$OUT_DIR" "${SEARCH[@]}" <<'PY' || FAILED+=("search ($?)")
+echo "== 1/5 search: torch exact top-k, fp32 and bf16 ($(elapsed))"
+timeout -k 15 90 "$PY" - "$OUT_DIR" "${SEARCH[@]}" <<'PY' || FAILED+=("search ($?)")
 """Exact self-search timings with retrieval.knn.torch_search; recall of bf16 against fp32 on the GPU."""
 import importlib.util, json, sys, time, types
 from pathlib import Path
@@ -136,6 +135,33 @@ common.write_json(out_dir, "search-gpu", payload)
 print(common.format_report(payload))
 PY
 
+echo "== 2/5 demo: the whole product, train to search ($(elapsed))"
+if "$PY" -c "import webdataset, faiss, pytorch_metric_learning" 2>/dev/null; then
+  DEMO_DIR="${TMPDIR:-/tmp}/gpu-check-demo"
+  timeout -k 15 300 "$PY" -m retrieval.demo --fresh --config configs/demo_gpu.yaml --out "$DEMO_DIR" \
+    "${DEMO[@]}" log.wandb=disabled || FAILED+=("demo ($?)")
+  if [[ -f "$DEMO_DIR/run/index/index.json" ]]; then
+    "$PY" -m retrieval search --index "$DEMO_DIR/run/index" --queries "$DEMO_DIR/sop/queries.txt" --k 10 --json \
+      > "$OUT_DIR/demo-search.json" || FAILED+=("demo search ($?)")
+  fi
+  for f in results.json run/metrics.jsonl run/report.html; do
+    [[ -f "$DEMO_DIR/$f" ]] && cp "$DEMO_DIR/$f" "$OUT_DIR/$(basename "$f" | sed 's/^\(results\|metrics\)/demo-\1/')"
+  done
+else
+  echo "demo skipped: webdataset / faiss / pytorch-metric-learning not importable"
+fi
+
+echo "== 3/5 train: raw timm vs our step vs the trainer ($(elapsed))"
+timeout -k 15 120 "$PY" -m retrieval bench train --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("train ($?)")
+
+echo "== 4/5 embed: raw timm inference vs our model ($(elapsed))"
+timeout -k 15 60 "$PY" -m retrieval bench embed --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("embed ($?)")
+
+echo "== 5/5 pytest -m gpu ($(elapsed))"
+if "$PY" -c "import pytest, faiss" 2>/dev/null; then
+  timeout -k 10 40 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_knn.py || FAILED+=("pytest gpu ($?)")
+fi
+
 echo "== summary ($(elapsed) in all; JSON in $OUT_DIR)"
 "$PY" - "$OUT_DIR" <<'PY'
 import json, sys
@@ -155,6 +181,22 @@ for name in ("train", "embed", "search-gpu"):
                       f"peak {s.get('peak_mem_gb') or 0:.2f} GB")
     for key, value in p.get("ratios", {}).items():
         print(f"{name:<10} ratio {key:<45} {value:.3f}")
+out = Path(sys.argv[1])
+if (out / "demo-results.json").is_file():
+    for row in json.loads((out / "demo-results.json").read_text()):
+        print(f"demo       {row['training']:<10} test R@1 {100 * row['recall@1']:6.2f}  R@10 {100 * row['recall@10']:6.2f}  "
+              f"MAP@R {100 * row['map@r']:6.2f}  ({row['num_queries']} queries)")
+if (out / "demo-metrics.jsonl").is_file():
+    rows = [json.loads(x) for x in (out / "demo-metrics.jsonl").read_text().splitlines()]
+    rates = sorted(r["images_per_s_per_gpu"] for r in rows if r["kind"] == "train")[1:]  # the first holds start-up
+    val = [r for r in rows if r["kind"] == "val"]
+    if rates:
+        print(f"demo       train median {rates[len(rates) // 2]:.0f} images/s per GPU over {len(rates)} log intervals; "
+              f"last step {rows[-1].get('step')}; val R@1 by epoch " + " ".join(f"{100 * r['recall@1']:.1f}" for r in val))
+if (out / "demo-search.json").is_file():
+    s = json.loads((out / "demo-search.json").read_text())["summary"]
+    print(f"demo       search: {s['queries']} new photos of test products: top hit of the same product "
+          f"{100 * s['top1_same_class']:.2f}%, one of the top 10 {100 * s['topk_any_same_class']:.2f}%")
 PY
 if (( ${#FAILED[@]} )); then
   echo "gpu_check.sh: FAILED: ${FAILED[*]} (124 = timed out)" >&2

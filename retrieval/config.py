@@ -150,6 +150,8 @@ class TrainConfig:
     early_stop_patience: int = 0  # evaluations without improvement before stopping (0 = off)
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps in all; the lr
     # schedule still spans train.epochs, so a capped run continues exactly when resumed with a higher cap
+    max_minutes: float | None = None  # wall-time budget of this invocation: past it, stop as train.max_steps
+    # does (checkpoint, export, exit 0), at a step boundary all ranks agree on; resume continues the schedule
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume tests on CPU)
 
     def __post_init__(self) -> None:
@@ -160,6 +162,7 @@ class TrainConfig:
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.early_stop_patience", self.early_stop_patience, allow_zero=True)
         _positive("train.max_steps", self.max_steps)
+        _positive("train.max_minutes", self.max_minutes)
         _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
 
 

@@ -150,10 +150,13 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; acted on at the next step boundary once all ranks agree."""
+    """Set by SIGUSR1/SIGTERM or by the train.max_minutes budget; acted on at the next step boundary once all
+    ranks agree. ``reason`` is then "signal" (preemption: exit 3) or "time" (budget spent: finish normally)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_minutes: float | None = None) -> None:
         self.raised = False
+        self.reason: str | None = None
+        self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
     def restore(self) -> None:
@@ -165,10 +168,18 @@ class StopFlag:
         self.raised = True
         log.warning("received signal %d: checkpointing at the next step boundary", signum)
 
+    def _out_of_time(self, accelerator) -> bool:
+        # rank 0's clock alone decides, so ranks whose clocks straddle the deadline cannot stop a step apart
+        return accelerator.is_main_process and self.deadline is not None and time.monotonic() >= self.deadline
+
     def agreed(self, accelerator) -> bool:
-        if self.raised:
+        if self.raised or self._out_of_time(accelerator):
             accelerator.set_trigger()
-        return accelerator.check_trigger()  # one tiny all-reduce: every rank stops at the same step
+        if not accelerator.check_trigger():  # one tiny all-reduce: every rank stops at the same step
+            return False
+        timed = self._out_of_time(accelerator) and not self.raised
+        self.reason = "time" if dist.broadcast_object(timed) else "signal"
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +189,7 @@ class StopFlag:
 def train(cfg: Config, run_dir: Path, resume: str | None = None) -> dict:
     """Train, validate, checkpoint; returns a summary dict. Every rank calls it."""
     run_dir = Path(run_dir)
-    stop = StopFlag()  # before setup: a preemption signal during start-up must not be lost
+    stop = StopFlag(cfg.train.max_minutes)  # before setup: a preemption signal during start-up must not be lost
     try:
         s = setup(cfg, run_dir)
         d = derived(cfg, s.accelerator.num_processes, s.train_samples)
@@ -242,7 +253,7 @@ def _loop(cfg, s: Setup, d, state, run_dir, mlog, stop) -> bool:
         outcome = _run_epoch(cfg, s, d, state, run_dir, mlog, stop)
         if outcome == "preempted":
             return True
-        if outcome == "capped":  # train.max_steps reached mid-epoch: keep the data position for a resume
+        if outcome == "capped":  # max_steps / max_minutes reached mid-epoch: keep the data position for a resume
             checkpoint.save(acc, run_dir, state, cfg.train.keep_checkpoints)
             return False
         state.epoch += 1
@@ -293,6 +304,9 @@ def _run_epoch(cfg, s: Setup, d, state, run_dir, mlog, stop) -> str:
         if state.global_step % cfg.train.log_every == 0:
             _log_train(s, state, loss, stats, meter, mlog)
         if stop.agreed(acc):
+            if stop.reason == "time":
+                log.info("train.max_minutes=%s spent at step %d: stopping", cfg.train.max_minutes, state.global_step)
+                return "capped"
             checkpoint.save(acc, run_dir, state, cfg.train.keep_checkpoints)
             return "preempted"
         at_boundary = state.step_in_epoch >= d.steps_per_epoch or state.global_step >= d.stop_at_step

@@ -66,6 +66,19 @@ def test_ddp_two_processes(synth_shards, tmp_path):
     _reembed_matches_validation(run_dir, synth_shards, tmp_path)
 
 
+def test_time_budget_stops_both_ranks_at_one_step(synth_shards, tmp_path):
+    """train.max_minutes: rank 0's clock decides, both ranks stop at the same step, finish normally (exit 0,
+    checkpoint + final export, not 'preempted')."""
+    run_dir = tmp_path / "budget"
+    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run_dir), *COMMON]
+    run(accelerate_cmd(2, argv + ["data.steps_per_epoch=200", "train.max_minutes=0.0001"]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not summary["preempted"] and summary["weights_agree"]
+    assert 1 <= summary["global_step"] < 400
+    assert (run_dir / "latest").read_text().strip() == f"checkpoints/step_{summary['global_step']}"
+    assert (run_dir / "final" / "model.safetensors").is_file() and not (run_dir / "preempted").exists()
+
+
 def test_deepspeed_zero2_trains_resumes_and_exports(synth_shards, tmp_path):
     """ZeRO-2 on 2 gloo processes: stop at step 2 mid-run, resume to 4; the export loads without DeepSpeed."""
     run_dir = tmp_path / "zero2"

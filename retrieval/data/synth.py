@@ -14,6 +14,10 @@ negatives, like SOP). Each image is another view: pose (rotation, flip, squash),
 translation, cluttered background, lighting and colour cast, occlusion. Raw pixels and an untrained
 network retrieve the right product only rarely, so retrieval needs learning.
 
+``--query-views N`` also renders N further photos of every test product into ``OUT/queries/`` (listed in
+``OUT/queries.txt``, an SOP-format list): new photos of catalogue products that
+are not in the catalogue, the natural input of ``retrieval search``.
+
 Everything is a pure function of the seed (per-class and per-image generators, no global state), so
 files are byte-identical between runs and whatever the number of workers.
 """
@@ -51,6 +55,7 @@ SUPER_CLASSES = (
     "toaster",
 )
 HEADER = "image_id class_id super_class_id path"
+QUERY_DIR = "queries"
 PART_KINDS = ("rect", "rounded", "ellipse", "polygon", "ring", "bar")
 PATTERNS = ("plain", "stripes", "dots", "checker")
 JPEG_QUALITY = 90
@@ -72,6 +77,9 @@ class SynthClass:
 
     def path(self, n: int) -> str:
         return f"{self.folder}/{self.product_id}_{n}.JPG"
+
+    def query_path(self, n: int) -> str:
+        return f"{QUERY_DIR}/{self.folder}/{self.product_id}_q{n}.JPG"
 
 
 # ------------------------------------------------------------------------------------------ products
@@ -338,14 +346,17 @@ def plan_classes(n_classes: int, images_per_class: tuple[int, int], seed: int) -
     return out
 
 
-def _render_class(job: tuple[int, SynthClass, int, str]) -> int:
-    """Worker: draw every image of one class and write its files; returns the number written."""
-    seed, cls, size, out = job
+def _render_class(job: tuple[int, SynthClass, int, str, int]) -> int:
+    """Worker: draw every image of one class (and its query views) and write the files; returns the catalogue count."""
+    seed, cls, size, out, query_views = job
     prod = _product(seed, cls, _archetype(seed, cls.super_class_id))
     obj = render_object(prod, size)
     for n in range(cls.n_images):
         data = render_view(obj, np.random.default_rng([seed, 3, cls.index, n]), size)
         (Path(out) / cls.path(n)).write_bytes(data)
+    for n in range(query_views):  # another stream of views ([seed, 4, ...]): never a catalogue image
+        data = render_view(obj, np.random.default_rng([seed, 4, cls.index, n]), size)
+        (Path(out) / cls.query_path(n)).write_bytes(data)
     return cls.n_images
 
 
@@ -363,6 +374,15 @@ def _write_lists(out: Path, classes: list[SynthClass], n_train: int) -> None:
     (out / "Ebay_info.txt").write_text("\n".join(info) + "\n", encoding="ascii")
 
 
+def _write_queries(out: Path, test_classes: list[SynthClass], query_views: int) -> None:
+    """queries.txt: the held-out views of the test products, SOP-list shaped."""
+    lines = [HEADER]
+    for cls in test_classes:
+        for n in range(query_views):
+            lines.append(f"{len(lines)} {cls.class_id} {cls.super_class_id} {cls.query_path(n)}")
+    (out / "queries.txt").write_text("\n".join(lines) + "\n", encoding="ascii")
+
+
 def _prepare_out(out: Path, force: bool) -> None:
     """Refuse to mix with unrelated files; with ``force`` remove only what a previous synth-sop wrote."""
     if out.exists() and any(out.iterdir()):
@@ -372,6 +392,8 @@ def _prepare_out(out: Path, force: bool) -> None:
             raise UserError(f"{out}: not a synth-sop output (no Ebay_info.txt); refusing to delete anything there")
         for name in SUPER_CLASSES:
             shutil.rmtree(out / f"{name}_final", ignore_errors=True)
+        shutil.rmtree(out / QUERY_DIR, ignore_errors=True)
+        (out / "queries.txt").unlink(missing_ok=True)
     for name in SUPER_CLASSES:
         (out / f"{name}_final").mkdir(parents=True, exist_ok=True)
 
@@ -384,21 +406,29 @@ def synth_sop(
     size: int = 128,
     workers: int = 1,
     force: bool = False,
+    query_views: int = 0,
 ) -> dict[str, int]:
-    """Write a synthetic SOP tree to ``out``; returns counts (classes and images per split)."""
+    """Write a synthetic SOP tree to ``out``; returns counts (classes and images per split, query views)."""
     if size < 16:
         raise UserError(f"--size: expected at least 16 px, got {size}")
+    if query_views < 0:
+        raise UserError(f"--query-views: expected 0 or more, got {query_views}")
     out = Path(out)
     plan = plan_classes(classes, images_per_class, seed)
     n_train = (classes + 1) // 2
     _prepare_out(out, force)
-    jobs = [(seed, cls, size, str(out)) for cls in plan]
+    if query_views:
+        for name in SUPER_CLASSES:
+            (out / QUERY_DIR / f"{name}_final").mkdir(parents=True, exist_ok=True)
+    jobs = [(seed, cls, size, str(out), query_views if i >= n_train else 0) for i, cls in enumerate(plan)]
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:  # fork can hang under torch threads
             total = sum(pool.imap_unordered(_render_class, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
     else:
         total = sum(map(_render_class, jobs))
     _write_lists(out, plan, n_train)
+    if query_views:
+        _write_queries(out, plan[n_train:], query_views)
     counts = {
         "train_classes": n_train,
         "test_classes": classes - n_train,
@@ -406,6 +436,7 @@ def synth_sop(
         "train_images": sum(c.n_images for c in plan[:n_train]),
     }
     counts["test_images"] = total - counts["train_images"]
+    counts["query_images"] = query_views * counts["test_classes"]
     return counts
 
 
@@ -420,6 +451,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=128, help="longer image side in pixels")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering classes in parallel")
     parser.add_argument("--force", action="store_true", help="replace a previous synth-sop output in OUT")
+    parser.add_argument(
+        "--query-views",
+        type=int,
+        default=0,
+        help="also render N new photos of every test product into OUT/queries (not in the catalogue; queries.txt)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -431,6 +468,7 @@ def run(args: argparse.Namespace) -> int:
         args.size,
         max(1, args.workers),
         args.force,
+        args.query_views,
     )
     log.info(
         "wrote %d images to %s: train %d classes / %d images, test %d classes / %d images",
@@ -441,4 +479,6 @@ def run(args: argparse.Namespace) -> int:
         counts["test_classes"],
         counts["test_images"],
     )
+    if counts["query_images"]:
+        log.info("and %d held-out query views of the test products (%s/queries.txt)", counts["query_images"], args.out)
     return 0
