@@ -3,6 +3,7 @@
 #
 #   pip install -e . --no-deps && bash bench/gpu_check.sh     # on the GPU host, from the repo root
 #   bash bench/gpu_check.sh --cpu-smoke                        # this script's flow on CPU, tiny sizes, no GPU figures
+#   bash bench/gpu_check.sh --only=search,demo                 # a subset of the checks below
 #
 # Needs torch, timm and accelerate (+ numpy, PIL, which they bring). With the data stack too (webdataset,
 # Faiss CPU, pytorch-metric-learning) it also runs the whole product (check 2) and the real trainer on shards
@@ -22,11 +23,13 @@
 set -euo pipefail
 
 SMOKE=0
+ONLY="search,demo,train,embed,pytest"
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) SMOKE=1 ;;
+    --only=*) ONLY="${arg#--only=}" ;;
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument '$arg' (expected --cpu-smoke)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (expected --cpu-smoke, --only=search,demo,...)" >&2; exit 2 ;;
   esac
 done
 [[ "${GPU_CHECK_CPU_SMOKE:-0}" == "1" ]] && SMOKE=1
@@ -80,63 +83,15 @@ else
 fi
 
 FAILED=()  # a failed or timed-out check is reported at the end; the next check still runs
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
-echo "== 1/5 search: torch exact top-k, fp32 and bf16 ($(elapsed))"
-timeout -k 15 90 "$PY" - "$OUT_DIR" "${SEARCH[@]}" <<'PY' || FAILED+=("search ($?)")
-"""Exact self-search timings with retrieval.knn.torch_search; recall of bf16 against fp32 on the GPU."""
-import importlib.util, json, sys, time, types
-from pathlib import Path
-
-import torch
-
-out_dir, n, d, k_with_self = Path(sys.argv[1]), *map(int, sys.argv[2:5])
-k = k_with_self - 1  # self is excluded by index: the top 1000 others == the top 1001 including self
-if importlib.util.find_spec("faiss") is None:
-    # No Faiss wheel for CUDA 13: retrieval.knn imports faiss at the top, its torch backend never calls it.
-    sys.modules["faiss"] = types.ModuleType("faiss", "placeholder: Faiss is not installed on this host")
-from retrieval.bench import common
-from retrieval.knn import torch_search
-
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-g = torch.Generator(device=device).manual_seed(0)
-x = torch.randn(n, d, device=device, generator=g)
-x /= x.norm(dim=1, keepdim=True)
-exclude = torch.arange(n).numpy()
-results, ids = {}, {}
-for dtype in ("fp32", "bf16"):
-    def run(dtype=dtype):
-        return torch_search(x, None, k, exclude=exclude, device=device, dtype=dtype)
-    run()  # warm-up: cuBLAS handles, kernel selection
-    times = []
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        common.synchronize(device)
-        t0 = time.perf_counter()
-        _, found = run()
-        common.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    ids[dtype] = found
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    results[f"torch {device.type} {dtype}"] = common.summarize(times, "s", 1, peak_mem_gb=peak, queries_per_s=n / min(times))
-ref = torch.as_tensor(ids["fp32"], device=device).sort(1).values
-got = torch.as_tensor(ids["bf16"], device=device)
-pos = torch.searchsorted(ref, got).clamp_max(k - 1)
-recall = float((ref.gather(1, pos) == got).float().mean())
-payload = common.envelope("search-gpu", "full" if n >= 60_000 else "tiny", device,
-                          {"n": n, "d": d, "k_including_self": k_with_self, "chunk": 4096},
-                          {"exact": results}, {"fp32/bf16 seconds": common.ratio(results[f"torch {device.type} fp32"],
-                                                                              results[f"torch {device.type} bf16"])},
-                          [f"{n} x {n} x {d} random unit vectors, top {k} others (self excluded by index), "
-                           "1 warm-up + 3 timed runs; times include the copy of the results to host memory",
-                           f"bf16 ranking with fp32 re-scoring: recall@{k} against fp32 = {recall:.6f}"],
-                          recall_bf16_vs_fp32=recall)
-common.write_json(out_dir, "search-gpu", payload)
-print(common.format_report(payload))
-PY
+echo "== 1/5 search: torch exact top-k, every precision, against the matmul+topk floor ($(elapsed))"
+want search && { timeout -k 15 90 "$PY" -m retrieval.bench.search_gpu "$OUT_DIR" "${SEARCH[@]}" || FAILED+=("search ($?)"); }
 
 echo "== 2/5 demo: the whole product, train to search ($(elapsed))"
-if "$PY" -c "import webdataset, faiss, pytorch_metric_learning" 2>/dev/null; then
+if ! want demo; then
+  :
+elif "$PY" -c "import webdataset, faiss, pytorch_metric_learning" 2>/dev/null; then
   DEMO_DIR="${TMPDIR:-/tmp}/gpu-check-demo"
   timeout -k 15 300 "$PY" -m retrieval.demo --fresh --config configs/demo_gpu.yaml --out "$DEMO_DIR" \
     "${DEMO[@]}" log.wandb=disabled || FAILED+=("demo ($?)")
@@ -152,13 +107,13 @@ else
 fi
 
 echo "== 3/5 train: raw timm vs our step vs the trainer ($(elapsed))"
-timeout -k 15 120 "$PY" -m retrieval bench train --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("train ($?)")
+want train && { timeout -k 15 120 "$PY" -m retrieval bench train --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("train ($?)"); }
 
 echo "== 4/5 embed: raw timm inference vs our model ($(elapsed))"
-timeout -k 15 60 "$PY" -m retrieval bench embed --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("embed ($?)")
+want embed && { timeout -k 15 60 "$PY" -m retrieval bench embed --no-trainer --out "$OUT_DIR" ${LEVEL[@]+"${LEVEL[@]}"} || FAILED+=("embed ($?)"); }
 
 echo "== 5/5 pytest -m gpu ($(elapsed))"
-if "$PY" -c "import pytest, faiss" 2>/dev/null; then
+if want pytest && "$PY" -c "import pytest, faiss" 2>/dev/null; then
   timeout -k 10 40 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_knn.py || FAILED+=("pytest gpu ($?)")
 fi
 
@@ -176,6 +131,8 @@ for name in ("train", "embed", "search-gpu"):
         if isinstance(res, dict) and "error" in res:
             print(f"{name} {case}: ERROR {res['error']}")
         for item, s in (res.items() if isinstance(res, dict) else []):
+            if isinstance(s, dict) and "error" in s:
+                print(f"{name:<10} {case:<34} {item:<22} ERROR {s['error']}")
             if isinstance(s, dict) and "median" in s:
                 print(f"{name:<10} {case:<34} {item:<22} {s['median']:>10.4g} {s['unit']:<9} "
                       f"peak {s.get('peak_mem_gb') or 0:.2f} GB")

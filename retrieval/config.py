@@ -171,11 +171,11 @@ class EvalConfig:
     ks: tuple[int, ...] = (1, 10, 100, 1000)  # Recall@K cut-offs (SOP protocol)
     backend: str = "auto"  # auto | faiss | torch
     chunk: int = 4096  # queries per chunk: memory is O(chunk x N), never N x N
-    dtype: str = "fp32"  # torch backend ranking precision: fp32 | tf32 | bf16
+    dtype: str = "fp32"  # torch backend ranking precision: fp32 | tf32 | bf16 | bf16x3 (CUDA, ~1e-5 of fp32)
 
     def __post_init__(self) -> None:
         _choice("eval.backend", self.backend, ("auto", "faiss", "torch"))
-        _choice("eval.dtype", self.dtype, ("fp32", "tf32", "bf16"))
+        _choice("eval.dtype", self.dtype, ("fp32", "tf32", "bf16", "bf16x3"))
         _positive("eval.chunk", self.chunk)
         if not self.ks or any(k <= 0 for k in self.ks):
             raise ConfigError(f"eval.ks: expected positive integers, got {list(self.ks)}")

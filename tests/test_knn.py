@@ -126,13 +126,35 @@ def test_bad_k():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16", "bf16x3"])
 def test_torch_cuda(dtype):
     x = _unit(2000, 64, seed=8)
     want = _brute(x, x, 20, "ip", np.arange(2000))
     scores, ids = knn.search(x, None, 20, backend="torch", device="cuda", dtype=dtype)
     recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(ids, want[1], strict=True)])
     assert recall > (0.999 if dtype == "fp32" else 0.97)
+
+
+def test_torch_results_on_device_equal_host_and_bf16x3_is_fp32_on_cpu():
+    x = _unit(700, 24, seed=9)
+    want_s, want_i = knn.torch_search(x, None, 15, exclude=np.arange(700), chunk=256)
+    s, i = knn.torch_search(x, None, 15, exclude=np.arange(700), chunk=256, to_host=False)
+    assert isinstance(i, torch.Tensor) and np.array_equal(i.numpy(), want_i) and np.allclose(s.numpy(), want_s)
+    s3, i3 = knn.torch_search(x, None, 15, exclude=np.arange(700), chunk=256, dtype="bf16x3")
+    assert np.array_equal(i3, want_i) and np.array_equal(s3, want_s)  # no bf16 tensor cores on CPU: plain fp32
+
+
+def test_bench_search_gpu_flow_on_cpu(tmp_path):
+    """The GPU search benchmark's flow at a tiny size on CPU: every precision timed, recall against fp32."""
+    import json
+
+    from retrieval.bench import search_gpu
+
+    assert search_gpu.main([str(tmp_path), "1200", "32", "51"]) == 0
+    payload = json.loads((tmp_path / "bench-search-gpu.json").read_text())
+    exact = payload["results"]["exact"]
+    assert {"floor fp32", "floor bf16", "ours fp32", "ours fp32 +host", "ours bf16", "ours bf16x3"} <= set(exact)
+    assert all(v > 0.99 for v in payload["recall_vs_fp32"].values())
 
 
 def test_bench_search_tiny(tmp_path):
