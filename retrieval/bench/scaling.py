@@ -55,7 +55,7 @@ def run_bench(
     notes = [scaling_note(cuda, counts)]
     results: dict[str, Any] = {}
     with _workdir(work) as wd:
-        shards = common.synthetic_shards(wd, level, 256 if cuda else None)
+        shards = common.synthetic_shards(wd, "gpu" if cuda else level, 256 if cuda else None)
         cfg_file = wd / f"scaling-{cfg.train.name}.yaml"
         save_config(cfg, cfg_file)
         for n in counts:

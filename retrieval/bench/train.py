@@ -182,7 +182,7 @@ def _measure_case(
     if run_trainer:
         _reset_peak(device)
         px = 256 if device.type == "cuda" else None
-        shards = common.synthetic_shards(work, level, px)
+        shards = common.synthetic_shards(work, "gpu" if device.type == "cuda" else level, px)
         steps = reps.block * (reps.warmup + reps.repeats)
         res["trainer"] = trainer_rate(cfg, shards, work / f"run-{case_label(cfg)}", steps, reps.block, reps.warmup)
     return res
