@@ -216,8 +216,8 @@ def default_device() -> Any:
 # synth-sop classes (half train, half test), longer image side, images per shard, val classes. Tiny keeps >= 8
 # train classes (P of configs/tiny.yaml) on each of 2 ranks, which the 2-process scaling run needs.
 # "gpu" feeds the SwinV2-B recipes' trainer: P = 32..48 classes per batch from each of 8 loader workers needs
-# >= 48 classes per worker's shards (the quick set failed there: 42 train classes in 3 shards).
-SYNTH = {"tiny": (56, 72, 60, 4), "quick": (96, 80, 80, 6), "full": (400, 96, 256, 20), "gpu": (1600, 256, 200, 40)}
+# >= 48 classes in every worker's shards: 12 shards of ~100 classes (the quick set failed there: 42 train classes).
+SYNTH = {"tiny": (56, 72, 60, 4), "quick": (96, 80, 80, 6), "full": (400, 96, 256, 20), "gpu": (2400, 256, 500, 40)}
 
 
 def synthetic_shards(work: Path, level: str, px: int | None = None) -> Path:
@@ -231,7 +231,7 @@ def synthetic_shards(work: Path, level: str, px: int | None = None) -> Path:
     if (out / "stats.json").is_file():
         return out
     sop = Path(work) / f"sop-{level}-{px}px"
-    # One worker for the CPU sets (seconds). The GPU set (8,000 images at 256 px) is rendered by a pool: synth-sop
+    # One worker for the CPU sets (seconds). The GPU set (12,000 images at 256 px) is rendered by a pool: synth-sop
     # and the shard builder start theirs with "spawn", which a running torch cannot deadlock.
     workers = str(min(8, os.cpu_count() or 1)) if level == "gpu" else "1"
     steps = [
