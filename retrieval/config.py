@@ -418,10 +418,17 @@ def _field_comments(cls: type) -> dict[str, str]:
     import re
 
     comments: dict[str, str] = {}
+    last = None
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        more = re.match(r"\s+#\s*(.*)$", line)
         if m:
-            comments[m.group(1)] = m.group(2).strip()
+            last = m.group(1)
+            comments[last] = m.group(2).strip()
+        elif more and last:  # a comment-only line right after a field continues its comment
+            comments[last] += " " + more.group(1).strip()
+        else:
+            last = None
     return comments
 
 
