@@ -76,7 +76,8 @@ def save(accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
         shutil.rmtree(old, ignore_errors=True)
         _prune(run_dir, keep)
     accelerator.wait_for_everyone()
-    log.info("checkpoint written: %s", final)
+    if accelerator.is_main_process:  # one line per checkpoint, not one per rank
+        log.info("checkpoint written: %s", final)
     return final
 
 
