@@ -67,7 +67,7 @@ def _load(path: str, transform) -> torch.Tensor:
         with Image.open(path) as im:
             return transform(im.convert("RGB"))
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise UserError(f"--image {path}: cannot read the image ({e})") from None
+        raise UserError(f"query {path}: cannot read the image ({e})") from None
 
 
 def embed_images(model, img: dict, paths: list[str], batch_size: int = 64) -> np.ndarray:

@@ -70,3 +70,10 @@ def test_table_output_and_bad_image(index_dir, synth_shards, tmp_path, capsys):
     assert "cannot read the image" in capsys.readouterr().err
     assert main(["search", "--index", str(tmp_path), "--image", str(bad)]) == 2
     assert "retrieval index build" in capsys.readouterr().err
+    listed = tmp_path / "queries.txt"
+    listed.write_text("image_id class_id super_class_id path\n1 5 1 missing.jpg\n")
+    assert main(["search", "--index", str(index_dir), "--queries", str(listed)]) == 2
+    assert "missing.jpg: cannot read the image" in capsys.readouterr().err
+    listed.write_text("id class path\n")
+    assert main(["search", "--index", str(index_dir), "--queries", str(listed)]) == 2
+    assert "queries.txt:1: expected the header" in capsys.readouterr().err
