@@ -173,12 +173,12 @@ class StopFlag:
         return accelerator.is_main_process and self.deadline is not None and time.monotonic() >= self.deadline
 
     def agreed(self, accelerator) -> bool:
-        if self.raised or self._out_of_time(accelerator):
+        timed = self._out_of_time(accelerator)  # read once: the trigger and the reason must tell the same story
+        if self.raised or timed:
             accelerator.set_trigger()
         if not accelerator.check_trigger():  # one tiny all-reduce: every rank stops at the same step
             return False
-        timed = self._out_of_time(accelerator) and not self.raised
-        self.reason = "time" if dist.broadcast_object(timed) else "signal"
+        self.reason = "time" if dist.broadcast_object(timed and not self.raised) else "signal"
         return True
 
 
