@@ -76,6 +76,29 @@ def summarize(values: Sequence[float], unit: str, warmup: int, **extra: Any) -> 
     }
 
 
+def time_calls(
+    fn: Callable[[], Any], repeats: int, device: Any = None, warmup: int = 0, peak_memory: bool = False
+) -> tuple[dict[str, Any], Any]:
+    """Seconds per call of ``fn`` (each call between two synchronised clock reads) and its last output;
+    with ``peak_memory`` on CUDA, the peak allocated GB over the timed calls as ``peak_mem_gb``."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    cuda = device is not None and getattr(device, "type", str(device)).startswith("cuda")
+    if peak_memory and cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, out = [], None
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    extra = {"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None} if peak_memory else {}
+    return summarize(times, "s", warmup, **extra), out
+
+
 def time_rate(
     fn: Callable[[], Any], items_per_call: int, reps: Repeats, device: Any = None, unit: str = "images/s", **extra: Any
 ) -> dict[str, Any]:

@@ -48,19 +48,6 @@ def random_unit(n: int, d: int, seed: int = 0) -> np.ndarray:
     return x
 
 
-def _timed(fn, repeats: int, device: str = "cpu", warmup: int = 0) -> tuple[dict[str, Any], Any]:
-    for _ in range(warmup):
-        fn()
-    times, out = [], None
-    for _ in range(repeats):
-        common.synchronize(torch.device(device))
-        t0 = time.perf_counter()
-        out = fn()
-        common.synchronize(torch.device(device))
-        times.append(time.perf_counter() - t0)
-    return common.summarize(times, "s", warmup), out
-
-
 def compare(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray], tie_tol: float = 1e-5) -> dict:
     """Recall of ``got`` against ``ref``, identical-set rows, and whether every difference is a near-tie."""
     ref_s, ref_i = ref
@@ -109,7 +96,7 @@ def exact_backends(level: str) -> tuple[dict, dict, list[list]]:
     ref = None
     for name, device, kw in _backends(level):
         cuda = device == "cuda"
-        stat, out = _timed(
+        stat, out = common.time_calls(
             lambda kw=kw: knn.search(x, None, k, **kw),
             repeats=3 if cuda else repeats,
             device=device,
@@ -172,7 +159,7 @@ def ann_at_scale(seed: int = 1) -> dict[str, Any]:
         build = time.perf_counter() - t0
         for v in values:
             faiss.ParameterSpace().set_index_parameter(index, param, v)
-            stat, (_, got) = _timed(lambda index=index: index.search(xq, k), repeats=3, warmup=1)
+            stat, (_, got) = common.time_calls(lambda index=index: index.search(xq, k), repeats=3, warmup=1)
             recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, exact, strict=True)]))
             out[f"{factory} {param}={v}"] = {
                 "build_seconds": round(build, 1),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 import types
 from pathlib import Path
 from typing import Any
@@ -32,23 +31,6 @@ def _import_knn():
     from retrieval import knn
 
     return knn
-
-
-def _time(fn, device: torch.device, repeats: int = 3) -> tuple[list[float], Any, float | None]:
-    from retrieval.bench import common
-
-    fn()  # warm-up: cuBLAS handles, kernel selection, allocator
-    times, out = [], None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(repeats):
-        common.synchronize(device)
-        t0 = time.perf_counter()
-        out = fn()
-        common.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return times, out, peak
 
 
 def floor_search(x: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -79,8 +61,8 @@ def run(out_dir: Path, n: int, d: int, k_with_self: int) -> dict:
     results: dict[str, Any] = {}
     ids: dict[str, torch.Tensor] = {}
     for name, dt in (("floor fp32", torch.float32), ("floor bf16", torch.bfloat16)):
-        times, _, peak = _time(lambda dt=dt: floor_search(x, k_with_self, dt), device)
-        results[name] = common.summarize(times, "s", 1, peak_mem_gb=peak, queries_per_s=n / min(times))
+        stat, _ = common.time_calls(lambda dt=dt: floor_search(x, k_with_self, dt), 3, device, 1, peak_memory=True)
+        results[name] = stat | {"queries_per_s": n / stat["min"]}
     for dtype in knn.DTYPES:
         for host in (False, True) if dtype in ("fp32", "bf16x3") else (False,):
 
@@ -88,12 +70,12 @@ def run(out_dir: Path, n: int, d: int, k_with_self: int) -> dict:
                 return knn.torch_search(x, None, k, exclude=exclude, device=device, dtype=dtype, to_host=host)
 
             try:
-                times, (_, found), peak = _time(fn, device)
+                stat, (_, found) = common.time_calls(fn, 3, device, 1, peak_memory=True)
             except (RuntimeError, NotImplementedError) as e:  # e.g. a torch without mm(out_dtype=) on CUDA
                 results[f"ours {dtype}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
                 break
             name = f"ours {dtype}" + (" +host" if host else "")
-            results[name] = common.summarize(times, "s", 1, peak_mem_gb=peak, queries_per_s=n / min(times))
+            results[name] = stat | {"queries_per_s": n / stat["min"]}
             if not host:
                 ids[dtype] = found
     recall = {f"{dt} vs fp32": _recall(ids["fp32"], ids[dt]) for dt in ids if dt != "fp32"}
