@@ -12,7 +12,7 @@
 #
 # Prints versions first and stops at once (exit 3) when torch, timm or accelerate is missing, (exit 4) when
 # there is no CUDA device and --cpu-smoke was not given. Writes bench-{search-gpu,train,embed}.json, the demo's
-# demo-results.json, demo-metrics.jsonl, demo-search.json and report.html under $OUT when it is set (else
+# demo-results.json, demo-metrics.jsonl, demo-search-queries.json and report.html under $OUT when it is set (else
 # ./bench-gpu-out). Most important first, each check time-boxed, about 8 minutes in all on an H100:
 #   1. search: 60,502 x 60,502 x 1024 random unit vectors, top 1001 incl. self, torch CUDA fp32 and bf16
 #   2. demo: synthetic catalogue (4,000 classes) -> shards -> train configs/demo_gpu.yaml (3 min budget) ->
@@ -95,12 +95,8 @@ elif "$PY" -c "import webdataset, faiss, pytorch_metric_learning" 2>/dev/null; t
   DEMO_DIR="${TMPDIR:-/tmp}/gpu-check-demo"
   timeout -k 15 300 "$PY" -m retrieval.demo --fresh --config configs/demo_gpu.yaml --out "$DEMO_DIR" \
     "${DEMO[@]}" log.wandb=disabled || FAILED+=("demo ($?)")
-  if [[ -f "$DEMO_DIR/run/index/index.json" ]]; then
-    "$PY" -m retrieval search --index "$DEMO_DIR/run/index" --queries "$DEMO_DIR/sop/queries.txt" --k 10 --json \
-      > "$OUT_DIR/demo-search.json" || FAILED+=("demo search ($?)")
-  fi
-  for f in results.json run/metrics.jsonl run/report.html; do
-    [[ -f "$DEMO_DIR/$f" ]] && cp "$DEMO_DIR/$f" "$OUT_DIR/$(basename "$f" | sed 's/^\(results\|metrics\)/demo-\1/')"
+  for f in results.json run/metrics.jsonl run/search-queries.json run/report.html; do
+    [[ -f "$DEMO_DIR/$f" ]] && cp "$DEMO_DIR/$f" "$OUT_DIR/$(basename "$f" | sed 's/^\(results\|metrics\|search\)/demo-\1/')"
   done
 else
   echo "demo skipped: webdataset / faiss / pytorch-metric-learning not importable"
@@ -150,8 +146,8 @@ if (out / "demo-metrics.jsonl").is_file():
     if rates:
         print(f"demo       train median {rates[len(rates) // 2]:.0f} images/s per GPU over {len(rates)} log intervals; "
               f"last step {rows[-1].get('step')}; val R@1 by epoch " + " ".join(f"{100 * r['recall@1']:.1f}" for r in val))
-if (out / "demo-search.json").is_file():
-    s = json.loads((out / "demo-search.json").read_text())["summary"]
+if (out / "demo-search-queries.json").is_file():
+    s = json.loads((out / "demo-search-queries.json").read_text())["summary"]
     print(f"demo       search: {s['queries']} new photos of test products: top hit of the same product "
           f"{100 * s['top1_same_class']:.2f}%, one of the top 10 {100 * s['topk_any_same_class']:.2f}%")
 PY

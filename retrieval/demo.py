@@ -10,6 +10,7 @@ seed's and writes the rows to ``runs/demo/results.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import socket
@@ -23,10 +24,11 @@ import torch
 DEMO_OVERRIDES = ["train.eval_every=1", "train.log_every=25", "log.wandb=offline"]
 
 
-def _sh(cmd: list[str], label: str, env: dict | None = None) -> float:
-    print(f"\n==> {label}\n    $ {' '.join(cmd)}", flush=True)
+def _sh(cmd: list[str], label: str, env: dict | None = None, stdout: Path | None = None) -> float:
+    print(f"\n==> {label}\n    $ {' '.join(cmd)}" + (f" > {stdout}" if stdout else ""), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
+    with open(stdout, "w") if stdout else contextlib.nullcontext() as out:
+        subprocess.run(cmd, check=True, env=env, stdout=out)
     return time.perf_counter() - start
 
 
@@ -190,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     _sh(py + ["eval", "--embeddings", str(emb)], "evaluate fine-tuned", env)
     if (sop / "queries.txt").is_file():
         search = py + ["search", "--index", str(run / "index"), "--queries", str(sop / "queries.txt"), "--k", "10"]
-        times["search"] = _sh(search, "search the index with new photos of the test products", env)
+        found = run / "search-queries.json"  # every query's top 10 and the summary (bench/gpu_check.sh keeps it)
+        times["search"] = _sh(search + ["--json"], "search the index with new photos of the test products", env, found)
+        hits = json.loads(found.read_text())["summary"]
+        print(
+            f"{hits['queries']} new photos: the top hit is of the query's product for {100 * hits['top1_same_class']:.2f}%, "
+            f"one of the top 10 for {100 * hits['topk_any_same_class']:.2f}%"
+        )
     rows = _results(args.config, base, emb)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     shutil.copy(out / "results.json", run / "results.json")
