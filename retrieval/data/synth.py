@@ -383,7 +383,7 @@ def _write_queries(out: Path, test_classes: list[SynthClass], query_views: int) 
     (out / "queries.txt").write_text("\n".join(lines) + "\n", encoding="ascii")
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def _prepare_out(out: Path, force: bool, query_views: int) -> None:
     """Refuse to mix with unrelated files; with ``force`` remove only what a previous synth-sop wrote."""
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -396,6 +396,8 @@ def _prepare_out(out: Path, force: bool) -> None:
         (out / "queries.txt").unlink(missing_ok=True)
     for name in SUPER_CLASSES:
         (out / f"{name}_final").mkdir(parents=True, exist_ok=True)
+        if query_views:
+            (out / QUERY_DIR / f"{name}_final").mkdir(parents=True, exist_ok=True)
 
 
 def synth_sop(
@@ -416,10 +418,7 @@ def synth_sop(
     out = Path(out)
     plan = plan_classes(classes, images_per_class, seed)
     n_train = (classes + 1) // 2
-    _prepare_out(out, force)
-    if query_views:
-        for name in SUPER_CLASSES:
-            (out / QUERY_DIR / f"{name}_final").mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, force, query_views)
     jobs = [(seed, cls, size, str(out), query_views if i >= n_train else 0) for i, cls in enumerate(plan)]
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:  # fork can hang under torch threads
