@@ -111,6 +111,17 @@ def test_arguments_and_refusals(tmp_path):
         synth_sop(tmp_path / "busy", 4, (2, 2), force=True)
     synth_sop(tmp_path / "ok", 4, (2, 2), size=32)
     synth_sop(tmp_path / "ok", 4, (2, 2), size=32, force=True)  # replacing its own output is fine
+    for bad in (0, 4):
+        with pytest.raises(UserError, match="--train-classes: expected 1..3"):
+            synth_sop(tmp_path / "ok", 4, (2, 2), size=32, force=True, train_classes=bad)
+
+
+def test_train_classes_sets_the_split(tmp_path):
+    """--train-classes N: the first N classes are train (ids 1..N), the rest test; both cover the super classes."""
+    assert main(["synth-sop", str(tmp_path), "--classes", "40", "--train-classes", "28", "--size", "32"]) == 0
+    train, test = plain_read(tmp_path / "Ebay_train.txt"), plain_read(tmp_path / "Ebay_test.txt")
+    assert sorted({r[1] for r in train}) == list(range(1, 29)) and sorted({r[1] for r in test}) == list(range(29, 41))
+    assert {r[2] for r in train} == set(range(1, 13)) and {r[2] for r in test} == set(range(1, 13))
 
 
 def _test_pixels(root: Path, px: int) -> tuple[np.ndarray, np.ndarray]:

@@ -321,14 +321,26 @@ def parse_images_per_class(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def plan_classes(n_classes: int, images_per_class: tuple[int, int], seed: int) -> list[SynthClass]:
+def split_point(n_classes: int, train_classes: int | None) -> int:
+    """How many of the classes are train: ``train_classes``, or ceil(N/2) (SOP: 11,318 train, 11,316 test)."""
+    if n_classes < 2:
+        raise UserError(f"--classes: expected at least 2 (one train and one test class), got {n_classes}")
+    if train_classes is None:
+        return (n_classes + 1) // 2
+    if not 1 <= train_classes < n_classes:
+        raise UserError(f"--train-classes: expected 1..{n_classes - 1} (of --classes {n_classes}), got {train_classes}")
+    return train_classes
+
+
+def plan_classes(
+    n_classes: int, images_per_class: tuple[int, int], seed: int, train_classes: int | None = None
+) -> list[SynthClass]:
     """Class ids, super classes, product ids and image counts; train classes first, as in SOP.
 
     Within each split the classes run through the 12 super classes in folder order (contiguous blocks,
-    like SOP's lists). Train takes ceil(N/2) classes (SOP: 11,318 train, 11,316 test).
+    like SOP's lists). Train takes ``split_point(n_classes, train_classes)`` classes.
     """
-    if n_classes < 2:
-        raise UserError(f"--classes: expected at least 2 (one train and one test class), got {n_classes}")
+    n_train = split_point(n_classes, train_classes)
     rng = np.random.default_rng([seed, 2])
     counts = rng.integers(images_per_class[0], images_per_class[1] + 1, size=n_classes)
     product_ids: list[int] = []
@@ -338,7 +350,6 @@ def plan_classes(n_classes: int, images_per_class: tuple[int, int], seed: int) -
         if pid not in seen:
             seen.add(pid)
             product_ids.append(pid)
-    n_train = (n_classes + 1) // 2
     out = []
     for i in range(n_classes):
         j, n = (i, n_train) if i < n_train else (i - n_train, n_classes - n_train)
@@ -409,6 +420,7 @@ def synth_sop(
     workers: int = 1,
     force: bool = False,
     query_views: int = 0,
+    train_classes: int | None = None,
 ) -> dict[str, int]:
     """Write a synthetic SOP tree to ``out``; returns counts (classes and images per split, query views)."""
     if size < 16:
@@ -416,8 +428,8 @@ def synth_sop(
     if query_views < 0:
         raise UserError(f"--query-views: expected 0 or more, got {query_views}")
     out = Path(out)
-    plan = plan_classes(classes, images_per_class, seed)
-    n_train = (classes + 1) // 2
+    plan = plan_classes(classes, images_per_class, seed, train_classes)
+    n_train = split_point(classes, train_classes)
     _prepare_out(out, force, query_views)
     jobs = [(seed, cls, size, str(out), query_views if i >= n_train else 0) for i, cls in enumerate(plan)]
     if workers > 1:
@@ -445,6 +457,12 @@ def synth_sop(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder (the Stanford_Online_Products root)")
     parser.add_argument("--classes", type=int, default=200, help="classes in all, split about half train/half test")
+    parser.add_argument(
+        "--train-classes",
+        type=int,
+        default=None,
+        help="how many of --classes are train (default: half, as SOP); the rest are test",
+    )
     parser.add_argument("--images-per-class", default="2-12", help="K or LO-HI (uniform per class); SOP has 2..12")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="longer image side in pixels")
@@ -468,6 +486,7 @@ def run(args: argparse.Namespace) -> int:
         max(1, args.workers),
         args.force,
         args.query_views,
+        args.train_classes,
     )
     log.info(
         "wrote %d images to %s: train %d classes / %d images, test %d classes / %d images",
