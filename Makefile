@@ -1,5 +1,6 @@
 # The two commands of the README's quick start:
 #   make demo   the whole product in miniature on synthetic SOP-format data (CPU ok, GPU if present)
+#   make demo-long   the same, trained ~22 min on 2 CPU cores: long enough for search to find the product
 #   make test   install into .venv and run the default test suite
 SHELL := /bin/bash
 PY ?= python3
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo clean-demo
+.PHONY: install test test-all lint demo demo-long clean-demo
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,3 +37,10 @@ lint: install
 
 demo: install
 	$(BIN)/python -m retrieval.demo
+
+demo-long: install
+	$(BIN)/python -m retrieval.demo --config configs/demo_long.yaml --classes 2700 --train-classes 2400 \
+		--query-views 2 --out runs/demo-long
+
+clean-demo:
+	rm -rf runs/demo runs/demo-long
