@@ -85,6 +85,7 @@ def test_trained_metrics_agree_with_pml(world):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~22 min on 2 cores; the suite's default is 600 s
 def test_long_cpu_training_finds_the_product_first(tmp_path, capsys):
     """`make demo-long`: after ~22 min of training on 2 CPU cores most new photos find their own product first."""
     assert demo.main([*DEMO_LONG, "--query-views", "2", "--out", str(tmp_path)]) == 0
