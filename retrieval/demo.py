@@ -76,7 +76,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--classes", type=int, default=600)
-    p.add_argument("--train-classes", type=int, default=0, help="train classes of --classes (default: half)")
+    p.add_argument("--train-classes", type=int, help="train classes of --classes (default: half)")
     p.add_argument("--images-per-class", default="3-8")
     p.add_argument("--query-views", type=int, default=1, help="new photos per test product searched at the end")
     p.add_argument("--size", type=int, default=96, help="synthetic image side in pixels")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.query_views),
                 "--workers",
                 str(_workers()),
-                *(["--train-classes", str(args.train_classes)] if args.train_classes else []),
+                *(["--train-classes", str(args.train_classes)] if args.train_classes is not None else []),
             ],
             "synthetic catalogue",
             env,

@@ -332,15 +332,13 @@ def split_point(n_classes: int, train_classes: int | None) -> int:
     return train_classes
 
 
-def plan_classes(
-    n_classes: int, images_per_class: tuple[int, int], seed: int, train_classes: int | None = None
-) -> list[SynthClass]:
-    """Class ids, super classes, product ids and image counts; train classes first, as in SOP.
+def plan_classes(n_classes: int, images_per_class: tuple[int, int], seed: int, n_train: int) -> list[SynthClass]:
+    """Class ids, super classes, product ids and image counts; the first ``n_train`` (:func:`split_point`) are
+    train, as in SOP.
 
     Within each split the classes run through the 12 super classes in folder order (contiguous blocks,
-    like SOP's lists). Train takes ``split_point(n_classes, train_classes)`` classes.
+    like SOP's lists).
     """
-    n_train = split_point(n_classes, train_classes)
     rng = np.random.default_rng([seed, 2])
     counts = rng.integers(images_per_class[0], images_per_class[1] + 1, size=n_classes)
     product_ids: list[int] = []
@@ -428,8 +426,8 @@ def synth_sop(
     if query_views < 0:
         raise UserError(f"--query-views: expected 0 or more, got {query_views}")
     out = Path(out)
-    plan = plan_classes(classes, images_per_class, seed, train_classes)
     n_train = split_point(classes, train_classes)
+    plan = plan_classes(classes, images_per_class, seed, n_train)
     _prepare_out(out, force, query_views)
     jobs = [(seed, cls, size, str(out), query_views if i >= n_train else 0) for i, cls in enumerate(plan)]
     if workers > 1:
