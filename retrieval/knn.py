@@ -255,11 +255,9 @@ def torch_search(
     n_db = xb32.shape[0]
     kc = min(n_db, k + max(16, k // 8) + (1 if exclude is not None else 0)) if scorer.rescore else k
     excl = None if exclude is None else torch.as_tensor(exclude, device=device)
-    if to_host:
-        scores, ids = np.empty((len(q32), k), np.float32), np.empty((len(q32), k), np.int64)
-    else:
-        scores = torch.empty((len(q32), k), dtype=torch.float32, device=device)
-        ids = torch.empty((len(q32), k), dtype=torch.int64, device=device)
+    out_device = torch.device("cpu") if to_host else device  # to host chunk by chunk: device memory stays O(chunk)
+    scores = torch.empty((len(q32), k), dtype=torch.float32, device=out_device)
+    ids = torch.empty((len(q32), k), dtype=torch.int64, device=out_device)
     with _matmul_precision(dtype):
         for q0 in range(0, len(q32), chunk):
             q = q32[q0 : q0 + chunk]
@@ -278,13 +276,9 @@ def torch_search(
                 idx = torch.gather(idx, 1, pos)
             if metric == "l2":
                 val = _finish_l2(val, q)
-            if to_host:
-                scores[q0 : q0 + len(q)] = val.float().cpu().numpy()
-                ids[q0 : q0 + len(q)] = idx.cpu().numpy()
-            else:
-                scores[q0 : q0 + len(q)] = val
-                ids[q0 : q0 + len(q)] = idx
-    return scores, ids
+            scores[q0 : q0 + len(q)] = val
+            ids[q0 : q0 + len(q)] = idx
+    return (scores.numpy(), ids.numpy()) if to_host else (scores, ids)
 
 
 # ----------------------------------------------------------------------------- symmetric self-search
