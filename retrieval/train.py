@@ -301,7 +301,7 @@ def _run_epoch(cfg, s: Setup, d, state, run_dir, mlog, stop) -> str:
         if not acc.sync_gradients:
             continue
         state.global_step += 1
-        if state.global_step % cfg.train.log_every == 0:
+        if _logs_at(cfg, state.global_step):
             _log_train(s, state, loss, stats, meter, mlog)
         if stop.agreed(acc):
             if stop.reason == "time":
@@ -315,6 +315,11 @@ def _run_epoch(cfg, s: Setup, d, state, run_dir, mlog, stop) -> str:
     return "done"
 
 
+def _logs_at(cfg, global_step: int) -> bool:
+    """Whether optimizer step ``global_step`` is logged (and so needs the loss statistics)."""
+    return global_step % cfg.train.log_every == 0
+
+
 def _step(cfg, s: Setup, batch: dict, state) -> tuple[torch.Tensor, dict]:
     acc = s.accelerator
     images = batch["image"].to(acc.device, non_blocking=True)
@@ -323,7 +328,7 @@ def _step(cfg, s: Setup, batch: dict, state) -> tuple[torch.Tensor, dict]:
         images = images.contiguous(memory_format=torch.channels_last)
     with acc.accumulate(s.model):
         embeddings = s.model(images)
-        log_now = (state.global_step + 1) % cfg.train.log_every == 0  # stats sync the host: logging steps only
+        log_now = _logs_at(cfg, state.global_step + 1)  # the step this batch completes; stats sync the host
         loss, stats = s.criterion(embeddings.float(), labels, step=state.global_step, with_stats=log_now)
         acc.backward(loss)
         if acc.sync_gradients and cfg.optim.grad_clip is not None and not dist.uses_deepspeed():
