@@ -15,7 +15,7 @@
 # demo-results.json, demo-metrics.jsonl, demo-search-queries.json and report.html under $OUT when it is set (else
 # ./bench-gpu-out). Most important first, each check time-boxed, about 8 minutes in all on an H100:
 #   1. search: 60,502 x 60,502 x 1024 random unit vectors, top 1001 incl. self, torch CUDA fp32 and bf16
-#   2. demo: synthetic catalogue (4,000 classes) -> shards -> train configs/demo_gpu.yaml (3 min budget) ->
+#   2. demo: synthetic catalogue (4,000 classes) -> shards -> train configs/demo_gpu.yaml (2 min budget) ->
 #      embed -> index -> eval -> `retrieval search --queries` with new photos of the test products -> report
 #   3. train: raw timm fwd+bwd+AdamW vs our step vs the trainer on shards, both SwinV2-B recipes, bf16
 #   4. embed: raw timm inference vs our model + host copy, both models, bf16

@@ -139,8 +139,11 @@ def run(args: argparse.Namespace) -> int:
             res["query_class_id"] = c
         summary = same_class_summary(results, classes)
     if args.json:
-        payload = {"summary": summary, "queries": results} if summary else results
-        print(json.dumps(payload if len(results) > 1 or summary else results[0], indent=1))
+        if summary:
+            payload = {"summary": summary, "queries": results}
+        else:  # one --image prints its result alone
+            payload = results if len(results) > 1 else results[0]
+        print(json.dumps(payload, indent=1))
         return 0
     _print_table(results[:5] if summary else results)
     if summary:

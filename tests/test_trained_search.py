@@ -22,7 +22,10 @@ from retrieval.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
-DEMO_LONG = ["--config", str(REPO / "configs" / "demo_long.yaml"), "--classes", "2700", "--train-classes", "2400"]
+DEMO_LONG = [  # `make demo-long`
+    *("--config", str(REPO / "configs" / "demo_long.yaml")),
+    *("--classes", "2700", "--train-classes", "2400", "--query-views", "2"),
+]
 TRAIN = ["log.wandb=disabled", "data.num_workers=0", "train.epochs=4", "data.steps_per_epoch=100"]
 
 
@@ -88,7 +91,7 @@ def test_trained_metrics_agree_with_pml(world):
 @pytest.mark.timeout(3600)  # ~22 min on 2 cores; the suite's default is 600 s
 def test_long_cpu_training_finds_the_product_first(tmp_path, capsys):
     """`make demo-long`: after ~22 min of training on 2 CPU cores most new photos find their own product first."""
-    assert demo.main([*DEMO_LONG, "--query-views", "2", "--out", str(tmp_path)]) == 0
+    assert demo.main([*DEMO_LONG, "--out", str(tmp_path)]) == 0
     trained = json.loads((tmp_path / "run" / "search-queries.json").read_text())["summary"]
     _ok(["index", "build", "--embeddings", str(tmp_path / "emb-untrained"), "--out", str(tmp_path / "index-untrained")])
     untrained = _search(tmp_path / "index-untrained", tmp_path / "sop" / "queries.txt", capsys)["summary"]
