@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from retrieval import dist
-from retrieval.data.loader import eval_loader, read_stats
+from retrieval.data.loader import Reader, eval_loader, read_stats
 from retrieval.errors import UserError
+from retrieval.models import InputSpec
 
 log = logging.getLogger(__name__)
 KEYS = ("embeddings", "ids", "labels", "super_labels")
@@ -44,7 +45,7 @@ def embed_split(
     model,
     shards: str,
     split: str,
-    img: dict,
+    spec: InputSpec,
     batch_size: int,
     num_workers: int,
     device: torch.device,
@@ -52,18 +53,7 @@ def embed_split(
 ) -> dict:
     """This rank's share of ``split``: embeddings (float32) with ids, labels, super labels and paths."""
     model.eval()
-    loader = eval_loader(
-        shards,
-        split,
-        batch_size,
-        img["img_size"],
-        img["mean"],
-        img["std"],
-        img["crop_pct"],
-        num_workers,
-        rank=dist.rank(),
-        world=dist.world_size(),
-    )
+    loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), dist.world_size()))
     out: dict[str, list] = {k: [] for k in (*KEYS, "paths")}
     skipped, start, count = 0, time.perf_counter(), 0
     for batch in tqdm(loader, desc=f"embed {split}", disable=not dist.is_main(), unit="batch"):
@@ -133,8 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_model_for_embedding(model_path: str, untrained: bool):
     """(model, img spec, provenance) from a run folder or an exported file."""
     from retrieval.config import load_config
-    from retrieval.models import build_model, load_exported
-    from retrieval.train import _input_spec, initial_model
+    from retrieval.models import build_model, initial_model, load_exported
 
     path = Path(model_path)
     if path.suffix in (".yaml", ".yml"):  # an experiment config: only meaningful at its starting weights
@@ -158,14 +147,13 @@ def load_model_for_embedding(model_path: str, untrained: bool):
         from retrieval.config import Config
 
         cfg = Config()
-    return model, _input_spec(cfg, model), {"model": str(path), "untrained": untrained}
+    return model, InputSpec.of(model, cfg.data), {"model": str(path), "untrained": untrained}
 
 
 def run(args: argparse.Namespace) -> int:
     acc = dist.make_accelerator(args.precision, 1, args.out)
     model, img, provenance = load_model_for_embedding(args.model, args.untrained)
-    if args.img_size:
-        img["img_size"] = args.img_size
+    img = img.with_size(args.img_size)
     stats = read_stats(args.shards)
     if args.split not in stats:
         raise UserError(f"{args.shards}/stats.json has no split {args.split!r}; found {sorted(stats)}")
@@ -235,7 +223,8 @@ def _write_merged(out: Path, merged: dict, args, img: dict, provenance: dict, wo
         "dim": int(merged["embeddings"].shape[1]) if merged["embeddings"].ndim == 2 else 0,
         "dtype": args.dtype,
         "skipped": merged["skipped"],
-        "img_size": img["img_size"],
+        "img_size": img.size,
+        "input": img.to_dict(),
         "world_size": world,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 from torch import nn
 
-from retrieval.config import ConfigError, ModelConfig, config_from_dict, to_dict
+from retrieval.config import Config, ConfigError, DataConfig, ModelConfig, config_from_dict, to_dict
 from retrieval.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,62 @@ class EmbeddingModel(nn.Module):
         if emb.dtype in (torch.float16, torch.bfloat16):
             emb = emb.float()  # distances for mining/ranking in fp32 even under autocast
         return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a model expects of its input images: one object from training to embedding, search and export.
+
+    Built once from the model (timm's data config) and the run's ``data`` section; every transform (train, eval,
+    search, export) takes it, so a model trained with one resize filter or size is never embedded with another.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ValueError(f"InputSpec.size: expected a positive size, got {self.size}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"InputSpec.crop_pct: expected a value in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"InputSpec.interpolation: expected bicubic or bilinear, got {self.interpolation!r}")
+
+    @classmethod
+    def of(cls, model: EmbeddingModel, data: DataConfig | None = None) -> InputSpec:
+        """The model's pretrained input (timm data config), with ``data.img_size``/``data.interpolation`` applied."""
+        dc = model.data_config
+        data = data or DataConfig()
+        return cls(
+            size=int(data.img_size or dc["input_size"][-1]),
+            mean=tuple(float(x) for x in dc["mean"]),
+            std=tuple(float(x) for x in dc["std"]),
+            crop_pct=float(dc.get("crop_pct", 0.875)),
+            interpolation=data.interpolation,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> InputSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(f"input spec: unknown keys {sorted(unknown)} (expected {sorted(known)})")
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+    def with_size(self, size: int | None) -> InputSpec:
+        return dataclasses.replace(self, size=size) if size else self
+
+
+def initial_model(cfg: Config) -> EmbeddingModel:
+    """The run's model at its starting weights: seeded, so `retrieval embed --untrained` rebuilds it exactly."""
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model)
 
 
 def build_model(cfg: ModelConfig) -> EmbeddingModel:

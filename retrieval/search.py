@@ -70,11 +70,11 @@ def _load(path: str, transform) -> torch.Tensor:
         raise UserError(f"query {path}: cannot read the image ({e})") from None
 
 
-def embed_images(model, img: dict, paths: list[str], batch_size: int = 64) -> np.ndarray:
+def embed_images(model, img: InputSpec, paths: list[str], batch_size: int = 64) -> np.ndarray:
     """Embed image files with the eval transform used for the catalogue, a batch at a time, on the GPU if any."""
     from retrieval.data.transforms import eval_transform
 
-    transform = eval_transform(img["img_size"], img["mean"], img["std"], img["crop_pct"])
+    transform = eval_transform(img)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     parts = []

@@ -37,7 +37,7 @@ import torch
 from retrieval import checkpoint, dist, runlog
 from retrieval.config import Config, derived, load_config, save_config, to_dict
 from retrieval.errors import UserError
-from retrieval.models import build_model, export_model, maybe_compile, param_groups
+from retrieval.models import InputSpec, export_model, initial_model, maybe_compile, param_groups
 
 # The data stack (webdataset), the losses (pytorch-metric-learning) and evaluation (faiss) are imported where
 # they are used, so `_step` imports with torch + timm + accelerate alone: bench/gpu_check.sh times this exact
@@ -67,12 +67,6 @@ def run(args: argparse.Namespace) -> int:
 # Setup
 
 
-def initial_model(cfg: Config):
-    """The run's model at its starting weights: seeded, so `retrieval embed --untrained` rebuilds it exactly."""
-    torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model)
-
-
 def lr_lambda(total_steps: int, warmup: int, floor: float):
     """Linear warmup then cosine to ``floor`` x peak, per optimizer step."""
 
@@ -92,14 +86,8 @@ class Setup:
     criterion: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    img: dict  # input size, mean, std, crop_pct
+    spec: InputSpec
     train_samples: int
-
-
-def _input_spec(cfg: Config, model) -> dict:
-    dc = model.data_config
-    size = cfg.data.img_size or int(dc["input_size"][-1])
-    return {"img_size": size, "mean": tuple(dc["mean"]), "std": tuple(dc["std"]), "crop_pct": dc.get("crop_pct", 0.875)}
 
 
 def _configure_deepspeed(accelerator, per_rank_batch: int, cfg: Config) -> None:
@@ -129,7 +117,7 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     model = initial_model(cfg)
-    img = _input_spec(cfg, model)
+    spec = InputSpec.of(model, cfg.data)
     d = derived(cfg, accelerator.num_processes, train_samples)
     groups = param_groups(model, cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas)
@@ -142,7 +130,7 @@ def setup(cfg: Config, run_dir: Path) -> Setup:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model = maybe_compile(model, cfg.model)
     criterion = build_loss(cfg.loss, seed=cfg.train.seed).to(accelerator.device)
-    return Setup(accelerator, model, criterion, optimizer, scheduler, img, train_samples)
+    return Setup(accelerator, model, criterion, optimizer, scheduler, spec, train_samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,21 +260,11 @@ def _loop(cfg, s: Setup, d, state, run_dir, mlog, stop) -> bool:
 
 def _run_epoch(cfg, s: Setup, d, state, run_dir, mlog, stop) -> str:
     """One epoch from the saved position: returns "done", "capped" (train.max_steps) or "preempted"."""
-    from retrieval.data.loader import train_loader
+    from retrieval.data.loader import EpochSpan, Reader, train_loader
 
-    acc, img = s.accelerator, s.img
-    loader = train_loader(
-        cfg.data.shards,
-        cfg.data,
-        img["img_size"],
-        img["mean"],
-        img["std"],
-        epoch=state.epoch,
-        steps=d.steps_per_epoch,
-        start_step=state.step_in_epoch,
-        rank=acc.process_index,
-        world=acc.num_processes,
-    )
+    acc = s.accelerator
+    span = EpochSpan(state.epoch, d.steps_per_epoch, state.step_in_epoch)
+    loader = train_loader(cfg.data.shards, cfg.data, s.spec, span, Reader(acc.process_index, acc.num_processes))
     meter = runlog.Throughput(acc.device)
     s.model.train()
     batches = iter(loader)
@@ -366,12 +344,12 @@ def _validate(cfg, s: Setup, state, mlog) -> bool:
     from retrieval.embed import embed_split, gather_embeddings
     from retrieval.evaluate import retrieval_metrics
 
-    acc, img = s.accelerator, s.img
+    acc = s.accelerator
     local = embed_split(
         acc.unwrap_model(s.model),
         cfg.data.shards,
         cfg.data.val_split,
-        img,
+        s.spec,
         cfg.data.eval_batch_size,
         cfg.data.num_workers,
         acc.device,

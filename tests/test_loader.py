@@ -14,12 +14,14 @@ from retrieval.config import DataConfig
 from retrieval.data import loader as L
 from retrieval.data import transforms as tfm
 from retrieval.errors import UserError
+from retrieval.models import InputSpec
 
 # tests run more workers than this machine's 2 cores on purpose (worker splitting), torch warns about it
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 MEAN = STD = (0.5, 0.5, 0.5)
 IMG = 32
+SPEC = InputSpec(IMG, MEAN, STD, 0.875)
 
 
 def _train_layout() -> list[list[tuple[int, int]]]:
@@ -53,8 +55,8 @@ def _cfg(**kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-def _train(d: Path, cfg: DataConfig, epoch: int = 0, steps: int = 6, **kw) -> list[dict]:
-    return list(L.train_loader(d, cfg, IMG, MEAN, STD, epoch=epoch, steps=steps, **kw))
+def _train(d: Path, cfg: DataConfig, epoch: int = 0, steps: int = 6, start_step: int = 0, **kw) -> list[dict]:
+    return list(L.train_loader(d, cfg, SPEC, L.EpochSpan(epoch, steps, start_step), L.Reader(**kw)))
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
@@ -74,7 +76,7 @@ def _class_sizes(classes: dict[int, int]) -> Counter:
 def test_train_batches_are_p_by_k(shards, workers):
     d, classes = shards
     cfg = _cfg(num_workers=workers)
-    loader = L.train_loader(d, cfg, IMG, MEAN, STD, epoch=0, steps=7)
+    loader = L.train_loader(d, cfg, SPEC, L.EpochSpan(0, 7))
     assert len(loader) == 7
     batches = list(loader)
     assert len(batches) == 7
@@ -164,7 +166,7 @@ def test_corrupt_jpegs_are_skipped_and_counted(tmp_path, caplog):
         assert 2 not in b["label"].tolist(), "a class with no decodable image is replaced"
         if 6 in b["label"].tolist():
             assert b["image_id"][b["label"] == 6].tolist() == [21] * 4, "one decodable image fills the class"
-    ev = list(L.eval_loader(tmp_path, "test", 5, IMG, MEAN, STD, 0.875, num_workers=2))
+    ev = list(L.eval_loader(tmp_path, "test", SPEC, 5, 2))
     ids = [i for b in ev for i in b["image_id"].tolist()]
     assert sorted(ids) == [i for i in range(1, 25) if i not in bad]
     assert sum(b["skipped"] for b in ev) == len(bad)
@@ -174,7 +176,7 @@ def test_corrupt_jpegs_are_skipped_and_counted(tmp_path, caplog):
 @pytest.mark.parametrize("workers,batch", [(0, 4), (3, 5), (4, 7)])
 def test_eval_yields_every_sample_once(shards, workers, batch):
     d, _ = shards
-    batches = list(L.eval_loader(d, "test", batch, IMG, MEAN, STD, 0.875, num_workers=workers))
+    batches = list(L.eval_loader(d, "test", SPEC, batch, workers))
     ids = [i for b in batches for i in b["image_id"].tolist()]
     assert sorted(ids) == list(range(1000, 1036))
     for b in batches:
@@ -185,11 +187,7 @@ def test_eval_yields_every_sample_once(shards, workers, batch):
 def test_eval_with_more_ranks_than_shards(shards):
     d, _ = shards
     per_rank = [
-        [
-            i
-            for b in L.eval_loader(d, "test", 8, IMG, MEAN, STD, 0.875, 2, rank=r, world=6)
-            for i in b["image_id"].tolist()
-        ]
+        [i for b in L.eval_loader(d, "test", SPEC, 8, 2, L.Reader(r, 6)) for i in b["image_id"].tolist()]
         for r in range(6)
     ]
     assert [len(p) > 0 for p in per_rank] == [True] * 4 + [False] * 2
@@ -241,8 +239,9 @@ def test_transforms_shapes_and_draft():
     assert min(img.size) >= 40 and min(img.size) < 200  # decoded at reduced scale
     assert tfm.decode_image(sk.jpeg_bytes(0, size=200)).size == (208, 200)
     cfg = DataConfig(color_jitter=0.3)
-    assert tfm.train_transform(48, cfg, MEAN, STD)(img).shape == (3, 48, 48)
-    assert tfm.eval_transform(48, MEAN, STD, 0.875)(img).shape == (3, 48, 48)
+    spec48 = InputSpec(48, MEAN, STD, 0.875)
+    assert tfm.train_transform(spec48, cfg)(img).shape == (3, 48, 48)
+    assert tfm.eval_transform(spec48)(img).shape == (3, 48, 48)
     assert tfm.eval_min_side(224, 0.875) == 256 and tfm.train_min_side(64, (0.25, 1.0)) == 128
 
 
@@ -254,5 +253,5 @@ def test_loading_leaves_the_global_rng_alone(shards, workers):
     expected = torch.rand(3)
     torch.manual_seed(5)
     _train(d, _cfg(num_workers=workers), steps=2)
-    list(L.eval_loader(d, "test", 8, IMG, MEAN, STD, 0.875, num_workers=workers))
+    list(L.eval_loader(d, "test", SPEC, 8, workers))
     assert torch.equal(torch.rand(3), expected)

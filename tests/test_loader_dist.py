@@ -10,7 +10,10 @@ import pytest
 from _launch import ACCELERATE, cpu_env, free_port, run
 
 from retrieval.config import DataConfig
-from retrieval.data.loader import train_loader
+from retrieval.data.loader import EpochSpan, Reader, train_loader
+from retrieval.models import InputSpec
+
+SPEC = InputSpec(32, (0.5,) * 3, (0.5,) * 3, 0.875)
 
 pytestmark = pytest.mark.dist
 
@@ -26,18 +29,20 @@ WORKER = textwrap.dedent(
     import torch.distributed as td
     from retrieval import dist
     from retrieval.config import DataConfig
-    from retrieval.data.loader import eval_loader, train_loader
+    from retrieval.data.loader import EpochSpan, eval_loader, train_loader
+    from retrieval.models import InputSpec
 
     shards, out, cfg = sys.argv[1], sys.argv[2], DataConfig(**json.loads(sys.argv[3]))
     td.init_process_group("gloo")
+    SPEC = InputSpec(32, (0.5,) * 3, (0.5,) * 3, 0.875)
     res = {"train": [], "eval": []}
     for epoch in range(int(sys.argv[4])):
         ids = []
-        for b in train_loader(shards, cfg, 32, (0.5,) * 3, (0.5,) * 3, epoch=epoch, steps=int(sys.argv[5])):
+        for b in train_loader(shards, cfg, SPEC, EpochSpan(epoch, int(sys.argv[5]))):
             dist.all_reduce_sum(torch.ones(1))
             ids.append(b["image_id"].tolist())
         res["train"].append(ids)
-    for b in eval_loader(shards, "test", 4, 32, (0.5,) * 3, (0.5,) * 3, 0.875, num_workers=2):
+    for b in eval_loader(shards, "test", SPEC, 4, 2):
         res["eval"] += b["image_id"].tolist()
     with open(f"{out}/rank{dist.rank()}.json", "w") as f:
         json.dump(res, f)
@@ -72,7 +77,7 @@ def test_two_ranks_disjoint_equal_and_exactly_once(tmp_path):
         assert all(len(batch) == P * K for batches in per_rank for batch in batches)
     assert res[0]["train"][0] != res[0]["train"][1], "a new order every epoch"
     # a rank's stream is the same as the single-process loader told its rank explicitly
-    local = train_loader(shards, DataConfig(**CFG), 32, (0.5,) * 3, (0.5,) * 3, epoch=1, steps=STEPS, rank=1, world=2)
+    local = train_loader(shards, DataConfig(**CFG), SPEC, EpochSpan(1, STEPS), Reader(1, 2))
     assert [b["image_id"].tolist() for b in local] == res[1]["train"][1]
 
     union = res[0]["eval"] + res[1]["eval"]

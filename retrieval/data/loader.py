@@ -49,6 +49,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -58,6 +59,9 @@ from retrieval.config import DataConfig
 from retrieval.data import transforms as tfm
 from retrieval.data.pk import TAG_AUG, TAG_SHARDS, PKPlanner, Plan, Sample, SkipCounter, read_samples, rng_for, seed_seq
 from retrieval.errors import UserError
+
+if TYPE_CHECKING:
+    from retrieval.models import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +225,31 @@ class _TrainStream(IterableDataset):
         }
 
 
+@dataclass(frozen=True)
+class Reader:
+    """Where this loader reads from in the world: rank/world (None = the process group's), host pinning."""
+
+    rank: int | None = None
+    world: int | None = None
+    pin_memory: bool = False
+
+    def place(self) -> tuple[int, int]:
+        return _rank_world(self.rank, self.world)
+
+
+@dataclass(frozen=True)
+class EpochSpan:
+    """Which P×K batches of the train stream to yield: ``steps - start_step`` batches of ``epoch``."""
+
+    epoch: int
+    steps: int
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_step <= self.steps:
+            raise ValueError(f"start_step {self.start_step} outside [0, steps={self.steps}]")
+
+
 def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
     rank = dist.rank() if rank is None else rank
     world = dist.world_size() if world is None else world
@@ -270,23 +299,11 @@ def epoch_shards(urls: Sequence[str], seed: int, epoch: int, rank: int, world: i
 
 
 def train_loader(
-    shards_dir: str | Path,
-    data_cfg: DataConfig,
-    img_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    epoch: int,
-    steps: int,
-    start_step: int = 0,
-    rank: int | None = None,
-    world: int | None = None,
-    pin_memory: bool = False,
+    shards_dir: str | Path, data_cfg: DataConfig, spec: InputSpec, span: EpochSpan, reader: Reader = Reader()
 ) -> DataLoader:
-    """Exactly ``steps - start_step`` P×K batches of ``data_cfg.train_split`` for this rank and epoch."""
-    if not 0 <= start_step <= steps:
-        raise ValueError(f"start_step {start_step} outside [0, steps={steps}]")
-    rank, world = _rank_world(rank, world)
-    urls = epoch_shards(shard_urls(shards_dir, data_cfg.train_split), data_cfg.seed, epoch, rank, world)
+    """Exactly ``span.steps - span.start_step`` P×K batches of ``data_cfg.train_split`` for this rank and epoch."""
+    rank, world = reader.place()
+    urls = epoch_shards(shard_urls(shards_dir, data_cfg.train_split), data_cfg.seed, span.epoch, rank, world)
     workers = data_cfg.num_workers
     if workers > len(urls):
         log.warning(
@@ -301,15 +318,15 @@ def train_loader(
     dataset = _TrainStream(
         urls,
         data_cfg,
-        tfm.train_transform(img_size, data_cfg, mean, std),
-        tfm.train_min_side(img_size, data_cfg.scale),
-        epoch,
+        tfm.train_transform(spec, data_cfg),
+        tfm.train_min_side(spec.size, data_cfg.scale),
+        span.epoch,
         rank,
         max(workers, 1),
-        steps,
-        start_step,
+        span.steps,
+        span.start_step,
     )
-    return _dataloader(dataset, workers, pin_memory)
+    return _dataloader(dataset, workers, reader.pin_memory)
 
 
 class _EvalStream(IterableDataset):
@@ -355,24 +372,12 @@ class _EvalStream(IterableDataset):
 
 
 def eval_loader(
-    shards_dir: str | Path,
-    split: str,
-    batch_size: int,
-    img_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    crop_pct: float,
-    num_workers: int,
-    rank: int | None = None,
-    world: int | None = None,
-    interpolation: str = "bicubic",
-    pin_memory: bool = False,
+    shards_dir: str | Path, split: str, spec: InputSpec, batch_size: int, num_workers: int, reader: Reader = Reader()
 ) -> DataLoader:
     """Every sample of ``split`` exactly once across ranks (this rank's part; empty when it has no shard)."""
-    rank, world = _rank_world(rank, world)
+    rank, world = reader.place()
     urls = shard_urls(shards_dir, split)[rank::world]
     workers = min(num_workers, len(urls))
-    transform = tfm.eval_transform(img_size, mean, std, crop_pct, interpolation)
-    min_side = tfm.eval_min_side(img_size, crop_pct)
-    dataset = _EvalStream(urls, max(workers, 1), batch_size, transform, img_size, min_side, rank)
-    return _dataloader(dataset, workers, pin_memory)
+    min_side = tfm.eval_min_side(spec.size, spec.crop_pct)
+    dataset = _EvalStream(urls, max(workers, 1), batch_size, tfm.eval_transform(spec), spec.size, min_side, rank)
+    return _dataloader(dataset, workers, reader.pin_memory)

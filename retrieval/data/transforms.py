@@ -15,12 +15,16 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
 from retrieval.config import DataConfig
+
+if TYPE_CHECKING:  # the data layer only reads the spec's fields; it never builds a model
+    from retrieval.models import InputSpec
 
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
@@ -49,31 +53,28 @@ def eval_min_side(img_size: int, crop_pct: float) -> int:
     return int(img_size / crop_pct)
 
 
-def train_transform(img_size: int, data: DataConfig, mean: Sequence[float], std: Sequence[float]) -> Transform:
+def train_transform(spec: InputSpec, data: DataConfig) -> Transform:
     """RandomResizedCrop(scale=data.scale) + horizontal flip(data.hflip) [+ ColorJitter] + ToTensor + Normalize."""
     steps: list = [
-        T.RandomResizedCrop(img_size, scale=tuple(data.scale), interpolation=_INTERPOLATION[data.interpolation]),
+        T.RandomResizedCrop(spec.size, scale=tuple(data.scale), interpolation=_INTERPOLATION[spec.interpolation]),
     ]
     if data.hflip > 0:
         steps.append(T.RandomHorizontalFlip(data.hflip))
     if data.color_jitter > 0:
         j = data.color_jitter
         steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
-    steps += [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
+    steps += [T.ToTensor(), T.Normalize(mean=list(spec.mean), std=list(spec.std))]
     return T.Compose(steps)
 
 
-def eval_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875, interpolation: str = "bicubic"
-) -> Transform:
-    """Resize(shorter side to img_size / crop_pct) + CenterCrop(img_size) + ToTensor + Normalize (timm's eval)."""
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct: expected a value in (0, 1], got {crop_pct}")
+def eval_transform(spec: InputSpec) -> Transform:
+    """Resize(shorter side to size / crop_pct) + CenterCrop(size) + ToTensor + Normalize (timm's eval), with the
+    spec's resize filter: the one the model was trained with."""
     return T.Compose(
         [
-            T.Resize(eval_min_side(img_size, crop_pct), interpolation=_INTERPOLATION[interpolation]),
-            T.CenterCrop(img_size),
+            T.Resize(eval_min_side(spec.size, spec.crop_pct), interpolation=_INTERPOLATION[spec.interpolation]),
+            T.CenterCrop(spec.size),
             T.ToTensor(),
-            T.Normalize(mean=list(mean), std=list(std)),
+            T.Normalize(mean=list(spec.mean), std=list(spec.std)),
         ]
     )

@@ -1,0 +1,54 @@
+"""Small helpers every layer uses, each written once: atomic file writes, a free TCP port, peak memory.
+
+Nothing here imports torch at module level or keeps state between calls.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader (or a kill at any instant) sees the old file or the new one.
+
+    The temporary file is created exclusively (``mkstemp``: O_CREAT|O_EXCL, unpredictable name) in the target's
+    folder, so a planted symlink is never followed and the final ``os.replace`` stays on one filesystem.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on ``host`` (bind to port 0 and let the kernel choose)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GiB.
+
+    Linux: ``VmHWM`` of /proc/self/status, which starts afresh at exec; ``ru_maxrss`` would also count the RSS
+    of the parent at fork time (a benchmark that spawns a command would measure itself), so it is the fallback only.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
