@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from retrieval.errors import UserError
+from retrieval.models import InputSpec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
