@@ -36,10 +36,10 @@ lint: install
 	$(BIN)/ruff check retrieval tests && $(BIN)/ruff format --check retrieval tests
 
 demo: install
-	$(BIN)/python -m retrieval.demo
+	$(BIN)/python -m retrieval demo
 
 demo-long: install
-	$(BIN)/python -m retrieval.demo --config configs/demo_long.yaml --classes 2700 --train-classes 2400 \
+	$(BIN)/python -m retrieval demo --config configs/demo_long.yaml --classes 2700 --train-classes 2400 \
 		--query-views 2 --out runs/demo-long
 
 clean-demo:

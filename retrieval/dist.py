@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as td
+
+from retrieval.util import free_port
 
 
 def is_dist() -> bool:
@@ -209,3 +213,34 @@ def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with
         project_config=ProjectConfiguration(project_dir=project_dir, automatic_checkpoint_naming=False),
         kwargs_handlers=handlers,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching child jobs (the demo, the benchmarks, the tests): one builder of the command line and environment.
+
+
+def accelerate_command(
+    nproc: int, args: list[str], config_file: str | None = None, extra: list[str] | None = None
+) -> list[str]:
+    """``accelerate launch ... -m retrieval ARGS`` on ``nproc`` processes of this machine, on a free port.
+
+    Without a ``config_file`` several processes get ``--multi_gpu`` (with ``launch_env(cpu=True)`` that is gloo
+    on CPU: ``--cpu --num_processes 2`` would start one process, ENV-NOTES).
+    """
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch"]
+    if config_file:
+        cmd += ["--config_file", config_file]
+    elif nproc > 1:
+        cmd.append("--multi_gpu")
+    cmd += ["--num_processes", str(nproc), "--num_machines", "1", "--main_process_port", str(free_port())]
+    return cmd + list(extra or []) + ["-m", "retrieval", *args]
+
+
+def launch_env(cpu: bool, **extra: str) -> dict[str, str]:
+    """This process's environment for a child job: offline hub; on CPU, accelerate's CPU mode, one thread each."""
+    child = dict(os.environ)
+    child.setdefault("HF_HUB_OFFLINE", "1")
+    if cpu:
+        child.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    child.update(extra)
+    return child

@@ -1,9 +1,6 @@
-"""``retrieval index build``: one Faiss index (with image ids) over an embeddings folder.
+"""One Faiss index (with image ids) over an embeddings set: build, save, load, search.
 
-    retrieval index build --embeddings runs/sop/emb-test --out runs/sop/index                 # exact, CPU
-    retrieval index build --embeddings DIR --out DIR --factory IVF1024,PQ32 --train-sample 100000
-    retrieval index build --embeddings DIR --out DIR --factory HNSW32
-    retrieval index build --embeddings DIR --out DIR --gpu all --shard                          # every GPU, sharded
+Built by ``retrieval index build`` (:mod:`retrieval.cli.index`); loaded by search and the service.
 
 The index is ``IndexIDMap2`` over ``faiss.index_factory(d, FACTORY, inner product)``: searches return
 image ids, not row numbers. Factories that need training (IVF, PQ) are trained on a random sample
@@ -14,19 +11,17 @@ On a Faiss without GPU support (faiss-cpu) everything runs on CPU and the log sa
 on the GPUs when placed there; the saved ``index.faiss`` is always the CPU form (``write_index``).
 
 The output folder holds ``index.faiss``, ``index.json`` (dim, metric, count, factory, created, source
-embeddings, model from the embeddings' ``meta.json``, search parameters) and copies of ``ids.npy``,
-``labels.npy`` (+ ``super_labels.npy``, ``paths.json`` when present) so searches can name what they find.
+embeddings, model from the embeddings' ``meta.json``, search parameters) and the embeddings set's catalogue
+columns without the vectors (ids, labels, super labels, paths, meta), so searches can name what they find.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import functools
 import json
 import logging
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +29,13 @@ import faiss
 import numpy as np
 
 from retrieval import knn
+from retrieval.embedding import EmbeddingSet
 from retrieval.errors import UserError
-from retrieval.evaluate import load_embeddings
+from retrieval.util import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
-COPIED = ("ids.npy", "labels.npy", "super_labels.npy", "paths.json", "meta.json")
+INDEX_FILE, INFO_FILE = "index.faiss", "index.json"
 
 
 # ------------------------------------------------------------------------------------------- placement
@@ -118,19 +114,6 @@ def build_index(
     return index
 
 
-def _read_ids(folder: Path, n: int) -> np.ndarray:
-    path = folder / "ids.npy"
-    if not path.is_file():
-        log.warning("index: %s missing: using row numbers 0..%d as ids", path, n - 1)
-        return np.arange(n, dtype=np.int64)
-    ids = np.load(path)
-    if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
-        raise UserError(f"{path}: expected {n} integer ids (one per embedding), got shape {ids.shape} {ids.dtype}")
-    if len(np.unique(ids)) != n:
-        raise UserError(f"{path}: ids must be unique")
-    return ids.astype(np.int64)
-
-
 def _default_params(factory: str) -> dict[str, int]:
     """Search parameters stored in index.json; searches may override them."""
     params = {}
@@ -149,101 +132,78 @@ def build_folder(
     shard: bool = False,
     train_sample: int = 100_000,
 ) -> dict[str, Any]:
-    """Build, save ``index.faiss`` + ``index.json`` and copy the catalogue files; returns index.json's content."""
-    emb, _ = load_embeddings(embeddings_dir)
-    ids = _read_ids(embeddings_dir, len(emb))
+    """Build and save ``index.faiss`` + ``index.json`` with the catalogue columns; returns index.json's content."""
+    es = EmbeddingSet.load(embeddings_dir)
+    if len(np.unique(es.ids)) != len(es):
+        raise UserError(f"{embeddings_dir}/ids.npy: ids must be unique")
     gpus = parse_gpus(gpu)
     t0 = time.perf_counter()
-    index = build_index(emb, ids, factory, train_sample, gpus, shard)
+    index = build_index(es.vectors32(), es.ids, factory, train_sample, gpus, shard)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(out / "index.faiss"))
-    for name in COPIED:
-        if (embeddings_dir / name).is_file():
-            shutil.copy2(embeddings_dir / name, out / name)
-    meta_path = embeddings_dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    with atomic_path(out / INDEX_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
+    es.save(out, vectors=False)
     info = {
-        "dim": int(emb.shape[1]),
+        "dim": es.dim,
         "metric": "inner_product",
         "count": int(index.ntotal),
         "factory": factory,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "embeddings": str(embeddings_dir),
-        "model": meta.get("model"),
+        "model": es.meta.get("model"),
+        "untrained": bool(es.meta.get("untrained")),
         "gpus": gpus,
         "shard": shard,
-        "train_sample": min(train_sample, len(emb)),
+        "train_sample": min(train_sample, len(es)),
         "build_seconds": round(seconds, 3),
         "faiss_version": faiss.__version__,
         "search_params": _default_params(factory),
     }
-    (out / "index.json").write_text(json.dumps(info, indent=1) + "\n")
-    log.info("index: %s over %d x %d written to %s in %.1f s", factory, len(emb), emb.shape[1], out, seconds)
+    write_atomic(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
+    log.info("index: %s over %d x %d written to %s in %.1f s", factory, len(es), es.dim, out, seconds)
     return info
 
 
 # ----------------------------------------------------------------------------------------- load/search
-def _load(index_dir: str, stamp: float, gpu: str, shard: bool) -> dict[str, Any]:
-    folder = Path(index_dir)
-    info = json.loads((folder / "index.json").read_text())
-    index = faiss.read_index(str(folder / "index.faiss"))
-    params = info.get("search_params", {})
-    _set_search_params(index, params.get("nprobe"), params.get("ef_search"))
-    index = place(index, parse_gpus(gpu), shard)
-    ids = np.load(folder / "ids.npy") if (folder / "ids.npy").is_file() else np.arange(info["count"])
-    labels = np.load(folder / "labels.npy") if (folder / "labels.npy").is_file() else None
-    paths = json.loads((folder / "paths.json").read_text()) if (folder / "paths.json").is_file() else None
-    lookup = {
-        int(image_id): {
-            "row": row,
-            "label": None if labels is None else int(labels[row]),
-            "path": None if paths is None else paths[row],
-        }
-        for row, image_id in enumerate(ids)
-    }
-    return {"index": index, "info": info, "ids": ids, "labels": labels, "paths": paths, "lookup": lookup}
+@dataclass
+class IndexFolder:
+    """A loaded index folder: the Faiss index (placed per ``gpu``), ``index.json`` and the catalogue columns.
 
+    Load it once and keep it (a service, a batch of searches); nothing is cached behind the caller's back.
+    Image ids map to catalogue rows through one sorted array (no per-image Python objects).
+    """
 
-_load_cached = functools.lru_cache(maxsize=4)(_load)
+    path: Path
+    index: faiss.Index
+    info: dict[str, Any]
+    catalogue: EmbeddingSet
 
+    @classmethod
+    def load(cls, folder: str | Path, gpu: str = "none", shard: bool = False) -> IndexFolder:
+        folder = Path(folder)
+        for name in (INFO_FILE, INDEX_FILE):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder / name} not found: is {folder} a folder written by `retrieval index build`?")
+        info = json.loads((folder / INFO_FILE).read_text())
+        index = faiss.read_index(str(folder / INDEX_FILE))
+        params = info.get("search_params", {})
+        _set_search_params(index, params.get("nprobe"), params.get("ef_search"))
+        return cls(folder, place(index, parse_gpus(gpu), shard), info, EmbeddingSet.load(folder, vectors=False))
 
-def load_index(index_dir: str | Path, gpu: str = "none", shard: bool = False) -> dict[str, Any]:
-    """An index folder: ``index`` (Faiss, placed per ``gpu``), ``info`` (index.json), ``ids``, ``labels``,
-    ``paths`` and ``lookup`` {image id: {row, label, path}}. Cached per folder until index.faiss changes."""
-    folder = Path(index_dir)
-    for name in ("index.json", "index.faiss"):
-        if not (folder / name).is_file():
-            raise UserError(f"{folder / name} not found: is {folder} a folder written by `retrieval index build`?")
-    return _load_cached(str(folder.resolve()), (folder / "index.faiss").stat().st_mtime, gpu, shard)
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ``(scores, image ids)`` of each query row; id -1 pads when the index holds fewer than k."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.info["dim"]:
+            raise UserError(f"queries have dimension {q.shape[1]}, the index in {self.path} has {self.info['dim']}")
+        if not np.isfinite(q).all():
+            raise UserError("queries contain NaN or inf: the model that embedded them is broken")
+        return self.index.search(q, k)
 
-
-def search_index(
-    index_dir: str | Path, queries: np.ndarray, k: int = 10, gpu: str = "none"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k ``(scores, image ids)`` of each query row; id -1 (score -inf/-3.4e38) pads when fewer than k."""
-    cat = load_index(index_dir, gpu)
-    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    if q.shape[1] != cat["info"]["dim"]:
-        raise UserError(f"queries have dimension {q.shape[1]}, the index in {index_dir} has {cat['info']['dim']}")
-    return cat["index"].search(q, k)
-
-
-# -------------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True)
-    b = sub.add_parser("build", help="build and save an index over an embeddings folder")
-    b.add_argument("--embeddings", required=True, type=Path, help="folder with embeddings.npy, labels.npy, ids.npy")
-    b.add_argument("--out", required=True, type=Path, help="index folder to write")
-    b.add_argument("--factory", default="Flat", help="Faiss factory string: Flat, IVF1024,PQ32, HNSW32, IVF256,Flat")
-    b.add_argument("--gpu", default="auto", help="auto | none | all | 0,1,... (CPU when Faiss has no GPU support)")
-    b.add_argument("--shard", action="store_true", help="several GPUs: shard the index (default: replicate it)")
-    b.add_argument("--train-sample", type=int, default=100_000, help="vectors used to train IVF/PQ")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.train_sample < 1:
-        raise UserError(f"--train-sample: expected a positive integer, got {args.train_sample}")
-    info = build_folder(args.embeddings, args.out, args.factory, args.gpu, args.shard, args.train_sample)
-    print(json.dumps(info, indent=1))
-    return 0
+    def rows(self, image_ids: np.ndarray) -> np.ndarray:
+        """Catalogue rows of ``image_ids`` (-1 where an id is not in the catalogue, e.g. the -1 padding)."""
+        ids = self.catalogue.ids
+        order = np.argsort(ids, kind="stable")
+        pos = np.clip(np.searchsorted(ids, image_ids, sorter=order), 0, max(len(ids) - 1, 0))
+        rows = order[pos] if len(ids) else np.full(np.shape(image_ids), -1)
+        return np.where(len(ids) and ids[rows] == image_ids, rows, -1)

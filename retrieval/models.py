@@ -2,8 +2,6 @@
 
     model = build_model(cfg.model)            # any timm name; cfg.model.kwargs go to timm.create_model
     emb = model(images)                       # B x model.embed_dim, unit length when cfg.model.normalize
-    export_model(model, cfg.model, run_dir)   # run_dir/model.safetensors + run_dir/model.yaml
-    model, model_cfg = load_exported(run_dir) # no DeepSpeed/accelerate, no original pretrained weights needed
 
 Pretrained weights: ``model.pretrained=true`` asks timm (HF hub or its local cache; set ``HF_HUB_OFFLINE=1`` on
 machines without network so a cache miss fails in a second instead of hanging). ``model.pretrained_file`` loads a
@@ -29,18 +27,14 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
-from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 from torch import nn
 
-from retrieval.config import Config, ConfigError, DataConfig, ModelConfig, config_from_dict, to_dict
+from retrieval.config import Config, ConfigError, DataConfig, ModelConfig
 from retrieval.errors import UserError
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "model.yaml"
 _RESERVED_KWARGS = ("num_classes", "pretrained", "pretrained_cfg_overlay", "drop_path_rate")
 
 
@@ -327,85 +321,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-def export_model(
-    model: nn.Module, cfg: ModelConfig, out_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
-) -> Path:
-    """Write ``out_dir/model.safetensors`` (float32, contiguous) and ``out_dir/model.yaml``; return the weights path.
-
-    ``state_dict`` overrides the model's own (pass ``accelerator.get_state_dict(model)`` under DeepSpeed ZeRO-3,
-    where the parameters are partitioned). The yaml has ``pretrained: false`` and no ``pretrained_file``: the
-    exported weights are complete, so loading never needs the original ones. Each file is written to a temporary
-    name and renamed, so a crash never leaves a truncated file under the final name.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = state_dict if state_dict is not None else unwrap(model).state_dict()
-    tensors = {}
-    for key, value in state.items():
-        while key.startswith(("module.", "_orig_mod.")):  # DDP / DeepSpeed / torch.compile, in any nesting
-            key = key.split(".", 1)[1]
-        value = value.detach().to("cpu")
-        # clone: safetensors refuses tensors that share storage (tied weights, views)
-        tensors[key] = (value.float() if value.is_floating_point() else value).contiguous().clone()
-    export_cfg = dataclasses.replace(cfg, pretrained=False, pretrained_file=None)
-    weights, config = out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME
-    tmp_weights, tmp_config = _tmp_name(weights), _tmp_name(config)
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt", "model": cfg.name})
-    tmp_config.write_text(yaml.safe_dump(to_dict(export_cfg), sort_keys=False))
-    os.replace(tmp_weights, weights)
-    os.replace(tmp_config, config)
-    return weights
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def resolve_export(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights, yaml) for a run dir, an export folder, or a ``model.safetensors`` path."""
-    path = Path(path)
-    if path.is_dir():
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise UserError(
-                f"{str(path)!r} holds no {WEIGHTS_NAME} (expected a run dir or an export folder with "
-                f"{WEIGHTS_NAME} + {CONFIG_NAME}, written by `retrieval train` or export_model)"
-            )
-    elif path.is_file():
-        if path.suffix != ".safetensors":
-            raise UserError(f"{str(path)!r}: expected a .safetensors file, a run dir or an export folder")
-        weights = path
-    else:
-        raise UserError(
-            f"model {str(path)!r} does not exist (expected a run dir, an export folder or a {WEIGHTS_NAME} file)"
-        )
-    config = weights.parent / CONFIG_NAME
-    if not config.is_file():
-        raise UserError(f"{str(config)!r} is missing: {weights.name} needs the {CONFIG_NAME} written beside it")
-    return weights, config
-
-
-def load_exported(path: str | os.PathLike) -> tuple[EmbeddingModel, ModelConfig]:
-    """The exported model in eval mode on CPU, and its config; plain torch + timm, no DeepSpeed/accelerate."""
-    weights, config = resolve_export(path)
-    try:
-        values = yaml.safe_load(config.read_text()) or {}
-        cfg = config_from_dict({"model": values}).model
-    except (yaml.YAMLError, ConfigError) as e:
-        raise UserError(f"{str(config)!r}: not a valid model config ({e})") from None
-    cfg = dataclasses.replace(cfg, pretrained=False, pretrained_file=None)
-    model = build_model(cfg)
-    try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise UserError(f"{str(weights)!r}: cannot read as safetensors ({type(e).__name__}: {e})") from None
-    problem = describe_mismatch(model.state_dict(), state)
-    if problem:
-        raise UserError(f"{str(weights)!r} does not match the model in {str(config)!r}: {problem}")
-    model.load_state_dict(state, strict=True)
-    return model.eval(), cfg
 
 
 # ---------------------------------------------------------------------------------------------

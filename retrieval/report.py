@@ -17,7 +17,6 @@ that is missing is replaced by a sentence saying what was looked for, never by a
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -29,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.embedding import EmbeddingSet
 from retrieval.errors import UserError
-from retrieval.report_html import METRICS, THUMB_PX, render_page
+from retrieval.report_html import METRICS, THUMB_PX, Gallery, render_page
 
 log = logging.getLogger(__name__)
 
@@ -47,46 +47,11 @@ class EvalFolder:
 
     @property
     def has_embeddings(self) -> bool:
-        return (self.path / "embeddings.npy").is_file()
+        return EmbeddingSet.is_folder(self.path) and (self.path / "embeddings.npy").is_file()
 
     @property
     def training(self) -> str:
         return "untrained" if self.meta.get("untrained") else "finetuned"
-
-
-@dataclass
-class Gallery:
-    """Sampled queries and their top-k neighbours, as rows of (index, id, label, path, score, thumbnail)."""
-
-    source: Path
-    rows: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="run folder (metrics.jsonl, config.yaml, emb-*/ ...)")
-    parser.add_argument(
-        "--embeddings",
-        action="append",
-        metavar="DIR",
-        help="evaluation folder (embeddings.npy, labels.npy, ids.npy, ...); repeatable; "
-        "default: RUN_DIR/emb-*/ and RUN_DIR/eval/*/",
-    )
-    parser.add_argument("--shards", help="shard folder for thumbnails (default: the folder's meta.json 'shards')")
-    parser.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
-    parser.add_argument("--queries", type=int, default=12, help="queries in the gallery (default 12)")
-    parser.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the query sample (default 0)")
-
-
-def run(args: argparse.Namespace) -> int:
-    path = build_report(args.run_dir, args.embeddings, args.shards, args.out, args.queries, args.k, args.seed)
-    print(path)
-    return 0
 
 
 def build_report(
@@ -172,7 +137,7 @@ def find_eval_folders(run_dir: Path, explicit: list[str | Path] | None) -> list[
         paths = [p for p in candidates if (p / "embeddings.npy").is_file() or (p / "metrics.json").is_file()]
     folders = []
     for p in paths:
-        meta = _read_json(p / "meta.json") if (p / "meta.json").is_file() else {}
+        meta = EmbeddingSet.load(p, vectors=False).meta if EmbeddingSet.is_folder(p) else {}
         metrics = _read_json(p / "metrics.json") if (p / "metrics.json").is_file() else None
         folders.append(EvalFolder(p, meta if isinstance(meta, dict) else {}, metrics))
     return folders
@@ -311,28 +276,14 @@ def _numpy_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int
     return order, np.take_along_axis(scores, order, axis=1)
 
 
-def _load_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    for name in ("embeddings.npy", "labels.npy", "ids.npy"):
-        if not (folder / name).is_file():
-            raise UserError(f"{folder}: missing {name} (expected the output of `retrieval embed`)")
-    emb = np.load(folder / "embeddings.npy", mmap_mode="r")
-    labels, ids = np.load(folder / "labels.npy"), np.load(folder / "ids.npy")
-    if emb.ndim != 2 or not len(emb) == len(labels) == len(ids):
-        raise UserError(
-            f"{folder}: embeddings.npy {emb.shape}, labels.npy {labels.shape} and ids.npy {ids.shape} "
-            "must be N x d, N and N"
-        )
-    paths = _read_json(folder / "paths.json") if (folder / "paths.json").is_file() else []
-    return emb, labels, ids, paths if isinstance(paths, list) and len(paths) == len(ids) else []
-
-
 def build_gallery(
     folders: list[EvalFolder], shards: str | Path | None, queries: int, k: int, seed: int
 ) -> Gallery | None:
     folder = pick_gallery_folder(folders)
     if folder is None:
         return None
-    emb, labels, ids, paths = _load_folder(folder.path)
+    es = EmbeddingSet.load(folder.path, mmap=True)  # a dozen queries: the vectors are not read whole
+    emb, labels, ids, paths = es.embeddings, es.labels, es.ids, es.paths
     gallery = Gallery(folder.path)
     if len(emb) < 2:
         gallery.notes.append(f"{folder.path.name} holds {len(emb)} embedding(s): no neighbours to show.")

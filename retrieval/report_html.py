@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import html
 import platform
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from retrieval.report import Gallery
+from retrieval.config import metric_label, metric_names
 
-METRICS = [
-    ("recall@1", "Recall@1"),
-    ("recall@10", "Recall@10"),
-    ("recall@100", "Recall@100"),
-    ("recall@1000", "Recall@1000"),
-    ("map@r", "MAP@R"),
-    ("r_precision", "R-Precision"),
-    ("seed_map", "seed-MAP"),
-]
+# the report's table: every metric but MAP@K
+METRICS = [(name, metric_label(name)) for name in metric_names((1, 10, 100, 1000)) if name != "map@1000"]
 THUMB_PX = 96
 COLORS = {"hit": "#1a9a3c", "miss": "#d62728", "query": "#1f5fbf"}
+
+
+@dataclass
+class Gallery:
+    """Sampled queries and their top-k neighbours, as rows of (index, id, label, path, score, thumbnail)."""
+
+    source: Path
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 CSS = f"""

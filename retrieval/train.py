@@ -35,9 +35,11 @@ from pathlib import Path
 import torch
 
 from retrieval import checkpoint, dist, runlog
-from retrieval.config import Config, derived, load_config, save_config, to_dict
+from retrieval.config import Config, derived
+from retrieval.config_io import load_config, save_config, to_dict
 from retrieval.errors import UserError
-from retrieval.models import InputSpec, export_model, initial_model, maybe_compile, param_groups
+from retrieval.export import export_model
+from retrieval.models import InputSpec, initial_model, maybe_compile, param_groups
 
 # The data stack (webdataset), the losses (pytorch-metric-learning) and evaluation (faiss) are imported where
 # they are used, so `_step` imports with torch + timm + accelerate alone: bench/gpu_check.sh times this exact
@@ -341,8 +343,8 @@ def _log_train(s: Setup, state, loss, stats, meter, mlog) -> None:
 
 def _validate(cfg, s: Setup, state, mlog) -> bool:
     """Embed the val split rank-sharded, score it on rank 0; returns True (on every rank) if it improved."""
-    from retrieval.embed import embed_split, gather_embeddings
-    from retrieval.evaluate import retrieval_metrics
+    from retrieval.embedding import embed_split, gather_embeddings
+    from retrieval.metrics import retrieval_metrics
 
     acc = s.accelerator
     local = embed_split(
@@ -359,8 +361,8 @@ def _validate(cfg, s: Setup, state, mlog) -> bool:
     improved = False
     if acc.is_main_process:
         metrics = retrieval_metrics(
-            merged["embeddings"],
-            merged["labels"],
+            merged.embeddings,
+            merged.labels,
             ks=tuple(cfg.eval.ks),
             backend=cfg.eval.backend,
             chunk=cfg.eval.chunk,
@@ -405,7 +407,7 @@ def _export(cfg, s: Setup, run_dir: Path, sub: str = "") -> None:
     acc = s.accelerator
     state_dict = acc.get_state_dict(s.model)  # consolidates DeepSpeed shards where needed
     if acc.is_main_process:
-        export_model(acc.unwrap_model(s.model), cfg.model, run_dir / sub if sub else run_dir, state_dict=state_dict)
+        export_model(acc.unwrap_model(s.model), cfg.model, run_dir / sub if sub else run_dir, state_dict, s.spec)
     acc.wait_for_everyone()
 
 

@@ -5,31 +5,41 @@ Nothing here imports torch at module level or keeps state between calls.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` so that a reader (or a kill at any instant) sees the old file or the new one.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step, else it is removed.
 
     The temporary file is created exclusively (``mkstemp``: O_CREAT|O_EXCL, unpredictable name) in the target's
-    folder, so a planted symlink is never followed and the final ``os.replace`` stays on one filesystem.
+    folder, so a planted symlink is never followed and the final ``os.replace`` stays on one filesystem. A reader,
+    or a kill at any instant, sees the old file or the new one, never a part.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` (text or bytes) to ``path`` atomically (see :func:`atomic_path`), synced to disk."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -2,47 +2,30 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from retrieval import dist
+from retrieval.util import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ACCELERATE", "REPO", "accelerate_cmd", "cpu_env", "free_port", "run"]
+accelerate_cmd = dist.accelerate_command  # the product's one launcher builder
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
+    """The launcher's CPU environment (gloo, one thread per process) with the tests' isolation on top."""
+    return dist.launch_env(
+        cpu=True,
         WANDB_MODE="disabled",
         PYTHONPATH=str(REPO),
         TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache" / "torch_extensions"),
+        **extra,
     )
-    env.update(extra)
-    return env
-
-
-def accelerate_cmd(
-    nproc: int, module_args: list[str], config_file: str | None = None, extra: list[str] | None = None
-) -> list[str]:
-    cmd = [ACCELERATE, "launch"]
-    if config_file:
-        cmd += ["--config_file", config_file]
-    else:
-        cmd += ["--multi_gpu"]
-    cmd += ["--num_processes", str(nproc), "--num_machines", "1", "--main_process_port", str(free_port())]
-    cmd += list(extra or []) + ["-m", "retrieval", *module_args]
-    return cmd
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600, cwd: Path = REPO):

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from retrieval.embedding import EmbeddingSet
+
 GROUPS = 4  # pairs of "sister" classes
 PER_CLASS = 3  # so every image has exactly 2 same-class neighbours
 METRIC_KEYS = ("recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision", "seed_map")
@@ -121,15 +123,10 @@ def make_run(root: Path, *, shards: bool = True, results: bool = True) -> Path:
         write_shards(shard_dir, "test", labels, ids)
     for name, untrained in (("emb-test-untrained", True), ("emb-test", False)):
         folder = run / name
-        folder.mkdir()
         vectors = np.random.default_rng(1).normal(size=emb.shape).astype(np.float32) if untrained else emb
-        np.save(folder / "embeddings.npy", vectors)
-        np.save(folder / "labels.npy", labels)
-        np.save(folder / "ids.npy", ids)
-        (folder / "paths.json").write_text(json.dumps([f"c{c}/{i}.JPG" for c, i in zip(labels, ids, strict=True)]))
-        (folder / "meta.json").write_text(
-            json.dumps({"shards": str(shard_dir), "split": "test", "untrained": untrained})
-        )
+        paths = [f"c{c}/{i}.JPG" for c, i in zip(labels, ids, strict=True)]
+        meta = {"shards": str(shard_dir), "split": "test", "untrained": untrained}
+        EmbeddingSet(vectors, ids, labels, np.zeros_like(labels), paths, meta).save(folder)
         (folder / "metrics.json").write_text(
             json.dumps({**metric_values(0.0 if untrained else 0.03), "num_queries": 24})
         )

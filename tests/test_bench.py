@@ -92,7 +92,7 @@ def test_unknown_topic_and_plot(tmp_path, capsys):
 
 # ------------------------------------------------------------------------ GPU-host stand-ins are faithful
 def tiny_cfg(*overrides: str):
-    from retrieval.config import load_config
+    from retrieval.config_io import load_config
 
     return load_config(REPO / "configs" / "tiny.yaml", list(overrides))
 

@@ -10,6 +10,7 @@ import pytest
 from _launch import REPO, accelerate_cmd, run
 
 from retrieval.cli import main
+from retrieval.embedding import EmbeddingSet
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 
@@ -55,15 +56,14 @@ def untrained_single(synth_shards, tmp_path_factory) -> Path:
 
 
 def test_single_process_embeds_every_image_once(untrained_single, synth_shards):
-    ids = np.load(untrained_single / "ids.npy")
+    es = EmbeddingSet.load(untrained_single)
+    ids, emb, labels, meta = es.ids, es.embeddings, es.labels, es.meta
     assert len(ids) == len(set(ids.tolist())) and set(ids.tolist()) == _test_ids(synth_shards)
     assert (np.diff(ids) > 0).all(), "merged output is ordered by image id"
-    emb = np.load(untrained_single / "embeddings.npy")
-    labels = np.load(untrained_single / "labels.npy")
     assert emb.shape == (len(ids), 64) and labels.shape == ids.shape
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    meta = json.loads((untrained_single / "meta.json").read_text())
     assert meta["count"] == len(ids) and meta["untrained"] and meta["split"] == "test"
+    assert meta["images_per_s"] > 0 and meta["input"]["interpolation"] == "bicubic"
     assert not (untrained_single / "parts").exists()
 
 
@@ -91,12 +91,12 @@ def test_two_ranks_merge_to_the_same_arrays(untrained_single, synth_shards, tmp_
             ],
         )
     )
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["world_size"] == 2
+    two, one = EmbeddingSet.load(out), EmbeddingSet.load(untrained_single)
+    assert two.meta["world_size"] == 2
     for name in ("ids", "labels", "super_labels"):
-        assert np.array_equal(np.load(out / f"{name}.npy"), np.load(untrained_single / f"{name}.npy")), name
-    np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(untrained_single / "embeddings.npy"), atol=1e-5)
-    assert json.loads((out / "paths.json").read_text()) == json.loads((untrained_single / "paths.json").read_text())
+        assert np.array_equal(getattr(two, name), getattr(one, name)), name
+    np.testing.assert_allclose(two.embeddings, one.embeddings, atol=1e-5)
+    assert two.paths == one.paths
 
 
 def test_float16_output_and_unknown_split(synth_shards, tmp_path, capsys):
@@ -122,7 +122,7 @@ def test_float16_output_and_unknown_split(synth_shards, tmp_path, capsys):
         )
         == 0
     )
-    assert np.load(out / "embeddings.npy").dtype == np.float16
+    assert EmbeddingSet.load(out).embeddings.dtype == np.float16
     assert (
         main(
             [
@@ -146,3 +146,39 @@ def test_float16_output_and_unknown_split(synth_shards, tmp_path, capsys):
 def test_config_without_untrained_is_refused(synth_shards, tmp_path, capsys):
     assert main(["embed", "--model", TINY, "--shards", str(synth_shards), "--out", str(tmp_path / "x")]) == 2
     assert "--untrained" in capsys.readouterr().err
+
+
+def test_a_bilinear_run_is_embedded_with_bilinear(synth_shards, tmp_path):
+    """The resize filter a model was trained with travels with it (input.json, the embeddings' meta) and is the one
+    `embed` uses: its vectors equal the model applied to bilinear-resized images, not bicubic ones."""
+    import torch
+
+    from retrieval.data.transforms import eval_transform
+    from retrieval.embedding import load_model
+    from retrieval.export import read_input_spec
+
+    run_dir, out = tmp_path / "run", tmp_path / "emb"
+    train = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run_dir)]
+    overrides = ["data.interpolation=bilinear", "train.max_steps=2", "data.num_workers=0", "log.wandb=disabled"]
+    assert main([*train, *overrides, "train.eval_every=0"]) == 0
+    assert read_input_spec(run_dir / "model.safetensors").interpolation == "bilinear"
+    embed = ["embed", "--model", str(run_dir), "--shards", str(synth_shards), "--split", "test", "--out", str(out)]
+    assert main([*embed, "--num-workers", "0"]) == 0
+    es = EmbeddingSet.load(out)
+    assert es.meta["input"]["interpolation"] == "bilinear"
+    loaded = load_model(run_dir)
+    from retrieval.data.loader import Reader, eval_loader
+
+    batch = next(iter(eval_loader(synth_shards, "test", loaded.spec, 8, 0, Reader(0, 1))))
+    with torch.no_grad():
+        want = loaded.model.eval()(batch["image"]).numpy()
+    rows = [int(np.flatnonzero(es.ids == i)[0]) for i in batch["image_id"].tolist()]
+    np.testing.assert_allclose(es.embeddings[rows], want, atol=1e-5)
+    # and the filter matters: the same images resized bicubic give other vectors
+    from dataclasses import replace
+
+    from PIL import Image
+
+    img = Image.fromarray((np.random.default_rng(0).random((97, 131, 3)) * 255).astype(np.uint8))
+    bicubic = eval_transform(replace(loaded.spec, interpolation="bicubic"))(img)
+    assert not torch.allclose(eval_transform(loaded.spec)(img), bicubic)

@@ -8,6 +8,7 @@ import pytest
 from retrieval import index as rindex
 from retrieval import knn
 from retrieval.cli import main
+from retrieval.embedding import EmbeddingSet
 
 
 def _catalogue(folder, n: int = 2000, d: int = 32, classes: int = 100, seed: int = 0):
@@ -17,12 +18,9 @@ def _catalogue(folder, n: int = 2000, d: int = 32, classes: int = 100, seed: int
     x = (centres[labels] + 0.5 * rng.standard_normal((n, d))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = rng.permutation(np.arange(10_000, 10_000 + 3 * n, 3))  # not row numbers, not sorted
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "embeddings.npy", x)
-    np.save(folder / "labels.npy", labels)
-    np.save(folder / "ids.npy", ids)
-    (folder / "paths.json").write_text(json.dumps([f"img/{i}.jpg" for i in range(n)]))
-    (folder / "meta.json").write_text(json.dumps({"model": "runs/x/model.safetensors"}))
+    paths = [f"img/{i}.jpg" for i in range(n)]
+    meta = {"model": "runs/x/model.safetensors"}
+    EmbeddingSet(x, ids, labels, labels // 10, paths, meta).save(folder)
     return x, labels, ids
 
 
@@ -40,7 +38,8 @@ def test_round_trip(tmp_path, factory, min_recall):
     assert {"index.faiss", "ids.npy", "labels.npy", "paths.json"} <= {p.name for p in out.iterdir()}
 
     q = x[:200]
-    scores, got = rindex.search_index(out, q, k=10)
+    loaded = rindex.IndexFolder.load(out)
+    scores, got = loaded.search(q, k=10)
     _, exact_rows = knn.search(q, x, 10, backend="faiss")
     exact = ids[exact_rows]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact, strict=True)])
@@ -49,9 +48,12 @@ def test_round_trip(tmp_path, factory, min_recall):
     if factory == "Flat":
         np.testing.assert_array_equal(got[:, 0], ids[:200])  # each vector finds itself first
         np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
-    cat = rindex.load_index(out)
-    row = cat["lookup"][int(got[0, 0])]
-    assert row["path"] == f"img/{row['row']}.jpg" and row["label"] == labels[row["row"]]
+    rows = loaded.rows(got)
+    assert np.array_equal(loaded.catalogue.ids[rows], got)  # every hit names its catalogue row
+    row = int(np.flatnonzero(ids == got[0, 0])[0])
+    assert rows[0, 0] == row and loaded.catalogue.paths[row] == f"img/{row}.jpg"
+    assert loaded.catalogue.labels[row] == labels[row]
+    assert loaded.rows(np.array([-1, 7]))[0] == -1 and loaded.rows(np.array([7]))[0] == -1  # unknown ids
 
 
 def test_bad_factory_and_missing_folder(tmp_path, capsys):
@@ -64,7 +66,7 @@ def test_bad_factory_and_missing_folder(tmp_path, capsys):
     assert main(["index", "build", "--embeddings", str(tmp_path / "nope"), "--out", str(tmp_path / "i")]) == 2
     assert "not a folder" in capsys.readouterr().err
     with pytest.raises(rindex.UserError, match="index.json not found"):
-        rindex.load_index(tmp_path / "emb")
+        rindex.IndexFolder.load(tmp_path / "emb")
 
 
 def test_gpu_flag_on_cpu_faiss(tmp_path, caplog):

@@ -9,13 +9,14 @@ the Accelerator builds inside each process) without starting any process. DeepSp
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import yaml
 
-from retrieval.config import Config, derived, load_config
+from retrieval.config import Config, derived
+from retrieval.config_io import load_config
+from retrieval.util import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -23,12 +24,6 @@ PROFILES = sorted(LAUNCH.glob("*.yaml"))
 DS_JSONS = sorted(LAUNCH.glob("ds_*.json"))
 EXPECTED = {"gpu1.yaml", "ddp_1node.yaml", "ddp_multinode.yaml", "zero1.yaml", "zero2.yaml", "cpu_2proc.yaml"}
 MIXED_PRECISION = {"no", "fp16", "bf16"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch_env(profile: Path, flags: list[str]) -> tuple[object, dict[str, str]]:
@@ -55,7 +50,7 @@ def _launch_env(profile: Path, flags: list[str]) -> tuple[object, dict[str, str]
 
 def _flags(name: str) -> list[str]:
     """The command-line flags launch/README.md pairs with each profile (2 nodes x 2 processes for multi-node)."""
-    port = str(_free_port())
+    port = str(free_port())
     multinode = [
         "--num_machines",
         "2",

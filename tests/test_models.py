@@ -12,9 +12,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from retrieval.config import ConfigError, ModelConfig, to_dict
+from retrieval.config import ConfigError, ModelConfig
+from retrieval.config_io import to_dict
 from retrieval.errors import UserError
-from retrieval.models import build_model, export_model, load_exported, maybe_compile, param_groups
+from retrieval.export import export_model, load_exported
+from retrieval.models import build_model, maybe_compile, param_groups
 
 TINY = {"img_size": 64, "window_size": 4, "embed_dim": 24, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
 NAME = "swinv2_tiny_window8_256"

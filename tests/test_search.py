@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from retrieval.cli import main
+from retrieval.embedding import EmbeddingSet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -46,9 +46,8 @@ def _sop_root(shards: Path) -> Path:
 
 
 def test_catalogue_image_finds_itself_first(index_dir, synth_shards, capsys):
-    ids = np.load(index_dir / "ids.npy")
-    paths = json.loads((index_dir / "paths.json").read_text())
-    labels = np.load(index_dir / "labels.npy")
+    cat = EmbeddingSet.load(index_dir, vectors=False)
+    ids, paths, labels = cat.ids, cat.paths, cat.labels
     row = 7
     query = _sop_root(synth_shards) / paths[row]
     assert main(["search", "--index", str(index_dir), "--image", str(query), "--k", "5", "--json"]) == 0

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from retrieval.cli import main
-from retrieval.data.shard_writer import read_samples
-from retrieval.data.shards import build, merge_stats, verify
+from retrieval.data.shard_writer import read_samples, verify
+from retrieval.data.shards import build, merge_stats
 from retrieval.data.synth import synth_sop
 from retrieval.errors import UserError
 

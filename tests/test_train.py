@@ -104,7 +104,8 @@ def test_fresh_run_into_an_existing_run_is_refused(synth_shards, tmp_path, capsy
 
 
 def test_epochs_hold_whole_optimizer_steps():
-    from retrieval.config import ConfigError, derived, load_config
+    from retrieval.config import ConfigError, derived
+    from retrieval.config_io import load_config
 
     cfg = load_config(TINY, ["optim.grad_accum=4", "data.steps_per_epoch=10", "train.epochs=3"])
     d = derived(cfg, 2, None)

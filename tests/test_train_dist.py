@@ -103,7 +103,7 @@ def _export_equals_zero_checkpoint(export: Path, checkpoint: Path) -> None:
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from retrieval.models import load_exported
+    from retrieval.export import load_exported
 
     model, _ = load_exported(export / "model.safetensors")
     reference, _ = load_exported(export / "model.safetensors")

@@ -17,8 +17,9 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from retrieval import demo, evaluate
+from retrieval import metrics as evaluate
 from retrieval.cli import main
+from retrieval.embedding import EmbeddingSet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -72,8 +73,8 @@ def test_new_photos_find_their_product_after_training(world, capsys):
 
 
 def test_trained_metrics_agree_with_pml(world):
-    emb = np.load(world["emb-trained"] / "embeddings.npy")
-    labels = np.load(world["emb-trained"] / "labels.npy")
+    trained = EmbeddingSet.load(world["emb-trained"])
+    emb, labels = trained.embeddings, trained.labels
     ours = evaluate.retrieval_metrics(emb, labels)
     calc = AccuracyCalculator(
         include=("precision_at_1", "r_precision", "mean_average_precision_at_r"), k="max_bin_count"
@@ -83,7 +84,7 @@ def test_trained_metrics_agree_with_pml(world):
     assert abs(ours["recall@1"] - ref["precision_at_1"]) < 1e-6
     assert abs(ours["r_precision"] - ref["r_precision"]) < 1e-6
     assert abs(ours["map@r"] - ref["mean_average_precision_at_r"]) < 1e-6
-    untrained = evaluate.retrieval_metrics(np.load(world["emb-untrained"] / "embeddings.npy"), labels)
+    untrained = evaluate.retrieval_metrics(EmbeddingSet.load(world["emb-untrained"]).embeddings, labels)
     assert ours["map@r"] > untrained["map@r"]  # these are embeddings that learnt something
 
 
@@ -91,7 +92,7 @@ def test_trained_metrics_agree_with_pml(world):
 @pytest.mark.timeout(3600)  # ~22 min on 2 cores; the suite's default is 600 s
 def test_long_cpu_training_finds_the_product_first(tmp_path, capsys):
     """`make demo-long`: after ~22 min of training on 2 CPU cores most new photos find their own product first."""
-    assert demo.main([*DEMO_LONG, "--out", str(tmp_path)]) == 0
+    assert main(["demo", *DEMO_LONG, "--out", str(tmp_path)]) == 0
     trained = json.loads((tmp_path / "run" / "search-queries.json").read_text())["summary"]
     _ok(["index", "build", "--embeddings", str(tmp_path / "emb-untrained"), "--out", str(tmp_path / "index-untrained")])
     untrained = _search(tmp_path / "index-untrained", tmp_path / "sop" / "queries.txt", capsys)["summary"]

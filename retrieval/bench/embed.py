@@ -23,7 +23,8 @@ import torch
 from retrieval import dist
 from retrieval.bench import common
 from retrieval.bench.train import _free, _peak_gb, _reset_peak, _workdir, autocast, case_label, cases, img_size
-from retrieval.config import Config, to_dict
+from retrieval.config import Config
+from retrieval.config_io import to_dict
 
 log = logging.getLogger(__name__)
 

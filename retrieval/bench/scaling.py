@@ -24,7 +24,7 @@ from typing import Any
 from retrieval import dist
 from retrieval.bench import common
 from retrieval.bench.train import _workdir, case_label, cases, trainer_stats
-from retrieval.config import save_config, to_dict
+from retrieval.config_io import save_config, to_dict
 
 log = logging.getLogger(__name__)
 

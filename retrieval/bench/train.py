@@ -37,7 +37,8 @@ import torch
 
 from retrieval import dist
 from retrieval.bench import common
-from retrieval.config import Config, config_from_dict, load_config, to_dict
+from retrieval.config import Config
+from retrieval.config_io import config_from_dict, load_config, to_dict
 from retrieval.errors import UserError
 
 log = logging.getLogger(__name__)

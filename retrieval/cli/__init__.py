@@ -1,8 +1,9 @@
 """``retrieval <command>``: one entry point for every job; ``main(argv)`` is callable from tests.
 
-Each command lives in its own module, imported only when that command runs (``retrieval --help``
+Each command is a thin module of this package, imported only when that command runs (``retrieval --help``
 stays fast and does not import torch). A command module provides ``add_arguments(parser)`` and
-``run(args) -> int``.
+``run(args) -> int``: it parses, calls the library (``retrieval.*``), writes an artifact. The library never
+imports from here (ARCHITECTURE.md; ``tests/test_layers.py`` checks it).
 
     retrieval synth-sop OUT --classes 200 --images-per-class 6 --seed 0
     retrieval shards build --sop-root OUT --out shards/out --workers 2
@@ -14,6 +15,7 @@ stays fast and does not import torch). A command module provides ``add_arguments
     retrieval index build --embeddings runs/tiny/emb-test --out runs/tiny/index
     retrieval search --index runs/tiny/index --image some.jpg --k 10
     retrieval report runs/tiny
+    retrieval demo
     retrieval bench all --quick
 """
 
@@ -28,14 +30,15 @@ from retrieval.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth-sop": ("retrieval.data.synth", "write a synthetic catalogue in the exact SOP layout"),
-    "shards": ("retrieval.data.shards", "build / verify WebDataset shards from SOP, a manifest or an image folder"),
+    "synth-sop": ("retrieval.cli.synth", "write a synthetic catalogue in the exact SOP layout"),
+    "shards": ("retrieval.cli.shards", "build / verify WebDataset shards from SOP, a manifest or an image folder"),
     "train": ("retrieval.train", "fine-tune a timm backbone with triplet loss (DDP / DeepSpeed via accelerate)"),
-    "embed": ("retrieval.embed", "embed a split rank-sharded and merge the parts"),
-    "eval": ("retrieval.evaluate", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),
-    "index": ("retrieval.index", "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings"),
-    "search": ("retrieval.search", "image-to-image search against a built index"),
-    "report": ("retrieval.report", "self-contained HTML report of a run"),
+    "embed": ("retrieval.cli.embed", "embed a split rank-sharded and merge the parts"),
+    "eval": ("retrieval.cli.eval", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),
+    "index": ("retrieval.cli.index", "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings"),
+    "search": ("retrieval.cli.search", "image-to-image search against a built index"),
+    "report": ("retrieval.cli.report", "self-contained HTML report of a run"),
+    "demo": ("retrieval.cli.demo", "the whole product in miniature on synthetic data (make demo)"),
     "bench": ("retrieval.bench", "throughput benchmarks (loader, shards, train, embed, search, scaling)"),
 }
 

@@ -20,7 +20,6 @@ cannot mix two plans in one folder. Tars are byte-identical for the same input a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -36,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from retrieval.data.shard_writer import ShardJob, read_json, sidecar_path, verify, write_shard
-from retrieval.data.sop import ON_MISSING, SPLITS, Catalogue, Record, load_catalogue
+from retrieval.data.shard_writer import ShardJob, read_json, sidecar_path, write_shard
+from retrieval.data.sop import SPLITS, Catalogue, Record, load_catalogue
 from retrieval.errors import UserError
 
 # spawn, not fork: a fork of a process that already runs torch/OpenMP threads can hang in the child.
@@ -166,6 +165,31 @@ def parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _claim(cat: Catalogue, out: Path, options: dict) -> list[ShardJob]:
+    """Plan the shards and claim ``out`` for this plan (a folder built with another plan is refused)."""
+    jobs, digest = plan_jobs(cat, out, options)
+    plan = {
+        "digest": digest,
+        "format": FORMAT_VERSION,
+        "config": {"source": cat.source, **options},
+        "shards": {s: [j.name for j in jobs if j.split == s] for s in SPLITS},
+        "catalogue_skipped": cat.skipped,
+    }
+    _claim_out_dir(out, plan)
+    return jobs
+
+
+def _build_part(out: Path, jobs: list[ShardJob], part: tuple[int, int], workers: int) -> None:
+    i, n = part
+    mine = jobs[i::n]  # round-robin: every part gets a mix of train and test shards
+    todo = [j for j in mine if not is_finished(j)]
+    log.info(
+        "%s: %d shards in the plan, %d in part %d/%d, %d already finished, building %d with %d worker(s)",
+        *(out, len(jobs), len(mine), i, n, len(mine) - len(todo), len(todo), workers),
+    )
+    _run_jobs(todo, workers)
+
+
 def build(
     *,
     out: str | Path,
@@ -199,7 +223,7 @@ def build(
         on_missing=on_missing,
     )
     out = Path(out)
-    options = {
+    options = {  # everything that decides the shards' bytes: a rebuild with other options is refused
         "max_side": max_side,
         "quality": quality,
         "shard_size": shard_size,
@@ -208,31 +232,9 @@ def build(
         "seed": seed,
         "on_missing": on_missing,
     }
-    jobs, digest = plan_jobs(cat, out, options)
-    shards = {s: [j.name for j in jobs if j.split == s] for s in SPLITS}
-    plan = {
-        "digest": digest,
-        "format": FORMAT_VERSION,
-        "config": {"source": cat.source, **options},
-        "shards": shards,
-        "catalogue_skipped": cat.skipped,
-    }
-    _claim_out_dir(out, plan)
+    jobs = _claim(cat, out, options)
+    _build_part(out, jobs, part, workers)
     i, n = part
-    mine = jobs[i::n]  # round-robin: every part gets a mix of train and test shards
-    todo = [j for j in mine if not is_finished(j)]
-    log.info(
-        "%s: %d shards in the plan, %d in part %d/%d, %d already finished, building %d with %d worker(s)",
-        out,
-        len(jobs),
-        len(mine),
-        i,
-        n,
-        len(mine) - len(todo),
-        len(todo),
-        workers,
-    )
-    _run_jobs(todo, workers)
     log.info("part %d/%d done in %.1f s", i, n, time.perf_counter() - t0)
     if n > 1:
         log.info("run `retrieval shards merge-stats %s` once every part has finished", out)
@@ -295,90 +297,3 @@ def merge_stats(out: str | Path) -> dict:
             len(s["skipped"]),
         )
     return stats
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def _classes_arg(text: str) -> int | float:
-    """A number of classes (``100``) or a fraction (``0.2``)."""
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of classes or a fraction, got {text!r}") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True)
-    b = sub.add_parser("build", help="write DIR/{train,val,test}-NNNNNN.tar, stats.json, sizes.json")
-    src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--sop-root", help="Stanford_Online_Products root (Ebay_train.txt, Ebay_test.txt)")
-    src.add_argument("--manifest", help="CSV/TSV path,label[,group]; paths relative to the manifest's folder")
-    src.add_argument("--image-folder", help="ImageFolder tree: one subfolder per class")
-    b.add_argument("--out", required=True, help="output folder")
-    b.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="encoding processes")
-    b.add_argument("--max-side", type=int, default=256, help="longer image side after re-encoding")
-    b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
-    b.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (a class is never cut)")
-    b.add_argument(
-        "--val-classes",
-        type=_classes_arg,
-        default=0.2,
-        help="train classes held out for validation: a count or a fraction (default 0.2)",
-    )
-    b.add_argument(
-        "--test-classes",
-        type=_classes_arg,
-        default=0.5,
-        help="manifest/image folder only: classes held out for test (SOP uses its test file)",
-    )
-    b.add_argument("--seed", type=int, default=0, help="seeds the val split and the train class order")
-    b.add_argument("--on-missing", choices=ON_MISSING, default="error", help="a listed image file is missing")
-    b.add_argument(
-        "--part",
-        default="0/1",
-        metavar="I/N",
-        help="build only part I of N (Slurm arrays); then run merge-stats",
-    )
-    v = sub.add_parser("verify", help="decode every sample and check counts against stats.json")
-    v.add_argument("dir")
-    v.add_argument("--workers", type=int, default=1)
-    m = sub.add_parser("merge-stats", help="write stats.json / sizes.json once every --part has finished")
-    m.add_argument("dir")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.action == "build":
-        build(
-            out=args.out,
-            sop_root=args.sop_root,
-            manifest=args.manifest,
-            image_folder=args.image_folder,
-            workers=args.workers,
-            max_side=args.max_side,
-            quality=args.quality,
-            shard_size=args.shard_size,
-            val_classes=args.val_classes,
-            test_classes=args.test_classes,
-            seed=args.seed,
-            on_missing=args.on_missing,
-            part=parse_part(args.part),
-        )
-        return 0
-    if args.action == "merge-stats":
-        merge_stats(args.dir)
-        return 0
-    problems, stats = verify(args.dir, args.workers)
-    if problems:
-        for p in problems[:50]:
-            print(f"verify: {p}")
-        print(f"verify: {args.dir}: FAILED, {len(problems)} problem(s)")
-        return 1
-    print(
-        f"verify: {args.dir}: ok, "
-        + ", ".join(
-            f"{s} {stats[s]['samples']} samples / {stats[s]['classes']} classes / {stats[s]['shards']} shards"
-            for s in SPLITS
-        )
-    )
-    return 0

@@ -7,8 +7,9 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from retrieval import evaluate
+from retrieval import metrics as evaluate
 from retrieval.cli import main
+from retrieval.embedding import EmbeddingSet
 
 
 def _random(n: int = 600, d: int = 16, classes: int = 120, seed: int = 0):
@@ -87,10 +88,8 @@ def test_singletons_are_excluded_and_counted():
 
 
 def _write(tmp_path, x, labels):
-    np.save(tmp_path / "embeddings.npy", x)
-    np.save(tmp_path / "labels.npy", labels)
-    np.save(tmp_path / "ids.npy", np.arange(1, len(labels) + 1))
-    return tmp_path
+    n = len(labels)
+    return EmbeddingSet(x, np.arange(1, n + 1), labels, np.zeros(n, np.int64)).save(tmp_path)
 
 
 KEYS = {"recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision", "seed_map", "num_queries"}
@@ -113,8 +112,9 @@ def test_cli_writes_metrics(tmp_path, capsys):
     "breakage,message",
     [
         (lambda d: (d / "labels.npy").unlink(), "labels.npy: file not found"),
-        (lambda d: np.save(d / "embeddings.npy", np.zeros(5, np.float32)), "embeddings.npy: expected shape"),
-        (lambda d: np.save(d / "labels.npy", np.zeros(7, np.int64)), "7 labels but"),
+        (lambda d: np.save(d / "embeddings.npy", np.zeros(5, np.float32)), "embeddings.npy: expected shape (10, d)"),
+        (lambda d: np.save(d / "labels.npy", np.zeros(7, np.int64)), "labels.npy: expected 10 integers"),
+        (lambda d: (d / "meta.json").unlink(), "meta.json: not found"),
         (lambda d: np.save(d / "embeddings.npy", np.full((10, 4), np.nan, np.float32)), "NaN"),
         (lambda d: (d / "embeddings.npy").write_text("junk"), "not a readable .npy"),
     ],

@@ -1,7 +1,4 @@
-"""``retrieval eval``: the SOP retrieval protocol on saved embeddings.
-
-    retrieval eval --embeddings runs/tiny/emb-test                 # writes runs/tiny/emb-test/metrics.json
-    retrieval eval --embeddings DIR --out DIR --backend faiss --chunk 2048
+"""The SOP retrieval protocol: Recall@K, MAP@R, R-Precision from embeddings or neighbour lists.
 
 Protocol (Song et al. 2016; Musgrave et al. 2020): every image queries all the others; its own row is
 excluded **by index** (a duplicate image under another id still counts). For a query of class c,
@@ -22,19 +19,15 @@ Only top-k lists are needed (k = max(max(ks), max R)), so search memory is O(chu
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import resource
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retrieval import knn
-from retrieval.errors import UserError
+from retrieval.config import metric_label, metric_names
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +118,8 @@ def retrieval_metrics(
 
 
 # ------------------------------------------------------------------------------------------------ table
-COLUMNS = [
-    ("recall@1", "Recall@1"),
-    ("recall@10", "Recall@10"),
-    ("recall@100", "Recall@100"),
-    ("recall@1000", "Recall@1000"),
-    ("map@r", "MAP@R"),
-    ("seed_map", "seed-MAP"),
-]
+# the seed README's columns: every metric but R-Precision and MAP@K
+TABLE = [name for name in metric_names(KS) if name not in ("r_precision", f"map@{max(KS)}")]
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -141,95 +128,14 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     Each row is a metrics dict (fractions) with optional ``architecture`` and ``training`` entries
     (e.g. "SwinV2-B", "untrained" / "pretrained" / "finetuned"); a missing metric prints as "-".
     """
-    head = ["Architecture", "Training"] + [name for _, name in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(COLUMNS)) + "|"]
+    head = ["Architecture", "Training"] + [metric_label(key) for key in TABLE]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(TABLE)) + "|"]
     for row in rows:
         cells = [str(row.get("architecture", "")), str(row.get("training", ""))]
-        cells += [f"{100 * row[key]:.2f}" if row.get(key) is not None else "-" for key, _ in COLUMNS]
+        cells += [f"{100 * row[key]:.2f}" if row.get(key) is not None else "-" for key in TABLE]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     print(format_table(rows))
-
-
-# ------------------------------------------------------------------------------------------------ input
-def _load_array(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found (an embeddings folder holds embeddings.npy and labels.npy)")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npy array ({e})") from e
-
-
-def load_embeddings(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``embeddings.npy`` (N x d float) and ``labels.npy`` (N ints), validated with messages naming the file."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: not a folder (expected an embeddings folder from `retrieval embed`)")
-    emb_path, lab_path = folder / "embeddings.npy", folder / "labels.npy"
-    emb, labels = _load_array(emb_path), _load_array(lab_path)
-    if emb.ndim != 2 or emb.shape[0] < 2 or emb.shape[1] < 1:
-        raise UserError(f"{emb_path}: expected shape (N >= 2, d), got {emb.shape}")
-    if not np.issubdtype(emb.dtype, np.floating):
-        raise UserError(f"{emb_path}: expected float32/float16 values, got {emb.dtype}")
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{lab_path}: expected a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
-    if len(labels) != len(emb):
-        raise UserError(f"{lab_path}: {len(labels)} labels but {emb_path.name} has {len(emb)} rows")
-    bad = ~np.isfinite(emb).all(1)
-    if bad.any():
-        raise UserError(
-            f"{emb_path}: {int(bad.sum())} rows contain NaN or inf (first: row {int(np.flatnonzero(bad)[0])})"
-        )
-    return np.ascontiguousarray(emb, dtype=np.float32), labels.astype(np.int64)
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far, in GiB.
-
-    Linux: ``VmHWM`` of /proc/self/status, which starts afresh at exec; ``ru_maxrss`` would also count
-    the RSS of the parent at fork time (a benchmark that spawns the eval would measure itself).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# -------------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, type=Path, help="folder with embeddings.npy + labels.npy")
-    parser.add_argument("--out", type=Path, default=None, help="where metrics.json goes (default: --embeddings)")
-    parser.add_argument("--backend", choices=knn.BACKENDS, default="auto")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--dtype", choices=knn.DTYPES, default="fp32", help="torch backend ranking precision")
-    parser.add_argument("--chunk", type=int, default=4096, help="queries per block (memory O(chunk x N))")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.chunk < 1:
-        raise UserError(f"--chunk: expected a positive integer, got {args.chunk}")
-    emb, labels = load_embeddings(args.embeddings)
-    log.info("eval: %d embeddings of dimension %d from %s", len(emb), emb.shape[1], args.embeddings)
-    metrics = retrieval_metrics(
-        emb, labels, backend=args.backend, chunk=args.chunk, device=args.device, dtype=args.dtype
-    )
-    metrics["peak_rss_gb"] = round(peak_rss_gb(), 3)
-    metrics["embeddings"] = str(args.embeddings)
-    out = args.out or args.embeddings
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print_table([{"architecture": metrics["embeddings"], "training": "", **metrics}])
-    print(
-        f"R-Precision {100 * metrics['r_precision']:.2f}  queries {metrics['num_queries']} "
-        f"(excluded, no other image of their class: {metrics['num_excluded']})  "
-        f"search {metrics['search_seconds']:.1f} s ({metrics['backend']})  peak RSS {metrics['peak_rss_gb']:.2f} GB"
-    )
-    log.info("wrote %s", out / "metrics.json")
-    return 0

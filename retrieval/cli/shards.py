@@ -1,0 +1,101 @@
+"""``retrieval shards build|verify|merge-stats``: WebDataset shards from SOP, a manifest or an image folder.
+
+    retrieval shards build --sop-root /data/Stanford_Online_Products --out /data/sop-shards --workers 16
+    retrieval shards build --manifest catalogue.csv --out shards/out
+    retrieval shards verify shards/out
+
+The layout and the builder are documented in :mod:`retrieval.data.shards`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from retrieval.data.shard_writer import verify
+from retrieval.data.shards import build, merge_stats, parse_part
+from retrieval.data.sop import ON_MISSING, SPLITS
+
+
+def _classes_arg(text: str) -> int | float:
+    """A number of classes (``100``) or a fraction (``0.2``)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of classes or a fraction, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="write DIR/{train,val,test}-NNNNNN.tar, stats.json, sizes.json")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--sop-root", help="Stanford_Online_Products root (Ebay_train.txt, Ebay_test.txt)")
+    src.add_argument("--manifest", help="CSV/TSV path,label[,group]; paths relative to the manifest's folder")
+    src.add_argument("--image-folder", help="ImageFolder tree: one subfolder per class")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="encoding processes")
+    b.add_argument("--max-side", type=int, default=256, help="longer image side after re-encoding")
+    b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    b.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (a class is never cut)")
+    b.add_argument(
+        "--val-classes",
+        type=_classes_arg,
+        default=0.2,
+        help="train classes held out for validation: a count or a fraction (default 0.2)",
+    )
+    b.add_argument(
+        "--test-classes",
+        type=_classes_arg,
+        default=0.5,
+        help="manifest/image folder only: classes held out for test (SOP uses its test file)",
+    )
+    b.add_argument("--seed", type=int, default=0, help="seeds the val split and the train class order")
+    b.add_argument("--on-missing", choices=ON_MISSING, default="error", help="a listed image file is missing")
+    b.add_argument(
+        "--part",
+        default="0/1",
+        metavar="I/N",
+        help="build only part I of N (Slurm arrays); then run merge-stats",
+    )
+    v = sub.add_parser("verify", help="decode every sample and check counts against stats.json")
+    v.add_argument("dir")
+    v.add_argument("--workers", type=int, default=1)
+    m = sub.add_parser("merge-stats", help="write stats.json / sizes.json once every --part has finished")
+    m.add_argument("dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "build":
+        build(
+            out=args.out,
+            sop_root=args.sop_root,
+            manifest=args.manifest,
+            image_folder=args.image_folder,
+            workers=args.workers,
+            max_side=args.max_side,
+            quality=args.quality,
+            shard_size=args.shard_size,
+            val_classes=args.val_classes,
+            test_classes=args.test_classes,
+            seed=args.seed,
+            on_missing=args.on_missing,
+            part=parse_part(args.part),
+        )
+        return 0
+    if args.action == "merge-stats":
+        merge_stats(args.dir)
+        return 0
+    problems, stats = verify(args.dir, args.workers)
+    if problems:
+        for p in problems[:50]:
+            print(f"verify: {p}")
+        print(f"verify: {args.dir}: FAILED, {len(problems)} problem(s)")
+        return 1
+    print(
+        f"verify: {args.dir}: ok, "
+        + ", ".join(
+            f"{s} {stats[s]['samples']} samples / {stats[s]['classes']} classes / {stats[s]['shards']} shards"
+            for s in SPLITS
+        )
+    )
+    return 0
