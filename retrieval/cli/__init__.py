@@ -30,7 +30,7 @@ from retrieval.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth-sop": ("retrieval.data.synth", "write a synthetic catalogue in the exact SOP layout"),
     "shards": ("retrieval.data.shards", "build / verify WebDataset shards from SOP, a manifest or an image folder"),
-    "train": ("retrieval.train", "fine-tune a timm backbone with triplet loss (DDP / DeepSpeed via accelerate)"),
+    "train": ("retrieval.cli.train", "fine-tune a timm backbone with triplet loss (DDP / DeepSpeed via accelerate)"),
     "embed": ("retrieval.embed", "embed a split rank-sharded and merge the parts"),
     "eval": ("retrieval.evaluate", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),
     "index": ("retrieval.index", "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings"),
