@@ -177,5 +177,3 @@ def _deepcopy(x: Any) -> Any:
     if isinstance(x, list):
         return [_deepcopy(v) for v in x]
     return x
-
-

@@ -4,8 +4,9 @@ Everything else asks here: ``rank()``, ``world_size()``, ``is_main()``, ``barrie
 ``all_gather_cat()``. The getters return single-process defaults when no process group exists,
 so callers never branch on "am I distributed". Launchers (``accelerate launch``, ``torchrun``,
 ``srun`` via ``slurm/train.sbatch``) set the standard variables ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; Slurm-only variables are translated in
-:func:`slurm_env`, nowhere else. The backend follows the device: NCCL on CUDA, gloo on CPU.
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; Slurm-only variables are translated to launcher flags in
+one place, ``slurm/_common.sh`` (only :func:`node_rank` falls back to ``SLURM_NODEID``). The backend follows
+the device: NCCL on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -58,10 +59,6 @@ def is_main() -> bool:
 def env(name: str, default: str | None = None) -> str | None:
     """Read one environment variable (library code asks here, never ``os.environ`` directly)."""
     return os.environ.get(name, default)
-
-
-def set_env(name: str, value: str) -> None:
-    os.environ[name] = value
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -132,37 +129,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def all_equal(values: Sequence[Any]) -> bool:
     blob = pickle.dumps(list(values))
     return all(b == blob for b in all_gather_object(blob))
-
-
-def slurm_env() -> dict[str, str]:
-    """Translate Slurm's variables to the ones launchers expect (used by the sbatch scripts' helper).
-
-    Returns only what Slurm knows: number of nodes, this node's index, the first host of the job
-    (the main process address) and a port derived from the job id (stable across requeues of the
-    same job, different between jobs sharing a node).
-    """
-    if "SLURM_JOB_ID" not in os.environ:
-        return {}
-    job = int(os.environ["SLURM_JOB_ID"])
-    out = {
-        "NUM_MACHINES": os.environ.get("SLURM_NNODES", "1"),
-        "MACHINE_RANK": os.environ.get("SLURM_NODEID", "0"),
-        "MAIN_PROCESS_PORT": str(20000 + job % 20000),
-    }
-    nodelist = os.environ.get("SLURM_JOB_NODELIST")
-    if nodelist:
-        out["MAIN_PROCESS_IP"] = first_host(nodelist)
-    return out
-
-
-def first_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist such as ``gpu[003-005,009],cpu01`` -> ``gpu003`` (no scontrol needed)."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    first = rest.rstrip("]").split(",")[0].split("-")[0]
-    return prefix + first
 
 
 # ---------------------------------------------------------------------------------------------

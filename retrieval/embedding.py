@@ -34,6 +34,7 @@ from retrieval.data.loader import Reader, eval_loader
 from retrieval.errors import UserError
 from retrieval.export import load_exported, read_input_spec, resolve_export
 from retrieval.models import InputSpec, build_model, initial_model
+from retrieval.runs import RunFolder
 from retrieval.util import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
@@ -131,9 +132,7 @@ class EmbeddingSet:
             "skipped": sum(int(p.meta.get("skipped", 0)) for p in parts),
             "seconds": max((float(p.meta.get("seconds", 0.0)) for p in parts), default=0.0),
         }
-        return cls(
-            emb[order], ids, cols["labels"][order], cols["super_labels"][order], [paths[i] for i in order], meta
-        )
+        return cls(emb[order], ids, cols["labels"][order], cols["super_labels"][order], [paths[i] for i in order], meta)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -264,4 +263,4 @@ def _run_config(path: Path, untrained: bool) -> Config | None:
                 "a run folder / model.safetensors"
             )
         return load_config(path)
-    return load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
+    return RunFolder(path).read_config() if RunFolder.is_run(path) else None

@@ -31,6 +31,7 @@ import numpy as np
 from retrieval.embedding import EmbeddingSet
 from retrieval.errors import UserError
 from retrieval.report_html import METRICS, THUMB_PX, Gallery, render_page
+from retrieval.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ def build_report(
         raise UserError(f"--queries and --k: expected positive integers, got {queries} and {k}")
     if shards is not None and not Path(shards).is_dir():
         raise UserError(f"--shards {shards}: not a folder (expected {{split}}-NNNNNN.tar files)")
-    train, val, log_notes = read_metrics_log(run_dir / "metrics.jsonl")
+    run, log_notes = RunFolder(run_dir), []
+    records = run.read_metrics(log_notes)
+    train, val = [r for r in records if r.get("kind") == "train"], [r for r in records if r.get("kind") == "val"]
     folders = find_eval_folders(run_dir, embeddings_dirs)
     table, table_note = table_rows(run_dir, folders, val)
     gallery = build_gallery(folders, shards, queries, k, seed)
@@ -83,8 +86,8 @@ def build_report(
         log_notes=log_notes,
         gallery=gallery,
         k=k,
-        summary=_read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None,
-        config=(run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None,
+        summary=run.read_summary(),
+        config=run.read_config_text(),
     )
     out = Path(out) if out else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,27 +105,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-
-
-def read_metrics_log(path: Path) -> tuple[list[dict], list[dict], list[str]]:
-    """(train lines, val lines, notes). A line that is not JSON is skipped with a note, not fatal: a run
-    killed mid-write leaves a truncated last line, and its report is exactly what one wants then."""
-    if not path.is_file():
-        return [], [], [f"{path.name} not found: no curves."]
-    train, val, notes = [], [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            notes.append(f"{path.name} line {n} is not JSON and was skipped.")
-            continue
-        if isinstance(record, dict) and record.get("kind") == "train":
-            train.append(record)
-        elif isinstance(record, dict) and record.get("kind") == "val":
-            val.append(record)
-    return train, val, notes
 
 
 def find_eval_folders(run_dir: Path, explicit: list[str | Path] | None) -> list[EvalFolder]:

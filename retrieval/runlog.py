@@ -7,14 +7,17 @@ it off, and ``online`` is only used when asked for.
 
 from __future__ import annotations
 
-import json
 import logging
-import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from retrieval.util import peak_rss_gb
+
+if TYPE_CHECKING:
+    from retrieval.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +37,19 @@ def init_trackers(accelerator, cfg, run_dir: Path, config_dict: dict) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; only the main process writes (others hold a no-op)."""
+    """Appends one record to the run's metrics log and to the trackers; only the main process writes (others
+    hold a no-op)."""
 
-    def __init__(self, accelerator, run_dir: Path):
+    def __init__(self, accelerator, run: RunFolder):
         self.accelerator = accelerator
-        self.path = run_dir / "metrics.jsonl"
+        self.run = run
         self.enabled = accelerator.is_main_process
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run.append_metrics(record)
         numeric = {f"{record['kind']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
         self.accelerator.log(numeric, step=record.get("step"))
 
@@ -82,7 +85,7 @@ def peak_memory_gb(device: torch.device) -> float:
     """Peak accelerator memory on CUDA; peak resident memory of this process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_gb()
 
 
 def console(record: dict[str, Any]) -> str:

@@ -52,7 +52,6 @@ main_host() {
 }
 
 # A port derived from the job id: stable across requeues of one job, different for jobs sharing a node.
-# Same rule as retrieval.dist.slurm_env().
 main_port() { echo "${MAIN_PROCESS_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"; }
 
 # The accelerate launch flags for this allocation (everything but --machine_rank, which is per node).

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file
 
 from retrieval.cli import main
+from retrieval.runs import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -65,6 +70,36 @@ def test_resume_mid_epoch_is_bitwise_identical(synth_shards, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_signal_checkpoints_marks_preempted_and_exits_3(synth_shards, tmp_path):
+    """SIGUSR1 mid-run: the step finishes, a checkpoint is written, ``preempted`` holds its step, exit code 3;
+    ``--resume auto`` then continues from that step and clears the mark."""
+    from _launch import cpu_env
+
+    run = RunFolder(tmp_path / "run")
+    common = ["train.epochs=1", "data.steps_per_epoch=400", "train.eval_every=0"]
+    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run.path), *FAST, *common]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retrieval", *argv], env=cpu_env(), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r["kind"] == "train" for r in run.read_metrics()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no train step logged"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err[-3000:]
+    step = int(run.preempted_path.read_text())
+    assert 1 <= step < 400 and run.latest() == run.path / "checkpoints" / f"step_{step}"
+    assert run.read_summary()["preempted"] and run.read_summary()["global_step"] == step
+    assert not run.has_model("final")  # a preempted run exports nothing
+    assert _train(synth_shards, run.path, *common, f"train.max_steps={step + 1}", resume="auto") == 0
+    assert not run.preempted_path.exists() and run.read_summary()["global_step"] == step + 1
+    assert [r["step"] for r in run.read_metrics()][-2:] == [step, step + 1]
+
+
 def test_resume_latest_without_checkpoint_is_a_clear_error(synth_shards, tmp_path, capsys):
     assert _train(synth_shards, tmp_path / "none", resume="latest") == 2
     assert "no complete checkpoint" in capsys.readouterr().err
@@ -115,9 +150,9 @@ def test_epochs_hold_whole_optimizer_steps():
 
 
 def test_dangling_latest_pointer_is_an_error_not_a_fresh_start(tmp_path):
-    from retrieval.checkpoint import resolve_resume
     from retrieval.errors import UserError
+    from retrieval.runs import RunFolder
 
     (tmp_path / "latest").write_text("checkpoints/step_9")
     with pytest.raises(UserError, match="does not exist"):
-        resolve_resume(tmp_path, "auto")
+        RunFolder(tmp_path).resolve_resume("auto")

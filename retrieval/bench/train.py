@@ -6,8 +6,8 @@ Three figures per model, measured in one process, one after the other:
   ``torch.optim.AdamW`` on a fixed synthetic batch of the same size: what the hardware gives.
 - ``our_step_in_memory``: our model (backbone + head + L2 norm), our criterion (mining over the gathered
   batch), the accelerate-prepared model and AdamW groups, grad clipping and the lr schedule, i.e.
-  ``retrieval.train._step``, on in-memory batches: the model-side overhead, no data loading.
-- ``trainer``: the real ``retrieval.train.train()`` on synthetic shards (``retrieval synth-sop`` +
+  ``retrieval.trainer.Trainer._step``, on in-memory batches: the model-side overhead, no data loading.
+- ``trainer``: the real ``retrieval.trainer.train()`` on synthetic shards (``retrieval synth-sop`` +
   ``retrieval shards build`` in a temp folder): streaming shards, P×K batches, decode + augment in
   loader workers, mining, loss, backward, AdamW, logging; images/s read from the run's
   ``metrics.jsonl`` (one value per log interval, the first intervals skipped as warm-up).
@@ -15,9 +15,9 @@ Three figures per model, measured in one process, one after the other:
 Ratios ``trainer/raw`` and ``step/raw`` are ours over raw (1.0 = no overhead; goal >= 0.9 on CPU with the
 tiny model). On CUDA both SwinV2-B recipes (``configs/sop_swinv2_base.yaml``: window16 at 256 px,
 ``configs/sop_swinv2_fast.yaml``: window12 at 192 px, ``pretrained=false``) run in their configured
-precision (bf16). A GPU host with only torch + timm + accelerate (``bench/gpu_check.sh``) cannot import
-the shard readers or pytorch-metric-learning: there the trainer figure is skipped and the in-memory step
-uses the trainer's own ``_step`` with a pure-torch batch-hard criterion; the JSON says which ran.
+precision (bf16). The trainer module imports its data stack, losses and evaluation at the top, so both
+of our figures need the full install (webdataset, pytorch-metric-learning, faiss); ``TorchBatchHard`` is the
+pure-torch batch-hard criterion kept for a host without pytorch-metric-learning.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import logging
 import signal
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -249,34 +248,46 @@ def raw_timm_train(cfg: Config, device: torch.device, precision: str, reps: comm
 
 
 def our_step_in_memory(cfg: Config, reps: common.Repeats, work: Path) -> dict[str, Any]:
-    """``retrieval.train._step`` on pre-made P×K batches already on the device."""
-    s, loss_impl = _setup(cfg, work)
-    step_fn, step_impl = _step_impl()
-    device = s.accelerator.device
-    P, K = cfg.data.classes_per_batch, cfg.data.images_per_class
-    labels = torch.arange(P, device=device).repeat_interleave(K)
-    batches = [{"image": synthetic_images(cfg, P * K, device, seed=i), "label": labels + P * i} for i in range(2)]
-    feed = itertools.cycle(batches)
-    state = SimpleNamespace(global_step=0)
-    s.model.train()
+    """``retrieval.trainer.Trainer._step`` on pre-made P×K batches already on the device."""
+    from retrieval.schedule import StopFlag
 
-    def one() -> None:
-        step_fn(cfg, s, next(feed), state)
-        state.global_step += 1
+    stop = StopFlag()  # the Trainer holds one; given back below so this process keeps its own signal handling
+    try:
+        trainer, loss_impl = _trainer(cfg, work, stop)
+        device = trainer.accelerator.device
+        P, K = cfg.data.classes_per_batch, cfg.data.images_per_class
+        labels = torch.arange(P, device=device).repeat_interleave(K)
+        batches = [{"image": synthetic_images(cfg, P * K, device, seed=i), "label": labels + P * i} for i in range(2)]
+        feed = itertools.cycle(batches)
+        trainer.model.train()
 
-    stats = common.time_rate(one, P * K, reps, device)
-    stats.update(peak_mem_gb=_peak_gb(device), step_impl=step_impl, loss_impl=loss_impl)
-    s.accelerator.end_training()
+        def one() -> None:
+            trainer._step(next(feed))
+            trainer.state.global_step += 1
+
+        stats = common.time_rate(one, P * K, reps, device)
+        stats.update(peak_mem_gb=_peak_gb(device), step_impl=STEP_IMPL, loss_impl=loss_impl)
+        trainer.accelerator.end_training()
+    finally:
+        stop.restore()
     return stats
 
 
-def _setup(cfg: Config, work: Path) -> tuple[SimpleNamespace, str]:
-    """What ``retrieval.train.setup`` builds, minus the shards: accelerator, model, AdamW groups, schedule, loss."""
-    from retrieval.models import build_model, maybe_compile, param_groups
+STEP_IMPL = "retrieval.trainer.Trainer._step"
+
+
+def _trainer(cfg: Config, work: Path, stop) -> tuple[Any, str]:
+    """What ``retrieval.trainer.Trainer.create`` builds, minus the shards: accelerator, model, AdamW groups,
+    schedule, loss."""
+    from retrieval.config import derived
+    from retrieval.models import InputSpec, build_model, maybe_compile, param_groups
+    from retrieval.runs import RunFolder
+    from retrieval.trainer import Trainer
 
     acc = dist.make_accelerator(cfg.train.precision, cfg.optim.grad_accum, str(work))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
+    spec = InputSpec.of(model, cfg.data)
     groups = param_groups(model, cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -285,9 +296,9 @@ def _setup(cfg: Config, work: Path) -> tuple[SimpleNamespace, str]:
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     model = maybe_compile(model, cfg.model)
     criterion, loss_impl = _criterion(cfg)
-    return SimpleNamespace(
-        accelerator=acc, model=model, criterion=criterion.to(acc.device), optimizer=optimizer, scheduler=scheduler
-    ), loss_impl
+    d = derived(cfg, acc.num_processes, train_samples=10**9)  # no shards here: any size that fills an epoch
+    parts = (acc, model, criterion.to(acc.device), optimizer, scheduler, spec, d, stop)
+    return Trainer(cfg, RunFolder(work), *parts), loss_impl
 
 
 def _criterion(cfg: Config) -> tuple[torch.nn.Module, str]:
@@ -296,12 +307,6 @@ def _criterion(cfg: Config) -> tuple[torch.nn.Module, str]:
     except ImportError as e:  # GPU check hosts: no pytorch-metric-learning
         return TorchBatchHard(cfg.loss.margin), f"bench stand-in: pure-torch batch-hard cosine ({e.name} missing)"
     return build_loss(cfg.loss, seed=cfg.train.seed), f"retrieval.losses ({cfg.loss.miner}, {cfg.loss.distance})"
-
-
-def _step_impl():
-    from retrieval.train import _step  # imports with torch + timm + accelerate alone (see retrieval/train.py)
-
-    return _step, "retrieval.train._step"
 
 
 class TorchBatchHard(torch.nn.Module):
@@ -332,8 +337,8 @@ class TorchBatchHard(torch.nn.Module):
 
 
 def trainer_rate(cfg: Config, shards: Path, run_dir: Path, steps: int, block: int, warm: int) -> dict[str, Any]:
-    """Run ``retrieval.train.train`` for ``steps`` steps, logging every ``block``; images/s per log interval."""
-    from retrieval.train import train
+    """Run ``retrieval.trainer.train`` for ``steps`` steps, logging every ``block``; images/s per log interval."""
+    from retrieval.trainer import train
 
     run_cfg = config_from_dict(
         to_dict(cfg),

@@ -32,7 +32,7 @@ from retrieval.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth-sop": ("retrieval.cli.synth", "write a synthetic catalogue in the exact SOP layout"),
     "shards": ("retrieval.cli.shards", "build / verify WebDataset shards from SOP, a manifest or an image folder"),
-    "train": ("retrieval.train", "fine-tune a timm backbone with triplet loss (DDP / DeepSpeed via accelerate)"),
+    "train": ("retrieval.cli.train", "fine-tune a timm backbone with triplet loss (DDP / DeepSpeed via accelerate)"),
     "embed": ("retrieval.cli.embed", "embed a split rank-sharded and merge the parts"),
     "eval": ("retrieval.cli.eval", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),
     "index": ("retrieval.cli.index", "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings"),

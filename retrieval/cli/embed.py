@@ -54,7 +54,13 @@ def run(args: argparse.Namespace) -> int:
         model, args.shards, args.split, spec, args.batch_size, args.num_workers, acc.device, acc.mixed_precision
     )
     seconds = local.meta["seconds"]
-    log.info("rank %d: %d images in %.1f s (%.1f images/s)", acc.process_index, len(local), seconds, len(local) / max(seconds, 1e-9))
+    log.info(
+        "rank %d: %d images in %.1f s (%.1f images/s)",
+        acc.process_index,
+        len(local),
+        seconds,
+        len(local) / max(seconds, 1e-9),
+    )
     out = Path(args.out)
     local.save(out / "parts" / f"part-{acc.process_index:05d}")
     acc.wait_for_everyone()

@@ -1,9 +1,9 @@
 """``retrieval index build``: one Faiss index (with image ids) over an embeddings set.
 
-    retrieval index build --embeddings runs/sop/emb-test --out runs/sop/index                 # exact, CPU
-    retrieval index build --embeddings DIR --out DIR --factory IVF1024,PQ32 --train-sample 100000
-    retrieval index build --embeddings DIR --out DIR --factory HNSW32
-    retrieval index build --embeddings DIR --out DIR --gpu all --shard                          # every GPU, sharded
+retrieval index build --embeddings runs/sop/emb-test --out runs/sop/index                 # exact, CPU
+retrieval index build --embeddings DIR --out DIR --factory IVF1024,PQ32 --train-sample 100000
+retrieval index build --embeddings DIR --out DIR --factory HNSW32
+retrieval index build --embeddings DIR --out DIR --gpu all --shard                          # every GPU, sharded
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``retrieval report RUN_DIR``: one self-contained HTML page for a run (see :mod:`retrieval.report`).
 
-    retrieval report runs/tiny                                  # -> runs/tiny/report.html
-    retrieval report runs/sop --embeddings runs/sop/emb-test --shards /data/sop-shards --out sop.html
+retrieval report runs/tiny                                  # -> runs/tiny/report.html
+retrieval report runs/sop --embeddings runs/sop/emb-test --shards /data/sop-shards --out sop.html
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from retrieval.data.synth import parse_images_per_class, synth_sop
 
 log = logging.getLogger(__name__)
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder (the Stanford_Online_Products root)")
     parser.add_argument("--classes", type=int, default=200, help="classes in all, split about half train/half test")

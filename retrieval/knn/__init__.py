@@ -120,4 +120,3 @@ def search(
     if use_sym:
         return symmetric_self_search(q, k, metric, chunk=chunk)
     return torch_search(q, xb, k, metric, exclude, device=device, dtype=dtype, chunk=chunk)
-

@@ -117,5 +117,3 @@ def faiss_search(
             d_, i_ = _drop_excluded(d_, i_, exclude[q0:q1], k)
         scores[q0:q1], ids[q0:q1] = d_, i_
     return scores, ids
-
-

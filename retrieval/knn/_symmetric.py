@@ -16,7 +16,6 @@ from retrieval.knn._torch import _block_scores, torch_search
 log = logging.getLogger(__name__)
 
 
-
 # ----------------------------------------------------------------------------- symmetric self-search
 class _Heaps:
     """Faiss' C++ min-heaps (keep the k largest) over numpy buffers: one heap per database row."""
@@ -133,5 +132,3 @@ def symmetric_self_search(
     if metric == "l2":
         scores = np.maximum(-scores, 0)
     return scores, ids
-
-

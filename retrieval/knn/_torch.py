@@ -143,5 +143,3 @@ def torch_search(
             scores[q0 : q0 + len(q)] = val
             ids[q0 : q0 + len(q)] = idx
     return (scores.numpy(), ids.numpy()) if to_host else (scores, ids)
-
-
