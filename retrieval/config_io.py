@@ -9,6 +9,7 @@ Every run writes its fully resolved config next to its outputs (:func:`save_conf
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, fields, is_dataclass
@@ -52,14 +53,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return _float(name, value)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -77,6 +71,23 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)
     raise ConfigError(f"{name}: unsupported field type {tp!r}")  # schema bug, not user error
+
+
+def _float(name: str, value: Any) -> float:
+    """A finite float: NaN or inf in a learning rate or a margin is silent garbage, never a setting."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    return number
 
 
 def _build(cls: type, values: dict, prefix: str) -> Any:

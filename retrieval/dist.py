@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
+    if is_dist() and world_size() > 1:
+        x = x.clone()
+        td.all_reduce(x, op=td.ReduceOp.MIN)
+    return x
+
+
 def all_equal(values: Sequence[Any]) -> bool:
     blob = pickle.dumps(list(values))
     return all(b == blob for b in all_gather_object(blob))
@@ -149,6 +157,34 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     return "bf16" if cuda else "no"
 
 
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """Under a launcher (``accelerate launch``, ``torchrun``), end this worker when the launcher dies.
+
+    A launcher killed with SIGKILL cannot stop its workers; orphaned, they would hold the GPUs, the run folder's
+    lock and the rendezvous port, or hang in a collective forever. A daemon thread polls the parent pid (a
+    reparented process sees another one) and exits at once. Polling rather than ``PR_SET_PDEATHSIG``: that signal
+    fires when the parent *thread* that forked us ends, which an elastic agent's helper thread may do while the
+    launcher lives.
+    """
+    import threading
+
+    if env("LOCAL_RANK") is None and env("TORCHELASTIC_RUN_ID") is None:
+        return  # a plain process: its parent is a shell or a test, not a launcher
+    if any(t.name == "exit-with-parent" for t in threading.enumerate()):
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                sys.stderr.write(f"rank {rank()}: the launcher (pid {parent}) died; exiting\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with: str | None = None):
     """One Accelerator for training/embedding, whatever the launcher (python, accelerate, torchrun, srun).
 
@@ -162,6 +198,7 @@ def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+    exit_with_parent()
     # Only an explicit CPU request sets cpu=True: with DeepSpeed, accelerate rejects it, and on a CPU-only
     # host accelerate picks the CPU device by itself.
     force_cpu = env("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")

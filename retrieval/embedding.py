@@ -252,7 +252,15 @@ def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
             torch.manual_seed(0)
             model = build_model(model_cfg)
     spec = spec or InputSpec.of(model, cfg.data if cfg is not None else None)
+    _check_finite_weights(model, path)
     return LoadedModel(model, spec, {"model": str(path), "untrained": untrained})
+
+
+def _check_finite_weights(model: torch.nn.Module, path: Path) -> None:
+    """Weights with NaN/inf embed every image to garbage (and an index over it answers nonsense): refuse them."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{path}: weight {name!r} holds NaN or inf: the model diverged in training; use another")
 
 
 def _run_config(path: Path, untrained: bool) -> Config | None:

@@ -2,7 +2,9 @@
 
 Layout of ``runs/<name>``::
 
-    config.yaml          the fully resolved config of the run
+    config.yaml          the fully resolved config of the run (of its latest attempt)
+    configs/attempt-N.yaml   the resolved config of every attempt: the fresh start is 1, each resume adds one
+    .lock                exclusively flock-ed by rank 0 of the trainer using the folder (one trainer at a time)
     metrics.jsonl        one JSON object per line: {"kind": "train"|"val", "step": ..., ...}
     summary.json         written when a run (or one invocation of it) ends
     preempted            present while a preempted run waits to be resumed; holds the step
@@ -23,6 +25,7 @@ checkpoint. Every small file is written through :func:`retrieval.util.write_atom
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -155,13 +158,60 @@ class RunFolder:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def begin(self, cfg: Config, fresh: bool) -> None:
-        """Create the folder, write the resolved config, clear a preemption mark; a fresh run also drops the
-        log lines of an earlier attempt that never checkpointed. Main process only."""
+    def begin(self, cfg: Config, fresh: bool, resumed_step: int | None = None) -> None:
+        """Create the folder, write the resolved config (and keep a copy per attempt under ``configs/``), clear a
+        preemption mark. A fresh run drops the log lines of an earlier attempt that never checkpointed; a resume
+        from step N drops the lines past N (the steps it is about to run again). Main process only."""
         self.write_config(cfg)
+        self._keep_attempt_config()
         self.preempted_path.unlink(missing_ok=True)
         if fresh:
             self.metrics_path.unlink(missing_ok=True)
+        elif resumed_step is not None:
+            self.truncate_metrics(resumed_step)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep the records up to ``step`` (and drop a line a kill cut short): a resume logs the rest again."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [r for r in self.read_metrics() if int(r.get("step", 0)) <= step]
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    @property
+    def attempts_path(self) -> Path:
+        """``configs/attempt-N.yaml``: the resolved config of every invocation (fresh start and each resume)."""
+        return self.path / "configs"
+
+    def attempt_configs(self) -> list[Path]:
+        return sorted(self.attempts_path.glob("attempt-*.yaml"), key=lambda p: int(p.stem.split("-")[1]))
+
+    def _keep_attempt_config(self) -> None:
+        self.attempts_path.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.config_path, self.attempts_path / f"attempt-{len(self.attempt_configs()) + 1}.yaml")
+
+    def lock(self) -> None:
+        """Take the run folder for this process (rank 0 of a trainer) until it exits: an exclusive ``flock`` on
+        ``.lock``, released by the OS however the process ends, so a killed trainer never leaves a stale lock."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{self.path} is in use by another trainer (pid {holder}): one trainer per run folder; wait for it "
+                "to end or stop it, then --resume auto"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def mark_preempted(self, step: int) -> None:
         write_atomic(self.preempted_path, str(step))

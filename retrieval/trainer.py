@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from retrieval.data.loader import EpochSpan, Reader, read_stats, train_loader
 from retrieval.embedding import embed_split, gather_embeddings
 from retrieval.errors import UserError
 from retrieval.export import export_model
+from retrieval.guard import FiniteGuard
 from retrieval.losses import build_loss
 from retrieval.metrics import retrieval_metrics
 from retrieval.models import InputSpec, initial_model, maybe_compile, param_groups
@@ -70,6 +72,7 @@ class Trainer:
         self.spec, self.derived, self.stop = spec, derived, stop
         self.state = TrainerState(**self._shape())
         self.mlog = runlog.MetricsLog(accelerator, run)
+        self.guard = FiniteGuard(accelerator.device)
 
     @classmethod
     def create(cls, cfg: Config, run: RunFolder, stop: StopFlag) -> Trainer:
@@ -103,9 +106,12 @@ class Trainer:
 
     def fit(self, resume: str | None = None) -> dict:
         """Epochs until done, early-stopped, capped (train.max_steps / max_minutes) or preempted; the summary."""
-        self._start(resume)
-        preempted = self._epochs()
-        summary = self._finish(preempted)
+        try:
+            self._start(resume)
+            preempted = self._epochs()
+            summary = self._finish(preempted)
+        finally:
+            self.run.unlock()
         self.accelerator.end_training()
         return summary
 
@@ -118,29 +124,27 @@ class Trainer:
         }
 
     def _start(self, resume: str | None) -> None:
-        """Check what we resume (before writing anything), then run folder, resolved config, trackers, state."""
-        acc, shape = self.accelerator, self._shape()
+        """Lock the run folder, check what we resume (before writing anything), then the run folder, resolved config,
+        trackers, state; repair a best export a kill left behind."""
+        acc = self.accelerator
+        self._lock()
         start = self.run.resolve_resume(resume)
         if start is not None:
-            self.state = TrainerState.load(start)
-            saved = {k: getattr(self.state, k) for k in shape}
-            if saved != shape:
-                raise UserError(
-                    f"checkpoint {start} was written with {saved}; this run has {shape}: resume with the "
-                    "same number of processes, batch and accumulation (or start a new --run-dir)"
-                )
+            self._check_resumable(start)
         elif self.run.has_checkpoints():
             raise UserError(
                 f"{self.run.path} already holds a run (it has a 'latest' checkpoint): pass --resume auto to "
                 "continue it, or choose a new --run-dir"
             )
         if acc.is_main_process:
-            self.run.begin(self.cfg, fresh=start is None)
+            self.run.begin(self.cfg, fresh=start is None, resumed_step=None if start is None else self.state.global_step)
         acc.wait_for_everyone()
         runlog.init_trackers(acc, self.cfg, self.run.path, to_dict(self.cfg))
         if start is not None:
             acc.load_state(str(start))
-            log.info("resumed from %s at epoch %d, step %d", start, self.state.epoch, self.state.global_step)
+            if acc.is_main_process:  # one line, not one per rank
+                log.info("resumed from %s at epoch %d, step %d", start, self.state.epoch, self.state.global_step)
+            self._repair_best(start)
         if acc.is_main_process:
             d, data = self.derived, self.cfg.data
             log.info(
@@ -153,6 +157,44 @@ class Trainer:
                 d.steps_per_epoch,
                 d.total_optimizer_steps,
             )
+
+    def _lock(self) -> None:
+        """One trainer per run folder: rank 0 holds an exclusive lock (the OS drops it when the process dies)."""
+        problem = None
+        if self.accelerator.is_main_process:
+            try:
+                self.run.lock()
+            except UserError as e:
+                problem = str(e)
+        problem = dist.broadcast_object(problem)  # every rank fails together, none waits on a barrier
+        if problem:
+            raise UserError(problem)
+
+    def _check_resumable(self, start: Path) -> None:
+        """The checkpoint's world, batch and accumulation must be this run's (they fix its data position)."""
+        shape = self._shape()
+        self.state = TrainerState.load(start)
+        saved = {k: getattr(self.state, k) for k in shape}
+        if saved != shape:
+            raise UserError(
+                f"checkpoint {start} was written with {saved}; this run has {shape}: resume with the "
+                "same number of processes, batch and accumulation (or start a new --run-dir)"
+            )
+
+    def _repair_best(self, start: Path) -> None:
+        """The checkpoint recording a new best is written before the best export and the ``best`` pointer: after a
+        kill in between, ``best`` lags behind the state. Resumed from that very checkpoint, the weights in hand are
+        the best ones: export them and point ``best`` at it, before anything else happens."""
+        best_step = self.state.best_step
+        stale = False
+        if self.accelerator.is_main_process and best_step is not None and start.name == f"step_{best_step}":
+            stale = self.run.best() != start or not self.run.has_model("best")
+        if dist.broadcast_object(stale):
+            log.warning("best export of step %s was interrupted: writing it again from %s", best_step, start)
+            self._export("best")
+            if self.accelerator.is_main_process:
+                self.run.mark_best(start)
+            self.accelerator.wait_for_everyone()
 
     def _epochs(self) -> bool:
         """Run epochs from the saved position; True if preempted."""
@@ -227,16 +269,34 @@ class Trainer:
             log_now = self._logs_at(self.state.global_step + 1)  # the step this batch completes; stats sync the host
             loss, stats = self.criterion(embeddings.float(), labels, step=self.state.global_step, with_stats=log_now)
             acc.backward(loss)
-            if acc.sync_gradients and cfg.optim.grad_clip is not None and not dist.uses_deepspeed():
-                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            norm = self._grad_norm() if acc.sync_gradients else None
+            self.guard.observe(self.state.global_step + 1, loss, norm)  # on the device: no host sync
             self.optimizer.step()
             if acc.sync_gradients:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss, stats
 
+    def _grad_norm(self) -> torch.Tensor | None:
+        """Clip to optim.grad_clip (returns the norm before clipping); without clipping, just the norm."""
+        if dist.uses_deepspeed():  # DeepSpeed clips inside its step (gradient_clipping) and keeps the norm itself
+            return None
+        clip = self.cfg.optim.grad_clip
+        if clip is not None:
+            return self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else None
+
+    def _check_finite(self, before: str, weights: bool = False) -> None:
+        """Stop every rank with a clear error if any step so far was non-finite (collective; syncs the host)."""
+        latest = self.run.latest()
+        last_good = str(latest.relative_to(self.run.path)) if latest is not None else None
+        model = self.accelerator.unwrap_model(self.model) if weights else None
+        self.guard.check(self.state.global_step, before, model, last_good)
+
     def _log_train(self, loss: torch.Tensor, stats: dict, meter: runlog.Throughput) -> None:
         acc = self.accelerator
+        self._check_finite("logging")
         record = {
             "kind": "train",
             "step": self.state.global_step,
@@ -252,13 +312,17 @@ class Trainer:
         meter.reset()
 
     def _checkpoint(self) -> Path:
-        return self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints)
+        self._check_finite("a checkpoint", weights=True)
+        ckpt = self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints)
+        _fault("after_checkpoint")
+        return ckpt
 
     # --------------------------------------------------------------------- validation, selection, export
 
     def _validate(self) -> bool:
         """Embed the val split rank-sharded, score it on rank 0; returns True (on every rank) if it improved."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
+        self._check_finite("validation", weights=True)
         local = embed_split(
             acc.unwrap_model(self.model),
             cfg.data.shards,
@@ -319,6 +383,7 @@ class Trainer:
     def _export(self, which: str = "best") -> None:
         """Write model.safetensors + model.yaml (loadable without DeepSpeed); collective for ZeRO gathers."""
         acc = self.accelerator
+        self._check_finite(f"the {which} export", weights=True)
         state_dict = acc.get_state_dict(self.model)  # consolidates DeepSpeed shards where needed
         if acc.is_main_process:
             export_model(acc.unwrap_model(self.model), self.cfg.model, self.run.model_dir(which), state_dict, self.spec)
@@ -359,6 +424,13 @@ def _configure_deepspeed(accelerator, per_rank_batch: int, cfg: Config) -> None:
     ds["train_batch_size"] = per_rank_batch * cfg.optim.grad_accum * accelerator.num_processes
     if cfg.optim.grad_clip is not None:
         ds["gradient_clipping"] = cfg.optim.grad_clip
+
+
+def _fault(point: str) -> None:
+    """Test hook: ``RETRIEVAL_FAULT=<point>`` makes rank 0 die right there (``os._exit``: no cleanup, as a kill)."""
+    if dist.env("RETRIEVAL_FAULT") == point and dist.is_main():
+        log.warning("RETRIEVAL_FAULT=%s: rank 0 exits now", point)
+        os._exit(137)
 
 
 def param_checksum(model: torch.nn.Module) -> str:

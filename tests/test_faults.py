@@ -1,0 +1,105 @@
+"""Faults never pass silently (issue 13): divergence, kills at any instant, partial data, concurrent trainers,
+changed configs on resume, a full disk, planted symlinks, and inputs that used to give tracebacks.
+
+Single-process runs go through the CLI's ``main``; the kill tests launch 2 real processes (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _launch import REPO, accelerate_cmd, cpu_env
+from safetensors.numpy import load_file
+
+from retrieval.cli import main
+from retrieval.runs import RunFolder
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+FAST = ["log.wandb=disabled", "data.num_workers=0", "train.deterministic=true"]
+
+
+def _argv(shards: Path, run_dir: Path, *overrides: str, resume: str | None = None) -> list[str]:
+    argv = ["train", "--config", TINY, "--shards", str(shards), "--run-dir", str(run_dir), *FAST, *overrides]
+    return argv + (["--resume", resume] if resume else [])
+
+
+def _train(shards: Path, run_dir: Path, *overrides: str, resume: str | None = None) -> int:
+    return main(_argv(shards, run_dir, *overrides, resume=resume))
+
+
+def _wait_for(what: str, cond, proc: subprocess.Popen | None = None, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc is None or proc.poll() is None, f"the job ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _stripped(weights: dict) -> dict:
+    return {k.split("module.", 1)[-1]: v for k, v in weights.items()}
+
+
+def best_is_consistent(run: RunFolder) -> bool:
+    """``best`` names the checkpoint of the state's best_step and model.safetensors holds its weights."""
+    latest = run.latest()
+    state = json.loads((latest / "trainer_state.json").read_text())
+    if state["best_step"] is None:
+        return True
+    ckpt = run.path / "checkpoints" / f"step_{state['best_step']}"
+    if run.best() != ckpt or not run.has_model("best"):
+        return False
+    exported, saved = load_file(str(run.model_dir("best") / "model.safetensors")), _stripped(
+        load_file(str(ckpt / "model.safetensors"))
+    )
+    return exported.keys() == saved.keys() and all(np.array_equal(exported[k], saved[k]) for k in exported)
+
+
+# ------------------------------------------------------------------------------------------- 1. divergence
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=.inf", "loss.margin=nan", "data.scale=[0.5, .nan]"])
+def test_non_finite_config_values_are_refused(tmp_path, capsys, override):
+    rc = main(["train", "--config", TINY, "--shards", str(tmp_path), "--run-dir", str(tmp_path / "r"), override])
+    assert rc == 2
+    field = override.split("=")[0]
+    assert f"{field}" in (err := capsys.readouterr().err) and "expected a finite number" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_divergence_stops_with_the_step_and_saves_nothing_non_finite(synth_shards, tmp_path, capsys):
+    run = RunFolder(tmp_path / "run")
+    blowup = ["optim.lr=1e6", "optim.backbone_lr=1e6", "optim.grad_clip=null", "optim.warmup_steps=0"]
+    common = ["train.epochs=1", "data.steps_per_epoch=6", "train.log_every=100", "train.checkpoint_every=1"]
+    assert _train(synth_shards, run.path, *blowup, *common) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "at step" in err, err[-2000:]
+    assert not run.has_model("best") and not run.has_model("final") and run.read_summary() is None
+    # step 1 is still finite (checkpointed), step 2 is not: latest stays at the last finite state
+    assert run.latest() == run.checkpoints_path / "step_1" and "latest stays at checkpoints/step_1" in err
+    assert "at step 2" in err and sorted(p.name for p in run.checkpoints_path.iterdir()) == ["step_1"]
+    weights = load_file(str(run.latest() / "model.safetensors"))
+    assert all(np.isfinite(v).all() for v in weights.values())
+
+
+def test_embed_refuses_non_finite_weights(synth_shards, tmp_path, capsys):
+    import torch
+
+    from retrieval.config_io import load_config
+    from retrieval.export import export_model
+    from retrieval.models import initial_model
+
+    cfg = load_config(TINY)
+    model = initial_model(cfg)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    export_model(model, cfg.model, tmp_path / "nan")
+    argv = ["embed", "--model", str(tmp_path / "nan"), "--shards", str(synth_shards), "--split", "val"]
+    assert main([*argv, "--out", str(tmp_path / "emb"), "--num-workers", "0"]) == 2
+    assert "NaN or inf" in capsys.readouterr().err and not (tmp_path / "emb" / "meta.json").exists()
