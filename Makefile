@@ -1,6 +1,7 @@
 # The two commands of the README's quick start:
 #   make demo   the whole product in miniature on synthetic SOP-format data (CPU ok, GPU if present)
 #   make demo-long   the same, trained ~22 min on 2 CPU cores: long enough for search to find the product
+#   make faults   kill/resume campaign (not in the default suite)
 #   make test   install into .venv and run the default test suite
 SHELL := /bin/bash
 PY ?= python3
@@ -12,7 +13,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo demo-long clean-demo
+.PHONY: install test test-all lint demo demo-long clean-demo faults
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +35,10 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check retrieval tests && $(BIN)/ruff format --check retrieval tests
+
+# fault campaign (~15 min on 2 CPU cores): SIGKILL a 2-process tiny run at 20 instants, resume, compare
+faults: install
+	$(BIN)/python bench/faults.py --trials 20
 
 demo: install
 	$(BIN)/python -m retrieval demo

@@ -32,6 +32,7 @@ from retrieval.guard import FiniteGuard
 from retrieval.losses import build_loss
 from retrieval.metrics import retrieval_metrics
 from retrieval.models import InputSpec, initial_model, maybe_compile, param_groups
+from retrieval.resume import check_resumable, lock_run
 from retrieval.runs import RunFolder, TrainerState
 from retrieval.schedule import StopFlag, lr_lambda
 
@@ -127,17 +128,19 @@ class Trainer:
         """Lock the run folder, check what we resume (before writing anything), then the run folder, resolved config,
         trackers, state; repair a best export a kill left behind."""
         acc = self.accelerator
-        self._lock()
+        lock_run(self.run, acc)
         start = self.run.resolve_resume(resume)
         if start is not None:
-            self._check_resumable(start)
+            self.state = check_resumable(self.run, start, self.cfg, self._shape())
         elif self.run.has_checkpoints():
             raise UserError(
                 f"{self.run.path} already holds a run (it has a 'latest' checkpoint): pass --resume auto to "
                 "continue it, or choose a new --run-dir"
             )
         if acc.is_main_process:
-            self.run.begin(self.cfg, fresh=start is None, resumed_step=None if start is None else self.state.global_step)
+            self.run.begin(
+                self.cfg, fresh=start is None, resumed_step=None if start is None else self.state.global_step
+            )
         acc.wait_for_everyone()
         runlog.init_trackers(acc, self.cfg, self.run.path, to_dict(self.cfg))
         if start is not None:
@@ -156,29 +159,6 @@ class Trainer:
                 d.global_batch,
                 d.steps_per_epoch,
                 d.total_optimizer_steps,
-            )
-
-    def _lock(self) -> None:
-        """One trainer per run folder: rank 0 holds an exclusive lock (the OS drops it when the process dies)."""
-        problem = None
-        if self.accelerator.is_main_process:
-            try:
-                self.run.lock()
-            except UserError as e:
-                problem = str(e)
-        problem = dist.broadcast_object(problem)  # every rank fails together, none waits on a barrier
-        if problem:
-            raise UserError(problem)
-
-    def _check_resumable(self, start: Path) -> None:
-        """The checkpoint's world, batch and accumulation must be this run's (they fix its data position)."""
-        shape = self._shape()
-        self.state = TrainerState.load(start)
-        saved = {k: getattr(self.state, k) for k in shape}
-        if saved != shape:
-            raise UserError(
-                f"checkpoint {start} was written with {saved}; this run has {shape}: resume with the "
-                "same number of processes, batch and accumulation (or start a new --run-dir)"
             )
 
     def _repair_best(self, start: Path) -> None:

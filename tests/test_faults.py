@@ -55,8 +55,9 @@ def best_is_consistent(run: RunFolder) -> bool:
     ckpt = run.path / "checkpoints" / f"step_{state['best_step']}"
     if run.best() != ckpt or not run.has_model("best"):
         return False
-    exported, saved = load_file(str(run.model_dir("best") / "model.safetensors")), _stripped(
-        load_file(str(ckpt / "model.safetensors"))
+    exported, saved = (
+        load_file(str(run.model_dir("best") / "model.safetensors")),
+        _stripped(load_file(str(ckpt / "model.safetensors"))),
     )
     return exported.keys() == saved.keys() and all(np.array_equal(exported[k], saved[k]) for k in exported)
 
@@ -103,3 +104,64 @@ def test_embed_refuses_non_finite_weights(synth_shards, tmp_path, capsys):
     argv = ["embed", "--model", str(tmp_path / "nan"), "--shards", str(synth_shards), "--split", "val"]
     assert main([*argv, "--out", str(tmp_path / "emb"), "--num-workers", "0"]) == 2
     assert "NaN or inf" in capsys.readouterr().err and not (tmp_path / "emb" / "meta.json").exists()
+
+
+# ------------------------------------------------------------------------------- 2. kill before best export
+
+
+def test_kill_between_checkpoint_and_best_export_is_repaired_on_resume(synth_shards, tmp_path):
+    """Rank 0 dies right after the checkpoint that records a new best (before ``best`` and model.safetensors):
+    the resume exports that best and points ``best`` at it before anything else."""
+    run = RunFolder(tmp_path / "run")
+    argv = _argv(synth_shards, run.path, "train.epochs=1", "data.steps_per_epoch=2", "train.log_every=1")
+    killed = subprocess.run(
+        accelerate_cmd(2, argv), env=cpu_env(RETRIEVAL_FAULT="after_checkpoint"), capture_output=True, timeout=300
+    )
+    assert killed.returncode != 0
+    assert run.latest() == run.checkpoints_path / "step_2" and run.best() is None  # the window
+    resumed = subprocess.run(
+        accelerate_cmd(2, [*argv, "--resume", "auto"]), env=cpu_env(), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run.read_summary()["best_step"] == 2 and best_is_consistent(run)
+
+
+# ------------------------------------------------------------------------------ 4. one trainer per folder
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(x) for x in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_second_trainer_is_refused_and_workers_die_with_their_launcher(synth_shards, tmp_path, capsys):
+    import fcntl
+
+    run = RunFolder(tmp_path / "run")
+    argv = _argv(synth_shards, run.path, "train.epochs=1", "data.steps_per_epoch=400", "train.log_every=1")
+    argv += ["train.eval_every=0"]
+    with open(tmp_path / "launcher.log", "w") as log:
+        launcher = subprocess.Popen(accelerate_cmd(2, argv), env=cpu_env(), stdout=log, stderr=log)
+    try:
+        _wait_for("a train step", lambda: any(r["kind"] == "train" for r in run.read_metrics()), launcher)
+        assert main([*argv, "train.max_steps=1", "--resume", "auto"]) == 2
+        assert "in use by another trainer" in capsys.readouterr().err
+        workers = _children(launcher.pid)
+        assert len(workers) == 2
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+        _wait_for("the workers to exit", lambda: not any(_alive(p) for p in workers), timeout=30)
+    finally:
+        launcher.kill()
+    with open(run.path / ".lock") as f:  # the OS released the dead trainer's lock
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
