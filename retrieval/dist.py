@@ -218,6 +218,19 @@ def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with
     )
 
 
+def configure_deepspeed(accelerator, per_rank_batch: int, grad_accum: int, grad_clip: float | None) -> None:
+    """No DataLoader goes through prepare(), so tell DeepSpeed the micro batch and clipping itself."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = per_rank_batch
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = per_rank_batch * grad_accum * accelerator.num_processes
+    if grad_clip is not None:
+        ds["gradient_clipping"] = grad_clip
+
+
 # ---------------------------------------------------------------------------------------------
 # Launching child jobs (the demo, the benchmarks, the tests): one builder of the command line and environment.
 

@@ -10,6 +10,8 @@ another experiment. Only keys that change how the run is executed or logged may 
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ from retrieval.config import Config
 from retrieval.config_io import to_dict
 from retrieval.errors import UserError
 from retrieval.runs import RunFolder, TrainerState
+
+log = logging.getLogger(__name__)
 
 # dotted keys (or sections ending in ".") a resume may change: budgets, logging, checkpoint cadence, execution
 MAY_CHANGE = (
@@ -94,3 +98,10 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def fault_point(point: str) -> None:
+    """Test hook: ``RETRIEVAL_FAULT=<point>`` makes rank 0 die right there (``os._exit``: no cleanup, as a kill)."""
+    if dist.env("RETRIEVAL_FAULT") == point and dist.is_main():
+        log.warning("RETRIEVAL_FAULT=%s: rank 0 exits now", point)
+        os._exit(137)

@@ -62,6 +62,15 @@ class TrainerState:
     per_rank_batch: int = 0
     grad_accum: int = 1
 
+    def record_eval(self, value: float) -> bool:
+        """A validation's selection metric at ``global_step``: True if it is the best so far (then remembered)."""
+        improved = self.best_metric is None or value > self.best_metric
+        if improved:
+            self.best_metric, self.best_step, self.evals_since_best = value, self.global_step, 0
+        else:
+            self.evals_since_best += 1
+        return improved
+
     @classmethod
     def load(cls, folder: Path) -> TrainerState:
         path = Path(folder) / STATE_FILE

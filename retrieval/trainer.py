@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from retrieval.guard import FiniteGuard
 from retrieval.losses import build_loss
 from retrieval.metrics import retrieval_metrics
 from retrieval.models import InputSpec, initial_model, maybe_compile, param_groups
-from retrieval.resume import check_resumable, lock_run
+from retrieval.resume import check_resumable, fault_point, lock_run
 from retrieval.runs import RunFolder, TrainerState
 from retrieval.schedule import StopFlag, lr_lambda
 
@@ -97,7 +96,7 @@ class Trainer:
         )
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        _configure_deepspeed(accelerator, d.per_rank_batch, cfg)
+        dist.configure_deepspeed(accelerator, d.per_rank_batch, cfg.optim.grad_accum, cfg.optim.grad_clip)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         model = maybe_compile(model, cfg.model)
         criterion = build_loss(cfg.loss, seed=cfg.train.seed).to(accelerator.device)
@@ -294,7 +293,7 @@ class Trainer:
     def _checkpoint(self) -> Path:
         self._check_finite("a checkpoint", weights=True)
         ckpt = self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints)
-        _fault("after_checkpoint")
+        fault_point("after_checkpoint")
         return ckpt
 
     # --------------------------------------------------------------------- validation, selection, export
@@ -343,13 +342,7 @@ class Trainer:
         log.info(runlog.console(record))
         if select not in metrics:
             raise UserError(f"train.select_metric: {select!r} is not a metric; known: {sorted(metrics)}")
-        value = float(metrics[select])
-        improved = state.best_metric is None or value > state.best_metric
-        if improved:
-            state.best_metric, state.best_step, state.evals_since_best = value, state.global_step, 0
-        else:
-            state.evals_since_best += 1
-        return improved
+        return state.record_eval(float(metrics[select]))
 
     def _mark_best(self, ckpt: Path) -> None:
         if self.accelerator.is_main_process:
@@ -391,26 +384,6 @@ class Trainer:
             log.info("done: %s", summary)
         acc.wait_for_everyone()
         return summary
-
-
-def _configure_deepspeed(accelerator, per_rank_batch: int, cfg: Config) -> None:
-    """No DataLoader goes through prepare(), so tell DeepSpeed the micro batch and clipping itself."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = per_rank_batch
-    ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
-    ds["train_batch_size"] = per_rank_batch * cfg.optim.grad_accum * accelerator.num_processes
-    if cfg.optim.grad_clip is not None:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
-
-
-def _fault(point: str) -> None:
-    """Test hook: ``RETRIEVAL_FAULT=<point>`` makes rank 0 die right there (``os._exit``: no cleanup, as a kill)."""
-    if dist.env("RETRIEVAL_FAULT") == point and dist.is_main():
-        log.warning("RETRIEVAL_FAULT=%s: rank 0 exits now", point)
-        os._exit(137)
 
 
 def param_checksum(model: torch.nn.Module) -> str:

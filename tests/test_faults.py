@@ -124,6 +124,7 @@ def test_kill_between_checkpoint_and_best_export_is_repaired_on_resume(synth_sha
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run.read_summary()["best_step"] == 2 and best_is_consistent(run)
+    assert resumed.stderr.count("resumed from") == 1  # rank 0 alone says it
 
 
 # ------------------------------------------------------------------------------ 4. one trainer per folder
@@ -165,3 +166,53 @@ def test_second_trainer_is_refused_and_workers_die_with_their_launcher(synth_sha
         launcher.kill()
     with open(run.path / ".lock") as f:  # the OS released the dead trainer's lock
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# --------------------------------------------------------------------------- 5. resume with a changed config
+
+
+def test_resume_refuses_identity_changes_and_keeps_each_attempts_config(synth_shards, tmp_path, capsys):
+    run = RunFolder(tmp_path / "run")
+    common = ["train.epochs=1", "data.steps_per_epoch=4", "train.eval_every=0", "train.log_every=1"]
+    assert _train(synth_shards, run.path, *common, "train.max_steps=2") == 0
+    saved = run.config_path.read_text()
+    changed = ["optim.lr=5e-4", "model.embed_dim=32", "loss.margin=0.3", "train.max_steps=3"]
+    assert _train(synth_shards, run.path, *common, *changed, resume="auto") == 2
+    err = capsys.readouterr().err
+    for key in ("optim.lr", "model.embed_dim", "loss.margin"):
+        assert key in err, err[-2000:]
+    assert "train.max_steps" not in err.split("in keys a resume cannot change")[1].split(". Resume")[0]
+    assert run.config_path.read_text() == saved and run.latest() == run.checkpoints_path / "step_2"  # nothing written
+    # budgets and logging may change: the resume runs and keeps its own resolved config beside the first one
+    assert _train(synth_shards, run.path, *common, "train.max_steps=3", "train.log_every=2", resume="auto") == 0
+    attempts = run.attempt_configs()
+    assert [p.name for p in attempts] == ["attempt-1.yaml", "attempt-2.yaml"]
+    assert "max_steps: 2" in attempts[0].read_text() and "max_steps: 3" in attempts[1].read_text()
+
+
+# ------------------------------------------------------------------------------------------ 9. small things
+
+
+def test_resume_drops_metrics_lines_past_its_checkpoint(synth_shards, tmp_path):
+    run = RunFolder(tmp_path / "run")
+    common = ["train.epochs=1", "data.steps_per_epoch=4", "train.eval_every=0", "train.log_every=1"]
+    assert _train(synth_shards, run.path, *common, "train.max_steps=2") == 0
+    with run.metrics_path.open("a") as f:  # an attempt that logged step 3 and was killed before its checkpoint
+        f.write(json.dumps({"kind": "train", "step": 3, "loss": 1.0}) + '\n{"kind": "tra')
+    assert _train(synth_shards, run.path, *common, "train.max_steps=3", resume="auto") == 0
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
+    assert run.read_metrics()[-1]["loss"] != 1.0
+
+
+def test_exports_of_the_same_weights_are_byte_identical(tmp_path):
+    from retrieval.config_io import load_config
+    from retrieval.export import export_model, load_exported
+    from retrieval.models import initial_model
+
+    cfg = load_config(TINY)
+    model = initial_model(cfg)
+    a = export_model(model, cfg.model, tmp_path / "a")
+    reloaded, model_cfg = load_exported(a)
+    b = export_model(reloaded, model_cfg, tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+    assert (tmp_path / "a" / "model.yaml").read_bytes() == (tmp_path / "b" / "model.yaml").read_bytes()
