@@ -48,6 +48,8 @@ class DataConfig:
     color_jitter: float = 0.0  # 0 disables; else brightness/contrast/saturation strength
     interpolation: str = "bicubic"  # resize filter: bicubic | bilinear
     seed: int = 0  # data order is a pure function of (seed, epoch, rank, worker)
+    allow_incomplete: bool = False  # train/validate although shards are missing or differ from stats.json (warns)
+    max_skipped_fraction: float = 0.01  # stop when more of the samples read than this were undecodable/incomplete
 
     def __post_init__(self) -> None:
         _positive("data.classes_per_batch", self.classes_per_batch)
@@ -69,6 +71,10 @@ class DataConfig:
             )
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise ConfigError(f"data.scale: expected 0 < min <= max <= 1, got {list(self.scale)}")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError(
+                f"data.max_skipped_fraction: expected a fraction in [0, 1], got {self.max_skipped_fraction}"
+            )
         if not 0 <= self.hflip <= 1:
             raise ConfigError(f"data.hflip: expected a probability in [0, 1], got {self.hflip}")
 

@@ -61,6 +61,8 @@ class TrainerState:
     world_size: int = 1  # the data position and the schedule are only valid for the same world and batch
     per_rank_batch: int = 0
     grad_accum: int = 1
+    skipped: int = 0  # training samples the loader skipped so far (all ranks)
+    samples_read: int = 0  # training samples read so far, skipped included (all ranks)
 
     def record_eval(self, value: float) -> bool:
         """A validation's selection metric at ``global_step``: True if it is the best so far (then remembered)."""

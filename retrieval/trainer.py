@@ -21,19 +21,19 @@ from pathlib import Path
 import torch
 
 from retrieval import dist, runlog
-from retrieval.config import Config, Derived, derived
+from retrieval.config import Config, Derived
 from retrieval.config_io import to_dict
-from retrieval.data.loader import EpochSpan, Reader, read_stats, train_loader
+from retrieval.data.loader import EpochSpan, Reader, train_loader
 from retrieval.embedding import embed_split, gather_embeddings
 from retrieval.errors import UserError
 from retrieval.export import export_model
-from retrieval.guard import FiniteGuard
-from retrieval.losses import build_loss
+from retrieval.guard import FiniteGuard, SkipTally, check_skipped
 from retrieval.metrics import retrieval_metrics
-from retrieval.models import InputSpec, initial_model, maybe_compile, param_groups
+from retrieval.models import InputSpec
 from retrieval.resume import check_resumable, fault_point, lock_run
 from retrieval.runs import RunFolder, TrainerState
-from retrieval.schedule import StopFlag, lr_lambda
+from retrieval.schedule import StopFlag
+from retrieval.setup import prepare
 
 log = logging.getLogger(__name__)
 
@@ -73,34 +73,13 @@ class Trainer:
         self.state = TrainerState(**self._shape())
         self.mlog = runlog.MetricsLog(accelerator, run)
         self.guard = FiniteGuard(accelerator.device)
+        self.skips = SkipTally(cfg.data.max_skipped_fraction, cfg.data.shards)
 
     @classmethod
     def create(cls, cfg: Config, run: RunFolder, stop: StopFlag) -> Trainer:
         """Check the shards, build the accelerator, model, optimizer and schedule, and prepare them."""
-        stats = read_stats(cfg.data.shards)  # bad input fails here, before any process group or GPU work
-        train_samples = int(stats.get(cfg.data.train_split, {}).get("samples", 0))
-        if not train_samples:
-            raise UserError(f"{cfg.data.shards}/stats.json: split {cfg.data.train_split!r} has no samples")
-        accelerator = dist.make_accelerator(
-            cfg.train.precision, cfg.optim.grad_accum, str(run.path), runlog.tracker_for(cfg.log.wandb)
-        )
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        model = initial_model(cfg)
-        spec = InputSpec.of(model, cfg.data)
-        d = derived(cfg, accelerator.num_processes, train_samples)
-        groups = param_groups(model, cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay)
-        optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(d.total_optimizer_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
-        )
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        dist.configure_deepspeed(accelerator, d.per_rank_batch, cfg.optim.grad_accum, cfg.optim.grad_clip)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        model = maybe_compile(model, cfg.model)
-        criterion = build_loss(cfg.loss, seed=cfg.train.seed).to(accelerator.device)
-        return cls(cfg, run, accelerator, model, criterion, optimizer, scheduler, spec, d, stop)
+        parts = prepare(cfg, run)
+        return cls(cfg, run, *parts, stop)
 
     # ------------------------------------------------------------------------------------------ the run
 
@@ -211,6 +190,7 @@ class Trainer:
                 return "capped"
             t0 = time.perf_counter()
             batch = next(batches)
+            self.skips.add(int(batch.get("skipped", 0)), d.per_rank_batch)
             meter.add(d.per_rank_batch * acc.num_processes, time.perf_counter() - t0)
             loss, stats = self._step(batch)
             state.step_in_epoch += 1
@@ -283,6 +263,7 @@ class Trainer:
             "loss": acc.reduce(loss.detach(), "mean").item() / acc.num_processes,  # undo the x world factor
             "lr": self.scheduler.get_last_lr()[0],
             "active_fraction": float(stats["active_fraction"]),
+            "skipped": self.skips.flush(self.state, acc.device),
             **meter.summary(acc.num_processes),
         }
         self.mlog.write(record)
@@ -313,6 +294,13 @@ class Trainer:
             acc.mixed_precision,
         )
         merged = gather_embeddings(local)
+        skipped = int(sum(dist.all_gather_object(int(local.meta["skipped"]))))
+        check_skipped(
+            skipped,
+            skipped + int(dist.all_reduce_sum(torch.tensor(len(local))).item()),
+            cfg.data.max_skipped_fraction,
+            f"{cfg.data.val_split} samples",
+        )
         improved = False
         if acc.is_main_process:
             metrics = retrieval_metrics(
@@ -323,7 +311,7 @@ class Trainer:
                 chunk=cfg.eval.chunk,
                 dtype=cfg.eval.dtype,
             )
-            improved = self._select(metrics)
+            improved = self._select({**metrics, "skipped": skipped})
         shared = dist.broadcast_object((improved, state.best_metric, state.best_step, state.evals_since_best))
         improved, state.best_metric, state.best_step, state.evals_since_best = shared
         self.model.train()
@@ -345,9 +333,11 @@ class Trainer:
         return state.record_eval(float(metrics[select]))
 
     def _mark_best(self, ckpt: Path) -> None:
+        """Export, then point ``best`` at the checkpoint: the pointer is the sign that the export is complete."""
+        self._export("best")
         if self.accelerator.is_main_process:
             self.run.mark_best(ckpt)
-        self._export("best")
+        self.accelerator.wait_for_everyone()
 
     def _early_stop(self) -> bool:
         patience = self.cfg.train.early_stop_patience
@@ -365,6 +355,7 @@ class Trainer:
     def _finish(self, preempted: bool) -> dict:
         acc, state = self.accelerator, self.state
         agree = dist.all_equal([param_checksum(acc.unwrap_model(self.model))])
+        self.skips.flush(state, acc.device)
         summary = {
             "preempted": preempted,
             "global_step": state.global_step,
@@ -372,6 +363,8 @@ class Trainer:
             "best_metric": state.best_metric,
             "best_step": state.best_step,
             "weights_agree": agree,
+            "skipped": state.skipped,
+            "samples_read": state.samples_read,
         }
         if not preempted:
             self._export("final")

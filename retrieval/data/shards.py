@@ -261,6 +261,7 @@ def merge_stats(out: str | Path) -> dict:
             "skipped": list(plan["catalogue_skipped"].get(split, [])),
             "seconds": 0.0,
             "shard_samples": {},
+            "shard_bytes": {},
         }
         classes: set[int] = set()
         for name in plan["shards"][split]:
@@ -273,6 +274,7 @@ def merge_stats(out: str | Path) -> dict:
             entry["skipped"] += side["skipped"]
             entry["seconds"] = round(entry["seconds"] + side["seconds"], 3)
             entry["shard_samples"][name] = side["samples"]
+            entry["shard_bytes"][name] = side["bytes"]  # checked before training and embedding (data/check.py)
             classes.update(side["classes"])
         entry["classes"] = len(classes)
         stats[split] = entry
