@@ -216,3 +216,50 @@ def test_exports_of_the_same_weights_are_byte_identical(tmp_path):
     b = export_model(reloaded, model_cfg, tmp_path / "b")
     assert a.read_bytes() == b.read_bytes()
     assert (tmp_path / "a" / "model.yaml").read_bytes() == (tmp_path / "b" / "model.yaml").read_bytes()
+
+
+# --------------------------------------------------------------------------------- 3. no silent partial data
+
+
+def _copy_shards(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_or_truncated_shards_are_refused(synth_shards, tmp_path, capsys):
+    shards = _copy_shards(synth_shards, tmp_path / "shards")
+    (shards / "train-000001.tar").unlink()
+    assert _train(shards, tmp_path / "run", "train.max_steps=1") == 2
+    err = capsys.readouterr().err
+    assert "split 'train' is incomplete" in err and "train-000001.tar" in err and "allow_incomplete" in err
+    test_shard = shards / "test-000002.tar"
+    test_shard.write_bytes(test_shard.read_bytes()[: test_shard.stat().st_size // 2])
+    out = tmp_path / "emb"
+    argv = ["embed", "--model", TINY, "--untrained", "--shards", str(shards), "--split", "test", "--out", str(out)]
+    assert main([*argv, "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "split 'test' is incomplete" in err and "Traceback" not in err and not (out / "parts").exists()
+
+
+def test_skipped_samples_are_counted_and_capped(tmp_path, capsys, caplog):
+    import logging
+
+    from _shardkit import write_split
+
+    caplog.set_level(logging.INFO, logger="retrieval.trainer")
+
+    shards = tmp_path / "shards"
+    write_split(shards, "train", [[(c, 6) for c in range(8)], [(c, 6) for c in range(8, 16)]], corrupt={3, 9, 20, 50})
+    write_split(shards, "val", [[(c, 4) for c in range(100, 106)]], first_id=1000)
+    run = RunFolder(tmp_path / "run")
+    common = ["train.epochs=1", "data.steps_per_epoch=2", "train.log_every=1", "train.eval_every=0"]
+    assert _train(shards, run.path, *common, "data.max_skipped_fraction=0.5") == 0
+    records = [r for r in run.read_metrics() if r["kind"] == "train"]
+    assert all("skipped" in r for r in records) and sum(r["skipped"] for r in records) > 0
+    summary = run.read_summary()
+    assert summary["skipped"] == sum(r["skipped"] for r in records) and summary["samples_read"] > summary["skipped"]
+    assert any("[train]" in r.message and "skipped=" in r.message for r in caplog.records)  # the console line
+    assert _train(shards, tmp_path / "strict", *common, "data.max_skipped_fraction=0.001") == 2
+    assert "data.max_skipped_fraction=0.001" in capsys.readouterr().err

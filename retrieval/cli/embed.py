@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from retrieval import dist
+from retrieval.data.check import check_split
 from retrieval.data.loader import read_stats
 from retrieval.embedding import EmbeddingSet, embed_split, load_model
 from retrieval.errors import UserError
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     stats = read_stats(args.shards)  # bad input fails here, before any process group or GPU work
     if args.split not in stats:
         raise UserError(f"{args.shards}/stats.json has no split {args.split!r}; found {sorted(stats)}")
+    check_split(args.shards, args.split, stats)  # a missing or truncated shard: one line, before any work
     acc = dist.make_accelerator(args.precision, 1, args.out)
     loaded = load_model(args.model, args.untrained)
     spec = loaded.spec.with_size(args.img_size)
@@ -67,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
     if acc.is_main_process:
         parts = [EmbeddingSet.load(out / "parts" / f"part-{r:05d}") for r in range(acc.num_processes)]  # not stale
         merged = EmbeddingSet.merge(parts)
-        _check_complete(merged, stats[args.split], args)
+        try:
+            _check_complete(merged, stats[args.split], args)
+        except UserError:
+            shutil.rmtree(out / "parts", ignore_errors=True)  # no part a rerun could take for a good one
+            raise
         merged.meta = {
             **loaded.provenance,
             "shards": str(args.shards),
