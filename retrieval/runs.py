@@ -25,6 +25,7 @@ checkpoint. Every small file is written through :func:`retrieval.util.write_atom
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -36,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from retrieval import dist, util
 from retrieval.config import Config
 from retrieval.config_io import load_config, to_dict
 from retrieval.errors import UserError
@@ -241,15 +243,22 @@ class RunFolder:
         """Whether a ``latest`` pointer exists at all (even one whose checkpoint is gone): a started run."""
         return (self.path / "latest").is_file()
 
-    def save_checkpoint(self, accelerator, state: TrainerState, keep: int) -> Path:
-        """Save a complete checkpoint collectively (every rank must call it) and point ``latest`` at it."""
+    def save_checkpoint(self, accelerator, state: TrainerState, keep: int, needed: int = 0) -> Path:
+        """Save a complete checkpoint collectively (every rank must call it) and point ``latest`` at it.
+
+        ``needed``: this rank's estimated bytes; every rank checks its free space first, and all fail together
+        with one clear line (instead of torch's ``basic_ios::clear`` half-way through the write)."""
         final = self.checkpoints_path / f"step_{state.global_step}"
         tmp = self.checkpoints_path / f".tmp-step_{state.global_step}"
+        problems = [p for p in dist.all_gather_object(self.space_problem(tmp, needed)) if p]
+        if problems:
+            raise UserError(problems[0])
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # every rank writes its RNG state; DeepSpeed ranks their shards
+        with self.writing(tmp, needed):
+            accelerator.save_state(str(tmp))  # every rank writes its RNG state; DeepSpeed ranks their shards
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_atomic(tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
@@ -266,6 +275,28 @@ class RunFolder:
         if accelerator.is_main_process:  # one line per checkpoint, not one per rank
             log.info("checkpoint written: %s", final)
         return final
+
+    def space_problem(self, target: Path, needed: int) -> str | None:
+        """The disk-full message if the filesystem of ``target`` has less than ``needed`` bytes free, else None."""
+        free = util.free_bytes(target)
+        return self.no_space(target, needed, free) if free < needed else None
+
+    def no_space(self, target: Path, needed: int, free: int | None = None) -> str:
+        have = f", {free / 2**20:.0f} MB free" if free is not None else ""
+        return (
+            f"no space left on device while writing {target} (needs ~{needed / 2**20:.0f} MB{have}): free some space "
+            f"(or lower train.keep_checkpoints), then continue with --resume auto (run folder {self.path})"
+        )
+
+    @contextlib.contextmanager
+    def writing(self, target: Path, needed: int):
+        """Turn a disk-full failure while writing ``target`` into one clear :class:`UserError` with the resume hint."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if util.is_disk_full(e):
+                raise UserError(self.no_space(target, needed, util.free_bytes(target))) from e
+            raise
 
     def mark_best(self, ckpt: Path) -> None:
         self._write_pointer("best", ckpt)

@@ -273,7 +273,8 @@ class Trainer:
 
     def _checkpoint(self) -> Path:
         self._check_finite("a checkpoint", weights=True)
-        ckpt = self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints)
+        needed = 3 * self._weight_bytes() + 2**20  # weights + AdamW's two moments, fp32
+        ckpt = self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints, needed)
         fault_point("after_checkpoint")
         return ckpt
 
@@ -343,13 +344,21 @@ class Trainer:
         patience = self.cfg.train.early_stop_patience
         return bool(patience) and self.state.evals_since_best >= patience
 
+    def _weight_bytes(self) -> int:
+        return sum(p.numel() * 4 for p in self.model.parameters())
+
     def _export(self, which: str = "best") -> None:
         """Write model.safetensors + model.yaml (loadable without DeepSpeed); collective for ZeRO gathers."""
         acc = self.accelerator
         self._check_finite(f"the {which} export", weights=True)
         state_dict = acc.get_state_dict(self.model)  # consolidates DeepSpeed shards where needed
         if acc.is_main_process:
-            export_model(acc.unwrap_model(self.model), self.cfg.model, self.run.model_dir(which), state_dict, self.spec)
+            folder, needed = self.run.model_dir(which), self._weight_bytes() + 2**20
+            problem = self.run.space_problem(folder, needed)
+            if problem:
+                raise UserError(problem)
+            with self.run.writing(folder, needed):
+                export_model(acc.unwrap_model(self.model), self.cfg.model, folder, state_dict, self.spec)
         acc.wait_for_everyone()
 
     def _finish(self, preempted: bool) -> dict:

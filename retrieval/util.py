@@ -1,4 +1,5 @@
-"""Small helpers every layer uses, each written once: atomic file writes, a free TCP port, peak memory.
+"""Small helpers every layer uses, each written once: atomic file writes, free disk space, a free TCP port, peak
+memory.
 
 Nothing here imports torch at module level or keeps state between calls.
 """
@@ -6,8 +7,10 @@ Nothing here imports torch at module level or keeps state between calls.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -40,6 +43,23 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes (for this user) on the filesystem that holds ``path`` or, if it does not exist yet, its parent."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether a write failed for want of space: ENOSPC/EDQUOT, or torch's C++ writers, which lose the errno and say
+    ``basic_ios::clear`` or ``file write failed`` instead."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return any(s in text for s in ("No space left", "basic_ios::clear", "file write failed", "unexpected pos"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -263,3 +263,31 @@ def test_skipped_samples_are_counted_and_capped(tmp_path, capsys, caplog):
     assert any("[train]" in r.message and "skipped=" in r.message for r in caplog.records)  # the console line
     assert _train(shards, tmp_path / "strict", *common, "data.max_skipped_fraction=0.001") == 2
     assert "data.max_skipped_fraction=0.001" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- 6. disk full
+
+
+def test_disk_full_is_one_clear_line_with_the_resume_hint(synth_shards, tmp_path, capsys, monkeypatch):
+    import accelerate
+
+    from retrieval import util
+
+    common = ["train.epochs=1", "data.steps_per_epoch=2", "train.max_steps=1", "train.eval_every=0"]
+    real_free = util.free_bytes
+    monkeypatch.setattr(util, "free_bytes", lambda path: 2**20)  # 1 MB free: the checkpoint needs ~9
+    run = RunFolder(tmp_path / "run")
+    assert _train(synth_shards, run.path, *common) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device while writing" in err and ".tmp-step_1" in err and "needs ~" in err, err[-2000:]
+    assert "--resume auto" in err and not list(run.checkpoints_path.glob("*"))  # nothing half-written
+    # the disk fills up during the write: torch's C++ writer says only `basic_ios::clear`
+    monkeypatch.setattr(util, "free_bytes", real_free)
+
+    def full(self, *args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
+    assert _train(synth_shards, tmp_path / "run2", *common) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device while writing" in err and "--resume auto" in err and "Traceback" not in err
