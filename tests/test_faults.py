@@ -291,3 +291,21 @@ def test_disk_full_is_one_clear_line_with_the_resume_hint(synth_shards, tmp_path
     assert _train(synth_shards, tmp_path / "run2", *common) == 2
     err = capsys.readouterr().err
     assert "no space left on device while writing" in err and "--resume auto" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------- 7. planted temp symlinks
+
+
+def test_shard_builder_never_follows_a_planted_temp_symlink(tmp_path):
+    sop, out, victim = tmp_path / "sop", tmp_path / "out", tmp_path / "victim.txt"
+    assert main(["synth-sop", str(sop), "--classes", "6", "--images-per-class", "2", "--size", "40"]) == 0
+    victim.write_text("precious")
+    (out / ".build").mkdir(parents=True)
+    for name in ("train-000000.tar", "val-000000.tar", "test-000000.tar"):
+        (out / f".{name}.tmp").symlink_to(victim)
+        (out / ".build" / f".{name}.json.tmp").symlink_to(victim)
+    build = ["shards", "build", "--sop-root", str(sop), "--out", str(out), "--workers", "1", "--val-classes", "1"]
+    assert main(build) == 0
+    assert victim.read_text() == "precious"
+    shards = sorted(out.glob("*-*.tar"))
+    assert shards and not any(p.is_symlink() for p in shards)

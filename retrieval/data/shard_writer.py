@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from retrieval.data.sop import SPLITS, Record
 from retrieval.errors import UserError
+from retrieval.util import atomic_path
 
 # a truncated JPEG must fail here, not decode to a grey block that poisons training
 Image.LOAD_TRUNCATED_IMAGES = False
@@ -144,9 +145,34 @@ def write_shard(job: ShardJob) -> dict:
     """
     t0 = time.perf_counter()
     out_dir = Path(job.out_dir)
-    tmp = out_dir / f".{job.name}.tmp"
+    for stale in (
+        *out_dir.glob(f".{job.name}*.tmp"),
+        *sidecar_path(out_dir, job.name).parent.glob(f".{job.name}*.tmp"),
+    ):
+        stale.unlink(missing_ok=True)  # a killed build's temp files (unlink removes a symlink, never its target)
+    # unique temp files created exclusively (mkstemp): a planted `.NAME.tmp` symlink is never followed
+    with atomic_path(out_dir / job.name) as tmp:
+        samples, classes, skipped = _write_tar(job, tmp)
+        summary = {
+            "name": job.name,
+            "split": job.split,
+            "samples": samples,
+            "classes": sorted(classes),
+            "bytes": tmp.stat().st_size,
+            "skipped": skipped,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "digest": job.digest,
+        }
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shards are meant to be read by every user
+        with atomic_path(sidecar_path(out_dir, job.name)) as side_tmp:
+            side_tmp.write_text(json.dumps(summary, indent=1))
+            os.chmod(side_tmp, 0o644)
+    return summary
+
+
+def _write_tar(job: ShardJob, path: Path) -> tuple[int, set[int], list[dict]]:
     samples, classes, skipped = 0, set(), []
-    with open(tmp, "wb") as f, TarOut(f) as tw:
+    with open(path, "wb") as f, TarOut(f) as tw:
         for rec in job.records:
             try:
                 jpg, w, h = encode_image(os.path.join(job.root, rec.path), job.max_side, job.quality)
@@ -159,22 +185,7 @@ def write_shard(job: ShardJob) -> dict:
             )
             samples += 1
             classes.add(rec.class_id)
-    summary = {
-        "name": job.name,
-        "split": job.split,
-        "samples": samples,
-        "classes": sorted(classes),
-        "bytes": tmp.stat().st_size,
-        "skipped": skipped,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "digest": job.digest,
-    }
-    side = sidecar_path(out_dir, job.name)
-    side_tmp = side.with_name(f".{side.name}.tmp")
-    side_tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(side_tmp, side)
-    os.replace(tmp, out_dir / job.name)
-    return summary
+    return samples, classes, skipped
 
 
 def job_fields(job: ShardJob) -> dict:

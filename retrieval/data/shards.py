@@ -12,7 +12,7 @@ Output (the contract in ``shards/README.md``): ``DIR/{train,val,test}-NNNNNN.tar
 hold whole classes (a class never spans two shards), classes in an order shuffled by ``--seed``, so a
 streaming reader can form P×K batches; test shards are in image_id order.
 
-Each shard is one unit of work for a process pool: written to ``.NAME.tmp``, summarised in
+Each shard is one unit of work for a process pool: written to a unique ``.NAME.*.tmp``, summarised in
 ``DIR/.build/NAME.json``, then renamed into place. A rerun keeps the finished shards and builds the rest,
 so a killed build resumes; ``DIR/.build/plan.json`` pins the plan's digest so a rerun with other options
 cannot mix two plans in one folder. Tars are byte-identical for the same input and options.
