@@ -11,6 +11,7 @@ the device: NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -155,6 +156,21 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     if precision != "auto":
         return precision
     return "bf16" if cuda else "no"
+
+
+def record_error(message: str) -> None:
+    """Under torch elastic (``accelerate launch``, ``torchrun``), hand the launcher this worker's one-line error.
+
+    The launcher reports a failed worker in a ``ChildFailedError`` block whatever the worker does; with the error
+    file it reads (``TORCHELASTIC_ERROR_FILE``) that block's root cause shows this line instead of "To enable
+    traceback see ...". The launcher's own exit code is 1 for any failed worker.
+    """
+    import json
+
+    path = env("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
 def exit_with_parent(poll_s: float = 1.0) -> None:

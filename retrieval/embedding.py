@@ -5,8 +5,9 @@ An :class:`EmbeddingSet` is one folder, written and read only here::
     embeddings.npy      N x d float32 (or float16), rows ordered by image id
     ids.npy labels.npy super_labels.npy    N int64 each
     paths.json          N image paths as the shards recorded them
-    meta.json           provenance: model, untrained, shards, split, input spec, count, dim, dtype, skipped,
-                        world size, seconds, images/s; written last, so a folder without it is incomplete
+    meta.json           provenance: model, model_sha256 (of its weights), untrained, shards, split, input spec,
+                        count, dim, dtype, skipped, world size, seconds, images/s; written last, so a folder
+                        without it is incomplete
 
 ``retrieval embed`` writes one per rank under ``OUT/parts/part-<rank>/`` and rank 0 merges them into ``OUT``;
 ``eval``, ``index build``, ``report`` and ``search`` load it. An index folder keeps the same catalogue columns
@@ -16,6 +17,7 @@ without the vectors (``save(..., vectors=False)``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -243,17 +245,29 @@ def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
     """
     path = Path(model_path)
     cfg = _run_config(path, untrained)
+    digest = None  # the identity of the weights (sha256 of model.safetensors); None for starting weights
     if untrained and cfg is not None:
         model, spec = initial_model(cfg), None
     else:
         model, model_cfg = load_exported(path)
-        spec = read_input_spec(resolve_export(path)[0])
+        weights = resolve_export(path)[0]
+        spec = read_input_spec(weights)
         if untrained:
             torch.manual_seed(0)
             model = build_model(model_cfg)
+        else:
+            digest = file_sha256(weights)
     spec = spec or InputSpec.of(model, cfg.data if cfg is not None else None)
     _check_finite_weights(model, path)
-    return LoadedModel(model, spec, {"model": str(path), "untrained": untrained})
+    return LoadedModel(model, spec, {"model": str(path), "untrained": untrained, "model_sha256": digest})
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _check_finite_weights(model: torch.nn.Module, path: Path) -> None:

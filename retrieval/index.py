@@ -153,6 +153,7 @@ def build_folder(
         "embeddings": str(embeddings_dir),
         "model": es.meta.get("model"),
         "untrained": bool(es.meta.get("untrained")),
+        "model_sha256": es.meta.get("model_sha256"),  # search refuses a model with other weights
         "gpus": gpus,
         "shard": shard,
         "train_sample": min(train_sample, len(es)),

@@ -42,24 +42,41 @@ def _load(path: str, transform) -> torch.Tensor:
         raise UserError(f"query {path}: cannot read the image ({e})") from None
 
 
-def index_model(index: IndexFolder, override: str | None = None) -> LoadedModel:
-    """The model recorded in the index (or ``override``), at the weights the catalogue was embedded with."""
+def index_model(index: IndexFolder, override: str | None = None, force: bool = False) -> LoadedModel:
+    """The model recorded in the index (or ``override``), at the weights the catalogue was embedded with.
+
+    The index records the sha256 of the weights its catalogue was embedded with: another model (``--model``, or
+    the recorded path retrained since) embeds queries into another space, even at the same dimension, and the
+    results would be silently meaningless; refused unless ``force``.
+    """
     if override:
-        return load_model(override)
-    model = index.info.get("model")
-    if not model:
-        raise UserError(f"{index.path}/index.json names no model (the embeddings had no provenance); pass --model")
-    if not Path(model).exists():
-        raise UserError(f"{index.path}/index.json: model {model!r} does not exist any more; pass --model")
-    return load_model(model, untrained=bool(index.info.get("untrained", index.catalogue.meta.get("untrained"))))
+        loaded = load_model(override)
+    else:
+        model = index.info.get("model")
+        if not model:
+            raise UserError(f"{index.path}/index.json names no model (the embeddings had no provenance); pass --model")
+        if not Path(model).exists():
+            raise UserError(f"{index.path}/index.json: model {model!r} does not exist any more; pass --model")
+        untrained = bool(index.info.get("untrained", index.catalogue.meta.get("untrained")))
+        loaded = load_model(model, untrained=untrained)
+    expected, got = index.info.get("model_sha256"), loaded.provenance.get("model_sha256")
+    if expected and got != expected and not force:
+        raise UserError(
+            f"model {loaded.provenance['model']!r} (weights sha256 {str(got)[:12]}) is not the model the index "
+            f"{index.path} was built with ({index.info.get('model')!r}, sha256 {expected[:12]}): its embeddings are "
+            "not comparable; use that model, rebuild the index with this one, or pass --force"
+        )
+    return loaded
 
 
 class Searcher:
     """A model and an index loaded once; embeds query images in batches and searches them."""
 
-    def __init__(self, index_dir: str | Path, model_path: str | None = None, batch_size: int = 64) -> None:
+    def __init__(
+        self, index_dir: str | Path, model_path: str | None = None, batch_size: int = 64, force: bool = False
+    ) -> None:
         self.index = IndexFolder.load(index_dir)
-        self.loaded = index_model(self.index, model_path)
+        self.loaded = index_model(self.index, model_path, force)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = self.loaded.model.to(self.device).eval()
         self.transform = eval_transform(self.loaded.spec)

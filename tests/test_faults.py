@@ -309,3 +309,47 @@ def test_shard_builder_never_follows_a_planted_temp_symlink(tmp_path):
     assert victim.read_text() == "precious"
     shards = sorted(out.glob("*-*.tar"))
     assert shards and not any(p.is_symlink() for p in shards)
+
+
+# ------------------------------------------------------------ 8. tracebacks and accepted nonsense
+
+
+def test_non_utf8_list_file_is_one_line_naming_file_and_line(tmp_path, capsys):
+    sop = tmp_path / "sop"
+    assert main(["synth-sop", str(sop), "--classes", "4", "--images-per-class", "2", "--size", "40"]) == 0
+    listing = sop / "Ebay_train.txt"
+    lines = listing.read_bytes().splitlines(keepends=True)
+    listing.write_bytes(b"".join(lines[:2]) + lines[2].replace(b".JPG", b"\xe9.JPG") + b"".join(lines[3:]))
+    assert main(["shards", "build", "--sop-root", str(sop), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{listing}:3: not UTF-8 text (byte 0xe9" in err and "Traceback" not in err
+
+
+def test_search_refuses_a_model_the_index_was_not_built_with(synth_shards, tmp_path, capsys):
+    from retrieval.config_io import load_config
+    from retrieval.export import export_model
+    from retrieval.models import initial_model
+
+    for name, seed in (("a", 1), ("b", 2)):  # same architecture and dimension, other weights
+        cfg = load_config(TINY, [f"train.seed={seed}"])
+        export_model(initial_model(cfg), cfg.model, tmp_path / name)
+    emb, index = tmp_path / "emb", tmp_path / "index"
+    argv = ["embed", "--model", str(tmp_path / "a"), "--shards", str(synth_shards), "--split", "val"]
+    assert main([*argv, "--out", str(emb), "--num-workers", "0"]) == 0
+    assert main(["index", "build", "--embeddings", str(emb), "--out", str(index)]) == 0
+    assert len(json.loads((index / "index.json").read_text())["model_sha256"]) == 64
+    image = str(next((synth_shards.parent / "sop").rglob("*.JPG")))
+    search = ["search", "--index", str(index), "--image", image, "--json"]
+    assert main([*search, "--model", str(tmp_path / "b")]) == 2
+    assert "is not the model the index" in capsys.readouterr().err
+    assert main([*search, "--model", str(tmp_path / "b"), "--force"]) == 0
+    assert main([*search, "--model", str(tmp_path / "a")]) == 0 and main(search) == 0
+
+
+def test_launcher_failure_report_carries_the_one_line_error(tmp_path):
+    argv = ["train", "--config", TINY, "--shards", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r"), *FAST]
+    proc = subprocess.run(accelerate_cmd(2, argv), env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    root_cause = proc.stderr.split("Root Cause")[-1]
+    assert "retrieval train: error:" in root_cause and "stats.json" in root_cause, proc.stderr[-3000:]
+    assert "To enable traceback" not in root_cause

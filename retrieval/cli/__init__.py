@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as e:
-        print(f"retrieval {name}: error: {e}", file=sys.stderr)
+        line = f"retrieval {name}: error: {e}"
+        print(line, file=sys.stderr, flush=True)
+        from retrieval import dist
+
+        dist.record_error(line)  # under a launcher: its failure report names this line, not "enable traceback"
         return 2
 
 

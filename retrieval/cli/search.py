@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--model", help="override the model recorded in the index (run folder or model.safetensors)")
     p.add_argument("--batch-size", type=int, default=64, help="query images embedded per forward pass")
+    p.add_argument("--force", action="store_true", help="search with a --model other than the index's own")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.batch_size < 1:
         raise UserError(f"--k and --batch-size: expected positive integers, got {args.k} and {args.batch_size}")
     images, classes = read_queries(args.queries) if args.queries else (args.image, None)
-    results = Searcher(args.index, args.model, args.batch_size).search(images, args.k)
+    results = Searcher(args.index, args.model, args.batch_size, args.force).search(images, args.k)
     summary = None
     if classes is not None:
         for res, c in zip(results, classes, strict=True):

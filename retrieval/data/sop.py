@@ -65,6 +65,19 @@ def _parse_int(text: str, what: str, where: str, minimum: int) -> int:
     return value
 
 
+def read_text_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    """The lines of a UTF-8 list file; bytes that are not UTF-8 are one clear error naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding).splitlines()
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); re-save the file as UTF-8"
+        ) from None
+
+
 def read_sop_file(txt: Path) -> list[Record]:
     """Parse one official list file (``Ebay_train.txt`` / ``Ebay_test.txt``), checking every line."""
     if not txt.is_file():
@@ -72,8 +85,7 @@ def read_sop_file(txt: Path) -> list[Record]:
     records: list[Record] = []
     seen_ids: dict[int, int] = {}
     class_super: dict[int, int] = {}
-    with open(txt, encoding="utf-8", newline="") as f:
-        lines = f.read().splitlines()
+    lines = read_text_lines(txt)
     if not lines or tuple(lines[0].split()) != SOP_HEADER:
         got = lines[0] if lines else "<empty file>"
         raise UserError(f"{txt}:1: expected the header {' '.join(SOP_HEADER)!r}, got {got!r}")
@@ -233,8 +245,7 @@ def read_manifest(path: str | Path, on_missing: str = "error") -> tuple[list[Rec
 def _parse_manifest(path: Path) -> list[Record]:
     if not path.is_file():
         raise UserError(f"{path}: manifest not found")
-    text = path.read_text(encoding="utf-8-sig")
-    lines = text.splitlines()
+    lines = read_text_lines(path, "utf-8-sig")
     if not any(line.strip() for line in lines):
         raise UserError(f"{path}: manifest is empty (expected rows path,label[,group])")
     rows = list(csv.reader(lines, delimiter=_sniff_delimiter(path, lines[0])))
