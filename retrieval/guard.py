@@ -39,8 +39,9 @@ class FiniteGuard:
         """Raise :class:`DivergedError` on every rank if any rank saw a non-finite step (or, given ``model``, holds a
         non-finite weight). Collective: every rank must call it at the same point."""
         flags = [self.first_bad]
-        if model is not None:
-            finite = torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters() if p.numel()]).all()
+        local = [torch.isfinite(p.detach()).all() for p in model.parameters() if p.numel()] if model else []
+        if local:  # (ZeRO-3 leaves a rank's unwrapped parameters empty: its shard is checked by the loss)
+            finite = torch.stack(local).all().to(self.first_bad.device)
             flags.append(torch.where(finite, math.inf, float(step)).to(self.first_bad.dtype))
         first = dist.all_reduce_min(torch.stack(flags).min()).item()  # host sync: log steps, checkpoints, exports
         if math.isfinite(first):
