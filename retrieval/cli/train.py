@@ -18,6 +18,13 @@ The same code path runs on one CPU, one GPU, eight GPUs or many nodes; the launc
 
 On SIGUSR1/SIGTERM the trainer finishes the step, checkpoints, writes ``<run>/preempted`` and this command
 exits with code 3 (``--resume auto`` continues from there, at the same position in the data stream).
+One trainer per run folder: rank 0 holds an exclusive lock on it (a second trainer is refused; the OS drops the
+lock when the trainer dies), and workers exit when their launcher dies. A resume must use the run's config: only
+budgets, logging, checkpoint cadence and execution settings may change (:data:`retrieval.resume.MAY_CHANGE`); a
+changed model, data, loss or optimizer setting is refused listing the keys (the optimizer and lr schedule come back
+from the checkpoint, so a new ``optim.lr`` would otherwise be silently ignored). Each attempt's resolved config is
+kept in ``<run>/configs/attempt-N.yaml``. A non-finite loss, gradient norm or weight stops every rank with an error
+naming the step; nothing non-finite is ever checkpointed or exported.
 The loop itself is :mod:`retrieval.trainer`; the run folder's layout is :class:`retrieval.runs.RunFolder`.
 """
 
