@@ -172,6 +172,7 @@ def test_second_trainer_is_refused_and_workers_die_with_their_launcher(synth_sha
 
 
 def test_resume_refuses_identity_changes_and_keeps_each_attempts_config(synth_shards, tmp_path, capsys):
+    """Point 5, and point 9's metrics.jsonl: a resume drops the lines past its checkpoint's step."""
     run = RunFolder(tmp_path / "run")
     common = ["train.epochs=1", "data.steps_per_epoch=4", "train.eval_every=0", "train.log_every=1"]
     assert _train(synth_shards, run.path, *common, "train.max_steps=2") == 0
@@ -183,25 +184,17 @@ def test_resume_refuses_identity_changes_and_keeps_each_attempts_config(synth_sh
         assert key in err, err[-2000:]
     assert "train.max_steps" not in err.split("in keys a resume cannot change")[1].split(". Resume")[0]
     assert run.config_path.read_text() == saved and run.latest() == run.checkpoints_path / "step_2"  # nothing written
+    with run.metrics_path.open("a") as f:  # an attempt that logged step 3 and was killed before its checkpoint
+        f.write(json.dumps({"kind": "train", "step": 3, "loss": 1.0}) + '\n{"kind": "tra')
     # budgets and logging may change: the resume runs and keeps its own resolved config beside the first one
-    assert _train(synth_shards, run.path, *common, "train.max_steps=3", "train.log_every=2", resume="auto") == 0
+    assert _train(synth_shards, run.path, *common, "train.max_steps=3", "train.keep_checkpoints=3", resume="auto") == 0
     attempts = run.attempt_configs()
     assert [p.name for p in attempts] == ["attempt-1.yaml", "attempt-2.yaml"]
     assert "max_steps: 2" in attempts[0].read_text() and "max_steps: 3" in attempts[1].read_text()
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3] and run.read_metrics()[-1]["loss"] != 1.0
 
 
 # ------------------------------------------------------------------------------------------ 9. small things
-
-
-def test_resume_drops_metrics_lines_past_its_checkpoint(synth_shards, tmp_path):
-    run = RunFolder(tmp_path / "run")
-    common = ["train.epochs=1", "data.steps_per_epoch=4", "train.eval_every=0", "train.log_every=1"]
-    assert _train(synth_shards, run.path, *common, "train.max_steps=2") == 0
-    with run.metrics_path.open("a") as f:  # an attempt that logged step 3 and was killed before its checkpoint
-        f.write(json.dumps({"kind": "train", "step": 3, "loss": 1.0}) + '\n{"kind": "tra')
-    assert _train(synth_shards, run.path, *common, "train.max_steps=3", resume="auto") == 0
-    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
-    assert run.read_metrics()[-1]["loss"] != 1.0
 
 
 def test_exports_of_the_same_weights_are_byte_identical(tmp_path):
