@@ -148,7 +148,8 @@ class Trainer:
         if self.accelerator.is_main_process and best_step is not None and start.name == f"step_{best_step}":
             stale = self.run.best() != start or not self.run.has_model("best")
         if dist.broadcast_object(stale):
-            log.warning("best export of step %s was interrupted: writing it again from %s", best_step, start)
+            if self.accelerator.is_main_process:
+                log.warning("best export of step %s was interrupted: writing it again from %s", best_step, start)
             self._export("best")
             if self.accelerator.is_main_process:
                 self.run.mark_best(start)
