@@ -18,7 +18,6 @@ and reports:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -71,7 +70,11 @@ def _shards(work: Path) -> Path:
     if (out / "stats.json").is_file():
         return out
     py = [sys.executable, "-m", "retrieval"]
-    subprocess.run([*py, "synth-sop", str(work / "sop"), "--classes", "80", "--images-per-class", "4-6", "--size", "80"], check=True, env=_env())
+    subprocess.run(
+        [*py, "synth-sop", str(work / "sop"), "--classes", "80", "--images-per-class", "4-6", "--size", "80"],
+        check=True,
+        env=_env(),
+    )
     build = ["shards", "build", "--sop-root", str(work / "sop"), "--out", str(out), "--shard-size", "40"]
     subprocess.run([*py, *build, "--workers", "1", "--val-classes", "8"], check=True, env=_env())
     return out
