@@ -90,6 +90,7 @@ def merge(parts: list[dict]) -> dict:
     if len(dup):
         raise RuntimeError(f"embedding parts contain duplicate image ids, e.g. {dup[:5].tolist()}")
     merged["skipped"] = sum(p["skipped"] for p in parts)
+    merged["seconds"] = max((p.get("seconds", 0.0) for p in parts), default=0.0)  # the slowest rank's loop
     return merged
 
 
@@ -226,6 +227,8 @@ def _write_merged(out: Path, merged: dict, args, img: dict, provenance: dict, wo
         "img_size": img.size,
         "input": img.to_dict(),
         "world_size": world,
+        "seconds": round(merged["seconds"], 3),  # loader start to last batch, slowest rank (bench embed reads it)
+        "images_per_s": round(len(merged["ids"]) / max(merged["seconds"], 1e-9), 1),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     log.info("wrote %d embeddings (dim %d) to %s", meta["count"], meta["dim"], out)
