@@ -36,7 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("retrieval.index", "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings"),
     "search": ("retrieval.search", "image-to-image search against a built index"),
     "report": ("retrieval.report", "self-contained HTML report of a run"),
-    "bench": ("retrieval.bench", "throughput benchmarks (loader, shards, train, embed, search, scaling)"),
+    "bench": (
+        "retrieval.cli.bench",
+        "benchmarks of a checkout's bench/ package (loader, shards, train, embed, search, ...)",
+    ),
 }
 
 
