@@ -39,7 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("retrieval.cli.search", "image-to-image search against a built index"),
     "report": ("retrieval.cli.report", "self-contained HTML report of a run"),
     "demo": ("retrieval.cli.demo", "the whole product in miniature on synthetic data (make demo)"),
-    "bench": ("retrieval.bench", "throughput benchmarks (loader, shards, train, embed, search, scaling)"),
+    "bench": (
+        "retrieval.cli.bench",
+        "benchmarks of a checkout's bench/ package (loader, shards, train, embed, search)",
+    ),
 }
 
 
