@@ -59,7 +59,10 @@ class EmbeddingSet:
 
     @property
     def dim(self) -> int:
-        return int(self.embeddings.shape[1]) if self.embeddings.ndim == 2 else 0
+        """The vectors' dimension (from ``meta`` when loaded without them)."""
+        if self.embeddings.ndim == 2 and self.embeddings.shape[1]:
+            return int(self.embeddings.shape[1])
+        return int(self.meta.get("dim", 0))
 
     @property
     def training(self) -> str:
@@ -103,7 +106,7 @@ class EmbeddingSet:
         for name, array in columns.items():
             if array.ndim != 1 or len(array) != n or not np.issubdtype(array.dtype, np.integer):
                 raise UserError(f"{folder / name}.npy: expected {n} integers (one per image), got {array.shape}")
-        emb = np.zeros((n, int(meta.get("dim", 0))), np.float32)
+        emb = np.zeros((n, 0), np.float32)  # without vectors: no memory for them (an index folder of millions)
         if vectors:
             emb = _check_vectors(folder / "embeddings.npy", _load_array(folder / "embeddings.npy", mmap), n)
         paths = _read_json(folder / "paths.json", "one image path per row") if (folder / "paths.json").is_file() else []
