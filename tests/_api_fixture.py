@@ -58,12 +58,13 @@ def write_images(folder: Path) -> tuple[list[Path], list[int]]:
 
 
 def make_world(root: Path) -> World:
-    model = export_tiny(root / "model")
+    """``root`` becomes an export folder (as a run folder's root is) with ``images/``, ``emb-test/``, ``index/``."""
+    model = export_tiny(root)
     images, labels = write_images(root / "images")
     vectors = Embedder.load(model).embed(images)
     ids = np.arange(1, len(images) + 1, dtype=np.int64) * 10
     labels_a = np.asarray(labels, np.int64)
     meta = {"model": str(model), "untrained": False}
-    EmbeddingSet(vectors, ids, labels_a, labels_a // 100, [str(p) for p in images], meta).save(root / "emb")
-    build_folder(root / "emb", root / "index", gpu="none")
+    EmbeddingSet(vectors, ids, labels_a, labels_a - 100, [str(p) for p in images], meta).save(root / "emb-test")
+    build_folder(root / "emb-test", root / "index", gpu="none")
     return World(model, images, labels, root / "index")
