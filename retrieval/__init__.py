@@ -5,12 +5,14 @@ The Python API (README, "Python API")::
     from retrieval import Embedder, Index, Searcher
 
 The names are imported on first use (``__getattr__``), so ``import retrieval`` stays light: no torch, timm or faiss.
+(No ``TYPE_CHECKING`` imports either: tests/test_layers.py reads every import statement, and the package root
+importing its modules would be a cycle.)
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -21,11 +23,6 @@ _API = {
     "Searcher": ("retrieval.search", "Searcher"),
 }
 __all__ = ["Embedder", "Index", "Searcher", "__version__"]
-
-if TYPE_CHECKING:
-    from retrieval.embedder import Embedder
-    from retrieval.index import IndexFolder as Index
-    from retrieval.search import Searcher
 
 
 def __getattr__(name: str) -> Any:
