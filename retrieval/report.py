@@ -294,6 +294,20 @@ def _failure_items(folder: EvalFolder, es: EmbeddingSet, failures: list[dict], s
     ]
 
 
+def failure_gallery(es: EmbeddingSet, shards: str | Path | None, split: str | None, n: int = 6) -> list[dict]:
+    """The worst failures of ``es`` with PIL thumbnails (``item["image"]``) from the shards: for wandb."""
+    from PIL import Image
+
+    folder = EvalFolder(Path("."), {"shards": str(shards) if shards else None, "split": split})
+    rows = _failure_items(folder, es, analyse(es, n_failures=n).failures, shards, [])
+    for row in rows:
+        for item in filter(None, row.values()):
+            if item["thumb"]:
+                data = base64.b64decode(item["thumb"].split(",", 1)[1])
+                item["image"] = Image.open(io.BytesIO(data)).convert("RGB")
+    return rows
+
+
 def _thumbnails_for(folder: EvalFolder, shards: str | Path | None, ids: set[int], notes: list[str]) -> dict[int, str]:
     source = shards or folder.meta.get("shards")
     if not source:
