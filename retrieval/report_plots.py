@@ -84,8 +84,11 @@ def curve_images(train: list[dict], val: list[dict]) -> list[tuple[str, str]]:
 
 def draw_recall(ax, curves: dict[str, tuple[list[int], list[float]]]) -> None:
     for name, (ks, recall) in curves.items():
-        ax.plot(ks, [100 * r for r in recall], marker="o", ms=4, lw=1.5, label=name)
+        ax.plot(ks, [100 * r for r in recall], marker="o", ms=4, lw=1.5, label=name, clip_on=False)
+    ks = sorted({k for ks, _ in curves.values() for k in ks})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])  # 1, 2, 4 ... rather than 2^0, 2^1, 2^2
+    ax.minorticks_off()
     ax.set(xlabel="K", ylabel="Recall@K (%)", title="Recall@K", ylim=(0, 100))
     ax.legend(fontsize=7, loc="lower right")
 
