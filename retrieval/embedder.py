@@ -1,6 +1,6 @@
 """Embed images with a trained model from Python: load once, embed many.
 
-    embedder = Embedder.load("runs/sop")               # a run folder, an export folder or a model.safetensors
+    embedder = Embedder.load("runs/sop")               # a run folder, an export folder, a timm export folder
     vectors = embedder.embed(["a.jpg", pil_image])     # N x embed_dim float32 numpy, unit rows when normalised
 
 Each image is prepared exactly as the model's catalogue was (its :class:`~retrieval.models.InputSpec`: size, crop,
@@ -51,7 +51,12 @@ class Embedder:
     def load(
         cls, model: str | os.PathLike, untrained: bool = False, batch_size: int = 64, device: str | None = None
     ) -> Embedder:
-        """The model of a run folder, an export folder or a ``model.safetensors`` (see :func:`load_model`)."""
+        """The model of a run folder, an export folder, a ``model.safetensors`` (see :func:`load_model`) or a timm
+        folder written by ``retrieval export --format timm``."""
+        from retrieval.formats import is_timm_export, load_timm_export
+
+        if not untrained and is_timm_export(model):
+            return cls(load_timm_export(model), batch_size, device)
         return cls(load_model(model, untrained), batch_size, device)
 
     @property

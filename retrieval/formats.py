@@ -2,6 +2,7 @@
 
     export_timm("runs/sop", "out/timm")     # config.json + model.safetensors: timm.create_model("local-dir:out/timm")
     export_onnx("runs/sop", "out/onnx")     # model.onnx (dynamic batch axis) + input.json
+    load_timm_export("out/timm")            # back as our model (what Embedder.load does with such a folder)
 
 timm: our ``EmbeddingModel`` is timm's classifier with ``num_classes=embed_dim``. timm's SwinV2 (like most timm
 models) ends in ``forward_head``: global pooling, then ``head.fc``; our backbone is built with ``num_classes=0``
@@ -33,7 +34,7 @@ import torch
 from retrieval.embedding import LoadedModel, load_model
 from retrieval.errors import UserError
 from retrieval.export import INPUT_NAME, resolve_export
-from retrieval.models import EmbeddingModel
+from retrieval.models import EmbeddingModel, InputSpec
 from retrieval.util import write_atomic
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,37 @@ def export_timm(model_path: str | os.PathLike, out: str | os.PathLike) -> Path:
         save_for_hf(net, str(stage), extra, dict(cfg.kwargs), safe_serialization=True, data_config=data_config)
     log.info("timm export of %s written to %s", model_path, out)
     return out
+
+
+def is_timm_export(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return (
+        (folder / TIMM_CONFIG).is_file() and (folder / TIMM_WEIGHTS).is_file() and not (folder / "model.yaml").exists()
+    )
+
+
+def load_timm_export(folder: str | os.PathLike) -> LoadedModel:
+    """A folder written by :func:`export_timm`, back as our model (L2 normalisation as ``config.json`` says), so
+    ``Embedder.load`` takes what ``retrieval export --format timm`` wrote (or what was pushed to the hub)."""
+    import timm
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / TIMM_CONFIG).read_text())
+        pcfg, ours = config["pretrained_cfg"], config.get("retrieval", {})
+        net = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        spec = InputSpec(
+            size=int(pcfg["input_size"][-1]),
+            mean=tuple(pcfg["mean"]),
+            std=tuple(pcfg["std"]),
+            crop_pct=float(pcfg.get("crop_pct", 0.875)),
+            interpolation=pcfg.get("interpolation", "bicubic"),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{folder / TIMM_CONFIG}: not a timm export ({type(e).__name__}: {e})") from None
+    dim = int(config["num_classes"]) or int(config["num_features"])
+    model = EmbeddingModel(net, torch.nn.Identity(), dim, bool(ours.get("normalize", True)), {}).eval()
+    return LoadedModel(model, spec, {"model": str(folder), "untrained": False, "format": "timm"})
 
 
 # ---------------------------------------------------------------------------------------------------- onnx

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _api_fixture import export_tiny
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from retrieval.cli import main
@@ -57,6 +58,15 @@ def test_timm_folder_loads_in_plain_timm(exported: Path, tmp_path: Path) -> None
         np.testing.assert_allclose(net(x).numpy(), expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(overlay(x).numpy(), expected, rtol=1e-5, atol=1e-5)
     assert timm.data.resolve_data_config(model=net)["input_size"] == (3, spec.size, spec.size)
+
+    # and back: our Python API takes the timm folder, prepares images the same way, normalises as config.json says
+    from retrieval import Embedder
+
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    pil = [Image.fromarray((255 * im.permute(1, 2, 0).numpy()).astype(np.uint8)) for im in images]
+    back, ours = Embedder.load(out), Embedder.load(exported)
+    assert back.spec == ours.spec
+    np.testing.assert_allclose(back.embed(pil), ours.embed(pil), rtol=1e-5, atol=1e-5)
 
 
 def test_onnx_matches_pytorch_at_any_batch(exported: Path, tmp_path: Path) -> None:
