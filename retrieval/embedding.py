@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from retrieval import dist
-from retrieval.config import Config
+from retrieval.config import Config, ModelConfig
 from retrieval.config_io import load_config
 from retrieval.data.loader import Reader, eval_loader
 from retrieval.errors import UserError
@@ -235,6 +235,7 @@ class LoadedModel:
     model: torch.nn.Module
     spec: InputSpec
     provenance: dict[str, Any]
+    config: ModelConfig | None = None  # the architecture (timm name and kwargs) the weights belong to
 
 
 def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
@@ -247,7 +248,7 @@ def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
     path = Path(model_path)
     cfg = _run_config(path, untrained)
     if untrained and cfg is not None:
-        model, spec = initial_model(cfg), None
+        model, spec, model_cfg = initial_model(cfg), None, cfg.model
     else:
         model, model_cfg = load_exported(path)
         spec = read_input_spec(resolve_export(path)[0])
@@ -255,7 +256,7 @@ def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
             torch.manual_seed(0)
             model = build_model(model_cfg)
     spec = spec or InputSpec.of(model, cfg.data if cfg is not None else None)
-    return LoadedModel(model, spec, {"model": str(path), "untrained": untrained})
+    return LoadedModel(model, spec, {"model": str(path), "untrained": untrained}, model_cfg)
 
 
 def _run_config(path: Path, untrained: bool) -> Config | None:

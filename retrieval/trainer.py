@@ -70,6 +70,7 @@ class Trainer:
         self.spec, self.derived, self.stop = spec, derived, stop
         self.state = TrainerState(**self._shape())
         self.mlog = runlog.MetricsLog(accelerator, run)
+        self.last_val = None  # the last validation's embeddings (rank 0): the run's wandb failure gallery
 
     @classmethod
     def create(cls, cfg: Config, run: RunFolder, stop: StopFlag) -> Trainer:
@@ -106,6 +107,9 @@ class Trainer:
         self._start(resume)
         preempted = self._epochs()
         summary = self._finish(preempted)
+        runlog.log_run_end(
+            self.accelerator, self.run, summary, self.last_val, self.cfg.data.shards, self.cfg.data.val_split
+        )
         self.accelerator.end_training()
         return summary
 
@@ -281,6 +285,7 @@ class Trainer:
                 dtype=cfg.eval.dtype,
             )
             improved = self._select(metrics)
+            self.last_val = merged
         shared = dist.broadcast_object((improved, state.best_metric, state.best_step, state.evals_since_best))
         improved, state.best_metric, state.best_step, state.evals_since_best = shared
         self.model.train()
