@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from retrieval import dist
-from retrieval.config import Config
+from retrieval.config import Config, ModelConfig
 from retrieval.config_io import load_config
 from retrieval.data.loader import Reader, eval_loader
 from retrieval.errors import UserError
@@ -61,7 +61,10 @@ class EmbeddingSet:
 
     @property
     def dim(self) -> int:
-        return int(self.embeddings.shape[1]) if self.embeddings.ndim == 2 else 0
+        """The vectors' dimension (from ``meta`` when loaded without them)."""
+        if self.embeddings.ndim == 2 and self.embeddings.shape[1]:
+            return int(self.embeddings.shape[1])
+        return int(self.meta.get("dim", 0))
 
     @property
     def training(self) -> str:
@@ -105,7 +108,7 @@ class EmbeddingSet:
         for name, array in columns.items():
             if array.ndim != 1 or len(array) != n or not np.issubdtype(array.dtype, np.integer):
                 raise UserError(f"{folder / name}.npy: expected {n} integers (one per image), got {array.shape}")
-        emb = np.zeros((n, int(meta.get("dim", 0))), np.float32)
+        emb = np.zeros((n, 0), np.float32)  # without vectors: no memory for them (an index folder of millions)
         if vectors:
             emb = _check_vectors(folder / "embeddings.npy", _load_array(folder / "embeddings.npy", mmap), n)
         paths = _read_json(folder / "paths.json", "one image path per row") if (folder / "paths.json").is_file() else []
@@ -234,6 +237,7 @@ class LoadedModel:
     model: torch.nn.Module
     spec: InputSpec
     provenance: dict[str, Any]
+    config: ModelConfig | None = None  # the architecture (timm name and kwargs) the weights belong to
 
 
 def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
@@ -247,7 +251,7 @@ def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
     cfg = _run_config(path, untrained)
     digest = None  # the identity of the weights (sha256 of model.safetensors); None for starting weights
     if untrained and cfg is not None:
-        model, spec = initial_model(cfg), None
+        model, spec, model_cfg = initial_model(cfg), None, cfg.model
     else:
         model, model_cfg = load_exported(path)
         weights = resolve_export(path)[0]
@@ -259,7 +263,7 @@ def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
             digest = file_sha256(weights)
     spec = spec or InputSpec.of(model, cfg.data if cfg is not None else None)
     _check_finite_weights(model, path)
-    return LoadedModel(model, spec, {"model": str(path), "untrained": untrained, "model_sha256": digest})
+    return LoadedModel(model, spec, {"model": str(path), "untrained": untrained, "model_sha256": digest}, model_cfg)
 
 
 def file_sha256(path: Path) -> str:

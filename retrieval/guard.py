@@ -4,11 +4,13 @@ The trainer records every step on the device (``observe``: a few tiny kernels, n
 at logging steps and before every validation, checkpoint and export (``check``: one all-reduce and one host sync).
 Every rank checks at the same step and the record is reduced over ranks, so all of them raise together: a run that
 diverged stops with an error naming the step, and no checkpoint or export of non-finite weights is ever written
-(``latest`` and ``best`` stay at the last finite state).
+(``latest`` and ``best`` stay at the last finite state). Also here: the skipped-samples tally and the weights'
+fingerprint that tells whether data-parallel ranks still agree.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -86,3 +88,12 @@ def check_skipped(skipped: int, read: int, max_fraction: float, what: str) -> No
             f"{skipped} of {read} {what} were skipped (undecodable or incomplete), more than "
             f"data.max_skipped_fraction={max_fraction}: rebuild the shards, or raise the fraction to accept it"
         )
+
+
+def param_checksum(model: torch.nn.Module) -> str:
+    """A bitwise fingerprint of the weights: ranks must agree after every step in data parallel training."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -30,7 +30,9 @@ import numpy as np
 
 from retrieval.embedding import EmbeddingSet
 from retrieval.errors import UserError
-from retrieval.report_html import METRICS, THUMB_PX, Gallery, render_page
+from retrieval.report_analysis import analyse, change_row, search_queries, wandb_run
+from retrieval.report_html import METRICS, THUMB_PX, Explained, Gallery, render_page
+from retrieval.report_plots import curve_images, draw_histograms, draw_recall, figure_png
 from retrieval.runs import RunFolder
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ def build_report(
     folders = find_eval_folders(run_dir, embeddings_dirs)
     table, table_note = table_rows(run_dir, folders, val)
     gallery = build_gallery(folders, shards, queries, k, seed)
+    explained = explain(run_dir, folders, shards, table, seed)
     page = render_page(
         run_dir=run_dir,
         table=table,
@@ -88,6 +91,7 @@ def build_report(
         k=k,
         summary=run.read_summary(),
         config=run.read_config_text(),
+        explained=explained,
     )
     out = Path(out) if out else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,65 +148,6 @@ def table_rows(run_dir: Path, folders: list[EvalFolder], val: list[dict]) -> tup
         last = val[-1]
         return [{"name": run_dir.name, "training": f"val @ step {last.get('step')}", **last}], "metrics.jsonl"
     return [], ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Curves (matplotlib without pyplot: no global backend state, nothing opened on screen)
-
-
-def _figure_png(draw) -> str:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.0, 3.2), dpi=100, layout="constrained")
-    draw(fig.subplots())
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _series(records: list[dict], key: str) -> tuple[list, list]:
-    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def curve_images(train: list[dict], val: list[dict]) -> list[tuple[str, str]]:
-    """(title, base64 PNG) for each curve that has data: loss, validation metrics, throughput."""
-    images = []
-    if _series(train, "loss")[0]:
-
-        def loss(ax):
-            ax.plot(*_series(train, "loss"), color="#1f5fbf", lw=1.5, label="loss")
-            ax.set(xlabel="step", ylabel="triplet loss", title="Training loss")
-            steps, active = _series(train, "active_fraction")
-            if steps:
-                twin = ax.twinx()
-                twin.plot(steps, active, color="#999999", lw=1, ls="--")
-                twin.set_ylabel("active triplets (fraction)", color="#777777")
-
-        images.append(("Training loss", _figure_png(loss)))
-    present = [(key, label) for key, label in METRICS if _series(val, key)[0]]
-    if present:
-
-        def recall(ax):
-            for key, label in present:
-                steps, values = _series(val, key)
-                ax.plot(steps, [100 * v for v in values], marker="o", ms=3, lw=1.5, label=label)
-            ax.set(xlabel="step", ylabel="%", title="Validation retrieval metrics")
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-
-        images.append(("Validation metrics", _figure_png(recall)))
-    if _series(train, "images_per_s")[0]:
-
-        def speed(ax):
-            ax.plot(*_series(train, "images_per_s"), color="#6a3d9a", lw=1.5, label="all ranks")
-            steps, per_gpu = _series(train, "images_per_s_per_gpu")
-            if steps:
-                ax.plot(steps, per_gpu, color="#cab2d6", lw=1.5, label="per rank")
-            ax.set(xlabel="step", ylabel="images / s", title="Training throughput")
-            ax.legend(fontsize=7)
-
-        images.append(("Throughput", _figure_png(speed)))
-    return images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +234,78 @@ def build_gallery(
         neighbours = [item(j, float(s)) for j, s in zip(order[row], scores[row], strict=True)]
         gallery.rows.append({"query": item(q), "neighbours": neighbours})
     return gallery
+
+
+# ---------------------------------------------------------------------------------------------
+# What explains the numbers: failures, Recall@K curve, super classes, score histograms, search queries, wandb
+
+
+def explain(run_dir: Path, folders: list[EvalFolder], shards, table: list[dict], seed: int) -> Explained:
+    out = Explained(
+        search=search_queries(run_dir),
+        change=change_row(table, [key for key, _ in METRICS]),
+        wandb=wandb_run(run_dir),
+    )
+    usable = [f for f in folders if f.has_embeddings]
+    main = pick_gallery_folder(folders)
+    if main is None:
+        return out
+    curves = {}
+    for folder in sorted(usable, key=lambda f: f.training != "untrained"):
+        es = EmbeddingSet.load(folder.path, mmap=True)
+        analysis = analyse(es, seed=seed)
+        if analysis.ks:
+            curves[f"{folder.path.name} ({folder.training})"] = (analysis.ks, analysis.recall)
+        if folder is main:
+            out.source, out.queries, out.super_classes = folder.path.name, analysis.queries, analysis.super_classes
+            out.failures = _failure_items(folder, es, analysis.failures, shards, out.notes)
+            if len(analysis.positive) and len(analysis.negative):
+                out.histogram = figure_png(lambda ax, a=analysis: draw_histograms(ax, a.positive, a.negative))
+    if curves:
+        out.recall_curve = figure_png(lambda ax: draw_recall(ax, curves))
+    return out
+
+
+def _failure_items(folder: EvalFolder, es: EmbeddingSet, failures: list[dict], shards, notes: list[str]) -> list[dict]:
+    rows = [r for f in failures for r in (f["query"], f["wrong"], f["correct"]) if r is not None]
+    thumbs = _thumbnails_for(folder, shards, {int(es.ids[r]) for r in rows}, notes) if rows else {}
+
+    def item(row: int | None, score: float | None) -> dict | None:
+        if row is None:
+            return None
+        image_id = int(es.ids[row])
+        path = es.paths[row] if es.paths else ""
+        return {
+            "index": row,
+            "id": image_id,
+            "label": int(es.labels[row]),
+            "path": path,
+            "score": score,
+            "thumb": thumbs.get(image_id),
+        }
+
+    return [
+        {
+            "query": item(f["query"], None),
+            "wrong": item(f["wrong"], f["wrong_score"]),
+            "correct": item(f["correct"], f["correct_score"]),
+        }
+        for f in failures
+    ]
+
+
+def failure_gallery(es: EmbeddingSet, shards: str | Path | None, split: str | None, n: int = 6) -> list[dict]:
+    """The worst failures of ``es`` with PIL thumbnails (``item["image"]``) from the shards: for wandb."""
+    from PIL import Image
+
+    folder = EvalFolder(Path("."), {"shards": str(shards) if shards else None, "split": split})
+    rows = _failure_items(folder, es, analyse(es, n_failures=n).failures, shards, [])
+    for row in rows:
+        for item in filter(None, row.values()):
+            if item["thumb"]:
+                data = base64.b64decode(item["thumb"].split(",", 1)[1])
+                item["image"] = Image.open(io.BytesIO(data)).convert("RGB")
+    return rows
 
 
 def _thumbnails_for(folder: EvalFolder, shards: str | Path | None, ids: set[int], notes: list[str]) -> dict[int, str]:

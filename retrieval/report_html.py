@@ -27,6 +27,22 @@ class Gallery:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Explained:
+    """The sections that explain the numbers (see :mod:`retrieval.report_analysis`); None/empty when absent."""
+
+    source: str = ""  # the embeddings folder the failures, super classes and histograms come from
+    queries: int = 0
+    change: dict | None = None  # fine-tuned minus untrained, per metric
+    search: dict | None = None  # search --queries summary
+    failures: list[dict] = field(default_factory=list)
+    recall_curve: str | None = None  # base64 PNG
+    super_classes: list[dict] = field(default_factory=list)
+    histogram: str | None = None  # base64 PNG
+    wandb: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
 CSS = f"""
 body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1200px; color: #222; padding: 0 16px; }}
 h1 {{ font-size: 22px; margin-bottom: 2px; }} h2 {{ font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }}
@@ -114,6 +130,93 @@ def render_gallery(gallery: Gallery | None, k: int) -> str:
     return "\n".join(parts)
 
 
+def _png(b64: str | None, element_id: str, alt: str, missing: str) -> str:
+    if not b64:
+        return f'<p class="note" id="{element_id}">{_e(missing)}</p>'
+    return f'<div class="curves"><img id="{element_id}" alt="{_e(alt)}" src="data:image/png;base64,{b64}"></div>'
+
+
+def render_change(change: dict | None) -> str:
+    if not change:
+        return ""
+    cells = "".join(
+        f'<td class="num">{100 * change[key]:+.2f}</td>' if key in change else '<td class="num">–</td>'
+        for key, _ in METRICS
+    )
+    head = "".join(f"<th>{_e(t)}</th>" for _, t in METRICS)
+    return (
+        f'<table id="change"><tr><th></th>{head}</tr><tr><td>fine-tuned − untrained</td>{cells}</tr></table>'
+        '<p class="sub">Change from the untrained baseline to the fine-tuned model, in percentage points.</p>'
+    )
+
+
+def render_search(search: dict | None) -> str:
+    if not search:
+        return '<p class="note" id="search-queries">No search-queries.json (written by the demo\'s `search --queries`).</p>'
+    if "error" in search:
+        return f'<p class="note" id="search-queries">{_e(search["error"])}</p>'
+    return (
+        '<table id="search-queries"><tr><th>Queries</th><th>Top hit of the query\'s class</th>'
+        "<th>One of the top k of its class</th></tr>"
+        f'<tr><td class="num">{_e(search.get("queries", "–"))}</td><td class="num">{_pct(search.get("top1_same_class"))}</td>'
+        f'<td class="num">{_pct(search.get("topk_any_same_class"))}</td></tr></table>'
+        '<p class="sub">New photos of test products (not in the catalogue) searched against the index, in percent.</p>'
+    )
+
+
+def render_failures(ex: Explained) -> str:
+    if not ex.failures:
+        return '<p class="note" id="failures">No failures to show (no embeddings, or every top-1 is right).</p>'
+    parts = [
+        f'<div id="failures"><p class="sub">Queries of {_e(ex.source)} whose wrong top-1 scores highest: the query, '
+        f'<b style="color:{COLORS["miss"]}">the wrong top-1</b>, <b style="color:{COLORS["hit"]}">the best-scoring '
+        "image of its own class</b>.</p>"
+    ]
+    for row in ex.failures:
+        cells = [_figure(row["query"], "query"), '<div class="sep"></div>', _figure(row["wrong"], "miss")]
+        cells.append(
+            _figure(row["correct"], "hit") if row["correct"] else '<p class="note">no other image of its class</p>'
+        )
+        parts.append(f'<div class="row failure">{"".join(cells)}</div>')
+    return "\n".join(parts) + "</div>"
+
+
+def render_super_classes(rows: list[dict], queries: int) -> str:
+    if not rows:
+        return '<p class="note" id="super-classes">No embeddings: no per-super-class table.</p>'
+    body = "".join(
+        f'<tr><td>{_e(r["super_class_id"])}</td><td>{_e(r["name"])}</td><td class="num">{r["queries"]}</td>'
+        f'<td class="num">{_pct(r["recall@1"])}</td><td class="num">{_pct(r["recall@10"])}</td></tr>'
+        for r in rows
+    )
+    return (
+        '<table id="super-classes"><tr><th>Super class</th><th>Name</th><th>Queries</th><th>Recall@1</th>'
+        f"<th>Recall@10</th></tr>{body}</table>"
+        f'<p class="sub">Weakest first; {queries} queries searched against the whole set.</p>'
+    )
+
+
+def render_wandb(info: dict | None) -> str:
+    if not info:
+        return '<p class="note" id="wandb">No wandb run in this folder (log.wandb=disabled, or not a training run).</p>'
+    if info.get("url"):
+        return f'<p id="wandb">wandb run: <a href="{_e(info["url"])}">{_e(info["url"])}</a></p>'
+    return (
+        f'<p id="wandb">wandb run (offline): <code>{_e(info["folder"])}</code>; publish it with '
+        f"<code>wandb sync {_e(info['folder'])}</code>.</p>"
+    )
+
+
+def render_explained(ex: Explained) -> str:
+    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in ex.notes)
+    return f"""<h2>Search with new photos</h2>{render_search(ex.search)}
+<h2>Worst failures</h2>{render_failures(ex)}{notes}
+<h2>Recall@K</h2>{_png(ex.recall_curve, "recall-curve", "Recall@K", "No embeddings: no Recall@K curve.")}
+<h2>Per super class</h2>{render_super_classes(ex.super_classes, ex.queries)}
+<h2>Scores</h2>{_png(ex.histogram, "score-histograms", "score histograms", "No same-class pairs: no histograms.")}
+<h2>Tracking</h2>{render_wandb(ex.wandb)}"""
+
+
 def versions() -> dict[str, str]:
     """Versions of what produced the page (installed metadata: no heavy imports such as torch)."""
     from retrieval import __version__
@@ -138,6 +241,7 @@ def render_page(
     k: int,
     summary: Any,
     config: str | None,
+    explained: Explained | None = None,
 ) -> str:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     curves_html = "".join(f'<img alt="{_e(t)}" src="data:image/png;base64,{b}">' for t, b in curves) or (
@@ -160,9 +264,10 @@ def render_page(
 <style>{CSS}</style></head><body>
 <h1>Run report: {_e(run_dir.name)}</h1>
 <p class="sub">{_e(run_dir.resolve())} · generated {now}</p>
-<h2>Metrics</h2>{render_table(table, table_note)}
+<h2>Metrics</h2>{render_table(table, table_note)}{render_change(explained.change if explained else None)}
 <h2>Curves</h2><div class="curves">{curves_html}</div>{notes}
 <h2>Query gallery</h2>{render_gallery(gallery, k)}
+{render_explained(explained or Explained())}
 <h2>Summary</h2>{summary_html}
 <h2>Configuration</h2>{config_html}
 <p class="sub">Versions: {version_html}</p>

@@ -2,7 +2,9 @@
 
 wandb is never imported at module import and never prompts for a login: ``log.wandb`` is
 ``offline`` by default (files under ``<run>/wandb``, sync later with ``wandb sync``), ``disabled`` turns
-it off, and ``online`` is only used when asked for.
+it off, and ``online`` is only used when asked for. At the end of a run (:func:`log_run_end`) the run page gets
+a table of the final metrics (also in the run summary) and the last validation's worst failures as a table of
+images and a gallery (query | wrong top-1 | best correct match), the same failures ``retrieval report`` shows.
 """
 
 from __future__ import annotations
@@ -91,3 +93,90 @@ def peak_memory_gb(device: torch.device) -> float:
 def console(record: dict[str, Any]) -> str:
     parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "kind"]
     return f"[{record['kind']}] " + " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a run in wandb: what a user opens the run page for
+
+
+def wandb_run(accelerator) -> Any | None:
+    """The wandb run behind accelerate's tracker on this process, or None (wandb off, or not rank 0)."""
+    for tracker in getattr(accelerator, "trackers", []):
+        if tracker.name == "wandb":
+            return tracker.tracker
+    return None
+
+
+def log_run_end(accelerator, run: RunFolder, summary: dict, val_set, shards: str | None, split: str) -> None:
+    """wandb: the final metrics as a summary table (and in the run summary) and the report's failure gallery (the
+    last validation's queries whose wrong top-1 scores highest, beside their best correct match) as a table of
+    images. A no-op when wandb is off; a failure here is logged, never fatal (the model is already exported)."""
+    wb_run = wandb_run(accelerator) if accelerator.is_main_process else None
+    if wb_run is None:
+        return
+    try:
+        import wandb
+
+        final = {**_last_val(run), **summary}
+        numbers = {k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        payload = {"final/metrics": wandb.Table(columns=["metric", "value"], data=[[k, v] for k, v in numbers.items()])}
+        if val_set is not None and len(val_set) > 1:
+            from retrieval.report import failure_gallery
+
+            rows = failure_gallery(val_set, shards, split)
+            payload["final/failures"] = _failure_table(wandb, rows)
+            payload["final/failure_gallery"] = [_side_by_side(wandb, row) for row in rows]
+        wb_run.log(payload)
+        wb_run.summary.update({f"final/{k}": v for k, v in numbers.items()})
+    except Exception as e:  # a tracker problem must not turn a finished run into a failed one
+        log.warning("wandb: could not log the run's final tables (%s: %s)", type(e).__name__, e)
+
+
+def _last_val(run: RunFolder) -> dict:
+    vals = [r for r in run.read_metrics() if r.get("kind") == "val"]
+    return {k: v for k, v in vals[-1].items() if k not in ("kind",)} if vals else {}
+
+
+def _failure_table(wandb, rows: list[dict]):
+    """One row per failure: the three images (stored with the table in the run's artifact) and their ids/scores."""
+    columns = ["query", "wrong top-1", "best correct", "query id", "query class", "wrong id", "wrong class"]
+    columns += ["wrong score", "correct id", "correct score"]
+    table = wandb.Table(columns=columns)
+
+    def image(item: dict | None):
+        return (
+            wandb.Image(item["image"], caption=f"{item['id']} · c{item['label']}") if item and "image" in item else None
+        )
+
+    for row in rows:
+        q, w, c = row["query"], row["wrong"], row["correct"]
+        table.add_data(
+            image(q),
+            image(w),
+            image(c),
+            q["id"],
+            q["label"],
+            w["id"],
+            w["label"],
+            w["score"],
+            c["id"] if c else None,
+            c["score"] if c else None,
+        )
+    return table
+
+
+def _side_by_side(wandb, row: dict):
+    """Query | wrong top-1 | best correct match as one image for the media panel, the ids and scores as caption."""
+    from PIL import Image
+
+    cell, gap = 96, 8  # fixed cells: every gallery image has one size (wandb warns otherwise)
+    items = [row["query"], row["wrong"], row["correct"]]
+    canvas = Image.new("RGB", (3 * cell + 2 * gap, cell), "white")
+    for n, item in enumerate(items):
+        im = item["image"].copy() if item and "image" in item else Image.new("RGB", (cell, cell), (200, 200, 200))
+        im.thumbnail((cell, cell))
+        canvas.paste(im, (n * (cell + gap) + (cell - im.width) // 2, (cell - im.height) // 2))
+    q, w, c = items
+    caption = f"query {q['id']} (c{q['label']}) | wrong {w['id']} (c{w['label']}) {w['score']:.3f}"
+    caption += f" | correct {c['id']} {c['score']:.3f}" if c else " | no other image of its class"
+    return wandb.Image(canvas, caption=caption)

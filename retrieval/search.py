@@ -15,11 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
 
 from retrieval.data.sop import read_sop_file
-from retrieval.data.transforms import eval_transform
+from retrieval.embedder import Embedder, ImageLike
 from retrieval.embedding import LoadedModel, load_model
 from retrieval.errors import UserError
 from retrieval.index import IndexFolder
@@ -32,14 +30,6 @@ def read_queries(list_file: str | Path) -> tuple[list[str], list[int]]:
     if not records:
         raise UserError(f"{list_file}: lists no query image")
     return [str(list_file.parent / r.path) for r in records], [r.class_id for r in records]
-
-
-def _load(path: str, transform) -> torch.Tensor:
-    try:
-        with Image.open(path) as im:
-            return transform(im.convert("RGB"))
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise UserError(f"query {path}: cannot read the image ({e})") from None
 
 
 def index_model(index: IndexFolder, override: str | None = None, force: bool = False) -> LoadedModel:
@@ -70,33 +60,37 @@ def index_model(index: IndexFolder, override: str | None = None, force: bool = F
 
 
 class Searcher:
-    """A model and an index loaded once; embeds query images in batches and searches them."""
+    """A model and an index loaded once; embeds query images in batches (an :class:`Embedder`) and searches them."""
 
     def __init__(
-        self, index_dir: str | Path, model_path: str | None = None, batch_size: int = 64, force: bool = False
+        self,
+        index_dir: str | Path,
+        model_path: str | None = None,
+        batch_size: int = 64,
+        device: str | None = None,
+        force: bool = False,
     ) -> None:
         self.index = IndexFolder.load(index_dir)
-        self.loaded = index_model(self.index, model_path, force)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = self.loaded.model.to(self.device).eval()
-        self.transform = eval_transform(self.loaded.spec)
-        self.batch_size = batch_size
+        self.embedder = Embedder(index_model(self.index, model_path, force), batch_size, device)
 
-    @torch.no_grad()
-    def embed(self, paths: list[str]) -> np.ndarray:
-        parts = []
-        for start in range(0, len(paths), self.batch_size):
-            batch = torch.stack([_load(p, self.transform) for p in paths[start : start + self.batch_size]])
-            parts.append(self.model(batch.to(self.device)).float().cpu().numpy())
-        return np.concatenate(parts)
+    def embed(self, images: list[ImageLike]) -> np.ndarray:
+        return self.embedder.embed(images)
 
-    def search(self, images: list[str], k: int = 10) -> list[dict]:
-        """Top-k results per query image: rank, image id, class, path, score."""
-        scores, ids = self.index.search(self.embed(images), k)
+    def search(self, images: list[ImageLike], k: int = 10) -> list[dict]:
+        """Top-k results per query image (a path, a PIL image or a prepared tensor): rank, image id, class, path,
+        score."""
+        names = [str(x) if isinstance(x, (str, Path)) else f"<{type(x).__name__} {i}>" for i, x in enumerate(images)]
+        return self.search_vectors(self.embed(images), names, k)
+
+    def search_vectors(self, vectors: np.ndarray, names: list[str], k: int = 10) -> list[dict]:
+        """Top-k results of embeddings made by :attr:`embedder` (``names`` label the queries)."""
+        if k < 1:
+            raise UserError(f"k: expected a positive integer, got {k}")
+        scores, ids = self.index.search(vectors, k)
         cat = self.index.catalogue
         rows = self.index.rows(ids)
         out = []
-        for q, path in enumerate(images):
+        for q, name in enumerate(names):
             hits = []
             for rank, (score, image_id, row) in enumerate(zip(scores[q], ids[q], rows[q], strict=True), 1):
                 if image_id < 0:  # fewer than k images in the index
@@ -106,11 +100,12 @@ class Searcher:
                         "rank": rank,
                         "image_id": int(image_id),
                         "class_id": int(cat.labels[row]) if row >= 0 else None,
+                        "super_class_id": int(cat.super_labels[row]) if row >= 0 else None,
                         "path": cat.paths[row] if row >= 0 and cat.paths else None,
                         "score": float(score),
                     }
                 )
-            out.append({"query": path, "results": hits})
+            out.append({"query": name, "results": hits})
         return out
 
 

@@ -13,7 +13,6 @@ data stream). What goes where in the run folder is :class:`retrieval.runs.RunFol
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from retrieval.data.loader import EpochSpan, Reader, train_loader
 from retrieval.embedding import embed_split, gather_embeddings
 from retrieval.errors import UserError
 from retrieval.export import export_model
-from retrieval.guard import FiniteGuard, SkipTally, check_skipped
+from retrieval.guard import FiniteGuard, SkipTally, check_skipped, param_checksum
 from retrieval.metrics import retrieval_metrics
 from retrieval.models import InputSpec
 from retrieval.resume import check_resumable, fault_point, lock_run
@@ -74,6 +73,7 @@ class Trainer:
         self.mlog = runlog.MetricsLog(accelerator, run)
         self.guard = FiniteGuard(accelerator.device)
         self.skips = SkipTally(cfg.data.max_skipped_fraction, cfg.data.shards)
+        self.last_val = None  # the last validation's embeddings (rank 0): the run's wandb failure gallery
 
     @classmethod
     def create(cls, cfg: Config, run: RunFolder, stop: StopFlag) -> Trainer:
@@ -91,6 +91,9 @@ class Trainer:
             summary = self._finish(preempted)
         finally:
             self.run.unlock()
+        runlog.log_run_end(
+            self.accelerator, self.run, summary, self.last_val, self.cfg.data.shards, self.cfg.data.val_split
+        )
         self.accelerator.end_training()
         return summary
 
@@ -314,6 +317,7 @@ class Trainer:
                 dtype=cfg.eval.dtype,
             )
             improved = self._select({**metrics, "skipped": skipped})
+            self.last_val = merged
         shared = dist.broadcast_object((improved, state.best_metric, state.best_step, state.evals_since_best))
         improved, state.best_metric, state.best_step, state.evals_since_best = shared
         self.model.train()
@@ -387,12 +391,3 @@ class Trainer:
             log.info("done: %s", summary)
         acc.wait_for_everyone()
         return summary
-
-
-def param_checksum(model: torch.nn.Module) -> str:
-    """A bitwise fingerprint of the weights: ranks must agree after every step in data parallel training."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()

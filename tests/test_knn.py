@@ -142,31 +142,3 @@ def test_torch_results_on_device_equal_host_and_bf16x3_is_fp32_on_cpu():
     assert isinstance(i, torch.Tensor) and np.array_equal(i.numpy(), want_i) and np.allclose(s.numpy(), want_s)
     s3, i3 = knn.torch_search(x, None, 15, exclude=np.arange(700), chunk=256, dtype="bf16x3")
     assert np.array_equal(i3, want_i) and np.array_equal(s3, want_s)  # no bf16 tensor cores on CPU: plain fp32
-
-
-def test_bench_search_gpu_flow_on_cpu(tmp_path):
-    """The GPU search benchmark's flow at a tiny size on CPU: every precision timed, recall against fp32."""
-    import json
-
-    from retrieval.bench import search_gpu
-
-    assert search_gpu.main([str(tmp_path), "1200", "32", "51"]) == 0
-    payload = json.loads((tmp_path / "bench-search-gpu.json").read_text())
-    exact = payload["results"]["exact"]
-    assert {"floor fp32", "floor bf16", "ours fp32", "ours fp32 +host", "ours bf16", "ours bf16x3"} <= set(exact)
-    assert all(v > 0.99 for v in payload["recall_vs_fp32"].values())
-
-
-def test_bench_search_tiny(tmp_path):
-    """`retrieval bench search` at tiny size: every backend identical to the reference, JSON written."""
-    import json
-
-    from retrieval.cli import main
-
-    assert main(["bench", "search", "--tiny", "--out", str(tmp_path)]) == 0
-    payload = json.loads((tmp_path / "bench-search.json").read_text())
-    assert payload["ratios"]["ours_cpu_speedup_vs_faiss_cpu"] > 0
-    for name, check in payload["checks"].items():
-        assert check["recall"] > 0.9999 and check["differences_are_near_ties"], name
-    assert payload["eval_peak"]["peak_rss_gb"] > 0
-    assert "skipped" in payload["ann"]

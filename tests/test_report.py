@@ -17,16 +17,23 @@ from _report_fixture import half_right_embeddings, make_run, metric_values
 from PIL import Image
 
 from retrieval.cli import main
+from retrieval.embedding import EmbeddingSet
 from retrieval.report import build_report, top_k
+from retrieval.report_html import METRICS
 
 FIGURE = re.compile(r'<figure class="(query|hit|miss)" data-id="(\d+)" data-label="(\d+)"')
 CHROMIUM = "/usr/bin/chromium"
 
 
+def gallery_part(page: str) -> str:
+    """The page up to the query gallery's end (the failures section after it has figures of its own)."""
+    return page.split("<h2>Search with new photos</h2>")[0]
+
+
 def gallery_rows(page: str) -> list[list[tuple[str, int, int]]]:
     """[[(role, id, label) of the query, then of each neighbour], ...] in page order."""
     rows: list[list[tuple[str, int, int]]] = []
-    for role, image_id, label in FIGURE.findall(page):
+    for role, image_id, label in FIGURE.findall(gallery_part(page)):
         if role == "query":
             rows.append([])
         rows[-1].append((role, int(image_id), int(label)))
@@ -61,7 +68,7 @@ def test_report_table_curves_and_gallery(run_dir: Path, capsys) -> None:
         assert f'<td class="num">{100 * value:.2f}</td>' in page, key
     # curves: loss, validation metrics, throughput as embedded PNGs
     pngs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(pngs) == 3
+    assert len(pngs) == 5  # + the Recall@K curve and the score histograms
     assert all(base64.b64decode(p).startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
 
     # gallery: from the fine-tuned folder, frames agree with brute force, exactly half right by construction
@@ -78,10 +85,11 @@ def test_report_table_curves_and_gallery(run_dir: Path, capsys) -> None:
         hits += sum(label_of[n[1]] == qlabel for n in neighbours)
         misses += sum(label_of[n[1]] != qlabel for n in neighbours)
     assert (hits, misses) == (queries * k // 2, queries * k // 2)
-    assert page.count('<figure class="hit"') == hits and page.count('<figure class="miss"') == misses
+    part = gallery_part(page)
+    assert part.count('<figure class="hit"') == hits and part.count('<figure class="miss"') == misses
 
     # thumbnails: one per shown image, JPEG, at most 96 px; whole page stays small
-    thumbs = re.findall(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', page)
+    thumbs = re.findall(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', part)
     assert len(thumbs) == queries * (k + 1)
     with Image.open(io.BytesIO(base64.b64decode(thumbs[0]))) as im:
         assert im.format == "JPEG" and max(im.size) <= 96
@@ -115,7 +123,7 @@ def test_missing_parts_are_sentences_not_errors(tmp_path: Path) -> None:
     run = make_run(tmp_path, shards=False)  # meta.json names a shard folder that does not exist
     page = build_report(run, k=4, queries=3).read_text()
     assert "has no test-*.tar: ids and classes only" in page
-    assert "data:image/jpeg" not in page and page.count("<span>id ") == 3 * 5
+    assert "data:image/jpeg" not in page and gallery_part(page).count("<span>id ") == 3 * 5
 
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -130,7 +138,7 @@ def test_explicit_embeddings_and_shards(tmp_path: Path, run_dir: Path) -> None:
     shutil.move(str(tmp_path / "shards"), moved)
     out = build_report(run_dir, embeddings_dirs=[run_dir / "emb-test"], shards=moved, out=tmp_path / "r.html", k=2)
     page = out.read_text()
-    assert page.count("data:image/jpeg") == 12 * 3 and "not found" not in page
+    assert gallery_part(page).count("data:image/jpeg") == 12 * 3 and "not found" not in page
 
 
 def test_relative_shard_path_in_meta_is_found_from_any_cwd(run_dir: Path) -> None:
@@ -138,7 +146,7 @@ def test_relative_shard_path_in_meta_is_found_from_any_cwd(run_dir: Path) -> Non
     meta = run_dir / "emb-test" / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "shards": "shards"}))
     page = build_report(run_dir, k=2, queries=4).read_text()
-    assert page.count("data:image/jpeg") == 4 * 3
+    assert gallery_part(page).count("data:image/jpeg") == 4 * 3
 
 
 @pytest.mark.parametrize("n", [24, 300])
@@ -205,4 +213,119 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     assert _near(pixels, (0x1A, 0x9A, 0x3C)) > 500 and _near(pixels, (0xD6, 0x27, 0x28)) > 500  # green and red frames
 
     dom = _chromium("--dump-dom", page.as_uri(), profile=tmp_path / "p2").stdout
-    assert '<table id="metrics">' in dom and "Recall@1000" in dom and dom.count('<figure class="hit"') == 12
+    assert (
+        '<table id="metrics">' in dom and "Recall@1000" in dom and gallery_part(dom).count('<figure class="hit"') == 12
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections that explain the numbers
+
+
+def _brute_top1(emb: np.ndarray, labels: np.ndarray) -> list[tuple[int, int, float]]:
+    """(query row, top-1 row, score) of every image, float64, itself excluded."""
+    x = emb.astype(np.float64)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    top = sims.argmax(1)
+    return [(q, int(top[q]), float(sims[q, top[q]])) for q in range(len(x))]
+
+
+def _relabelled_run(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixture run whose fine-tuned set has two images moved to their sister class: some top-1s are wrong."""
+    run = make_run(tmp_path)
+    emb, labels, ids = half_right_embeddings()
+    labels = labels.copy()
+    labels[0], labels[12] = 101, 105
+    supers = labels // 102  # 100, 101 -> 0; the rest -> 1
+    es = EmbeddingSet.load(run / "emb-test")
+    EmbeddingSet(emb, ids, labels, supers, es.paths, es.meta).save(run / "emb-test")
+    return run, emb, labels, supers
+
+
+def _section(page: str, title: str) -> str:
+    return page.split(f"<h2>{title}</h2>", 1)[1].split("<h2>", 1)[0]
+
+
+def test_report_explains_failures_recall_super_classes_scores(tmp_path: Path) -> None:
+    run, emb, labels, supers = _relabelled_run(tmp_path)
+    summary = {"queries": 10, "top1_same_class": 0.3, "topk_any_same_class": 0.8}
+    (run / "search-queries.json").write_text(json.dumps({"summary": summary, "queries": []}))
+    page = build_report(run, k=2, queries=3).read_text()
+
+    # untrained -> fine-tuned change, search-queries hit rates
+    assert '<table id="change">' in page and page.count('<td class="num">+3.00</td>') == len(METRICS)
+    search = _section(page, "Search with new photos")
+    assert 'id="search-queries"' in search and "30.00" in search and "80.00" in search
+
+    # worst failures: wrong top-1s by decreasing score, each beside its best same-class image (brute force)
+    _, _, ids = half_right_embeddings()
+    wrong = sorted((t for t in _brute_top1(emb, labels) if labels[t[1]] != labels[t[0]]), key=lambda t: -t[2])[:6]
+    assert wrong, "the fixture must have failures"
+    shown = [
+        [int(i) for i in re.findall(r'data-id="(\d+)"', row)]
+        for row in _section(page, "Worst failures").split('<div class="row failure">')[1:]
+    ]
+    x = emb.astype(np.float64)
+    expected = []
+    for q, w, _ in wrong:
+        same = [j for j in range(len(x)) if labels[j] == labels[q] and j != q]
+        best = max(same, key=lambda j: x[q] @ x[j])
+        expected.append([int(ids[q]), int(ids[w]), int(ids[best])])
+    assert shown == expected
+    assert "data:image/jpeg" in _section(page, "Worst failures")  # thumbnails from the shards
+
+    # Recall@K curve and score histograms are plots; per-super-class recall matches brute force
+    assert 'id="recall-curve"' in page and 'id="score-histograms"' in page
+    top1 = _brute_top1(emb, labels)
+    table = _section(page, "Per super class")
+    for s in (0, 1):
+        rows = [q for q in range(len(emb)) if supers[q] == s]
+        r1 = np.mean([labels[top1[q][1]] == labels[q] for q in rows])
+        assert f"<td>{s}</td><td>c{100 + 2 * s}</td>" in table  # the name is the first folder of its paths
+        assert f'<td class="num">{len(rows)}</td><td class="num">{100 * r1:.2f}</td>' in table, s
+    assert "No wandb run" in page
+
+
+def test_analysis_against_brute_force(tmp_path: Path) -> None:
+    from retrieval.report_analysis import analyse
+
+    run, emb, labels, _ = _relabelled_run(tmp_path)
+    a = analyse(EmbeddingSet.load(run / "emb-test"))
+    x = emb.astype(np.float64)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    first = [next(r for r, j in enumerate(order[q]) if labels[j] == labels[q]) for q in range(len(x))]
+    assert a.ks == [1, 2, 4, 8, 16] and a.queries == len(x)
+    np.testing.assert_allclose(a.recall, [np.mean(np.array(first) < k) for k in a.ks])
+    pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x)) if labels[i] == labels[j]]
+    assert len(a.positive) == len(pairs)
+    np.testing.assert_allclose(np.sort(a.positive), np.sort([x[i] @ x[j] for i, j in pairs]), atol=1e-5)
+    others = [x[i] @ x[j] for i in range(len(x)) for j in range(i + 1, len(x)) if labels[i] != labels[j]]
+    np.testing.assert_allclose(np.sort(a.negative), np.sort(others), atol=1e-5)  # a small set: every pair
+
+
+def test_wandb_link_offline_and_online(run_dir: Path) -> None:
+    folder = run_dir / "wandb" / "offline-run-20260101_000000-abc123"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "logs" / "debug.log").write_text("nothing to see\n")
+    section = _section(build_report(run_dir).read_text(), "Tracking")
+    assert "wandb sync" in section and "offline-run-20260101_000000-abc123" in section
+    (folder / "logs" / "debug.log").write_text("View run at https://wandb.ai/team/proj/runs/abc123\n")
+    section = _section(build_report(run_dir).read_text(), "Tracking")
+    assert '<a href="https://wandb.ai/team/proj/runs/abc123">' in section
+
+
+def test_a_single_validation_point_is_a_point_on_a_sane_axis() -> None:
+    from matplotlib.figure import Figure
+
+    from retrieval.report_plots import draw_validation
+
+    ax = Figure().subplots()
+    draw_validation(ax, [{"kind": "val", "step": 40, "recall@1": 0.25}], [METRICS[0]])
+    lo, hi = ax.get_xlim()
+    assert lo <= 39 and hi >= 41 and ax.get_ylim() == (0, 100)
+    line = ax.get_lines()[0]
+    assert line.get_marker() == "o" and list(line.get_xdata()) == [40]
+    assert all(float(t).is_integer() for t in ax.get_xticks())

@@ -14,6 +14,8 @@ imports from here (ARCHITECTURE.md; ``tests/test_layers.py`` checks it).
     retrieval eval --embeddings runs/tiny/emb-test
     retrieval index build --embeddings runs/tiny/emb-test --out runs/tiny/index
     retrieval search --index runs/tiny/index --image some.jpg --k 10
+    retrieval export runs/tiny --format timm --out exports/tiny-timm
+    retrieval serve --index runs/tiny/index --port 8080
     retrieval report runs/tiny
     retrieval demo
     retrieval bench all --quick
@@ -37,9 +39,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("retrieval.cli.eval", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),
     "index": ("retrieval.cli.index", "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings"),
     "search": ("retrieval.cli.search", "image-to-image search against a built index"),
+    "export": ("retrieval.cli.export", "the trained model as a timm hub folder or ONNX"),
+    "serve": ("retrieval.cli.serve", "HTTP JSON search service over an index (model and index loaded once)"),
     "report": ("retrieval.cli.report", "self-contained HTML report of a run"),
     "demo": ("retrieval.cli.demo", "the whole product in miniature on synthetic data (make demo)"),
-    "bench": ("retrieval.bench", "throughput benchmarks (loader, shards, train, embed, search, scaling)"),
+    "bench": (
+        "retrieval.cli.bench",
+        "benchmarks of a checkout's bench/ package (loader, shards, train, embed, search)",
+    ),
 }
 
 

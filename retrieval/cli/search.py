@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.batch_size < 1:
         raise UserError(f"--k and --batch-size: expected positive integers, got {args.k} and {args.batch_size}")
     images, classes = read_queries(args.queries) if args.queries else (args.image, None)
-    results = Searcher(args.index, args.model, args.batch_size, args.force).search(images, args.k)
+    results = Searcher(args.index, args.model, args.batch_size, force=args.force).search(images, args.k)
     summary = None
     if classes is not None:
         for res, c in zip(results, classes, strict=True):

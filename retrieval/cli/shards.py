@@ -64,23 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("dir")
 
 
+# `shards build` options passed to data.shards.build as they are (--part is parsed first)
+BUILD_OPTIONS = ("out", "sop_root", "manifest", "image_folder", "workers", "max_side", "quality", "shard_size")
+BUILD_OPTIONS += ("val_classes", "test_classes", "seed", "on_missing")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "build":
-        build(
-            out=args.out,
-            sop_root=args.sop_root,
-            manifest=args.manifest,
-            image_folder=args.image_folder,
-            workers=args.workers,
-            max_side=args.max_side,
-            quality=args.quality,
-            shard_size=args.shard_size,
-            val_classes=args.val_classes,
-            test_classes=args.test_classes,
-            seed=args.seed,
-            on_missing=args.on_missing,
-            part=parse_part(args.part),
-        )
+        build(**{key: getattr(args, key) for key in BUILD_OPTIONS}, part=parse_part(args.part))
         return 0
     if args.action == "merge-stats":
         merge_stats(args.dir)

@@ -1,0 +1,45 @@
+"""``retrieval serve``: an HTTP JSON search service over an index (model and index loaded once).
+
+    retrieval serve --index runs/sop/index                       # http://127.0.0.1:8080
+    retrieval serve --index runs/sop/index --host 0.0.0.0 --port 9000 --max-batch 64 --path-root /data/queries
+    curl -F image=@query.jpg 'http://127.0.0.1:8080/search?k=10'
+    curl --data-binary @query.jpg -H 'Content-Type: image/jpeg' 'http://127.0.0.1:8080/search?k=10'
+    curl -H 'Content-Type: application/json' -d '{"path": "/data/queries/q.jpg", "k": 5}' http://127.0.0.1:8080/search
+    curl http://127.0.0.1:8080/healthz
+
+One process, one model: concurrent requests are grouped into one forward pass (:mod:`retrieval.serve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from retrieval.errors import UserError
+from retrieval.search import Searcher
+from retrieval.serve import ServeOptions, create_app
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, help="folder written by `retrieval index build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model", help="override the model recorded in the index (run folder or model.safetensors)")
+    p.add_argument("--max-batch", type=int, default=32, help="images per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--path-root", help='JSON {"path": ...} queries must lie under this folder')
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port: expected 1-65535, got {args.port}")
+    options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, path_root=args.path_root)
+    searcher = Searcher(args.index, args.model, batch_size=args.max_batch, device=args.device)
+    log.info("serving %s (%d images) on http://%s:%d", args.index, searcher.index.index.ntotal, args.host, args.port)
+    uvicorn.run(create_app(searcher, options), host=args.host, port=args.port, log_level="warning")
+    return 0
