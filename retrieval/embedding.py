@@ -249,12 +249,12 @@ def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
     """
     path = Path(model_path)
     cfg = _run_config(path, untrained)
-    digest = None  # the identity of the weights (sha256 of model.safetensors); None for starting weights
+    digest, source = None, path  # the identity of the weights (sha256 of model.safetensors); None for starting weights
     if untrained and cfg is not None:
         model, spec, model_cfg = initial_model(cfg), None, cfg.model
     else:
         model, model_cfg = load_exported(path)
-        weights = resolve_export(path)[0]
+        weights = source = resolve_export(path)[0]
         spec = read_input_spec(weights)
         if untrained:
             torch.manual_seed(0)
@@ -262,7 +262,7 @@ def load_model(model_path: str | Path, untrained: bool = False) -> LoadedModel:
         else:
             digest = file_sha256(weights)
     spec = spec or InputSpec.of(model, cfg.data if cfg is not None else None)
-    _check_finite_weights(model, path)
+    _check_finite_weights(model, source)
     return LoadedModel(model, spec, {"model": str(path), "untrained": untrained, "model_sha256": digest}, model_cfg)
 
 
