@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAT_KEYS = {"median", "min", "max", "p10", "p90", "mean", "repeats", "warmup", "unit"}
 ENVELOPE = {"bench", "level", "created", "machine", "versions", "device", "config", "results", "ratios", "notes"}
 # what bench/ may import of the product: its commands and public library API, never trainer internals
-PUBLIC = {"retrieval", "retrieval.cli", "retrieval.config", "retrieval.config_io", "retrieval.data.loader", "retrieval.embedding", "retrieval.knn", "retrieval.models", "retrieval.runs", "retrieval.util"}  # fmt: skip
+PUBLIC = {"retrieval", "retrieval.cli", "retrieval.config", "retrieval.config_io", "retrieval.data.loader", "retrieval.dist", "retrieval.embedder", "retrieval.embedding", "retrieval.export", "retrieval.index", "retrieval.knn", "retrieval.models", "retrieval.runs", "retrieval.search", "retrieval.util"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
