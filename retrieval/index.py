@@ -239,7 +239,9 @@ class IndexFolder:
     def rows(self, image_ids: np.ndarray) -> np.ndarray:
         """Catalogue rows of ``image_ids`` (-1 where an id is not in the catalogue, e.g. the -1 padding)."""
         ids = self.catalogue.ids
-        order = np.argsort(ids, kind="stable")
+        # an embeddings set keeps its rows ordered by id (both layouts): a binary search, no O(N log N) sort per call
+        ordered = bool(len(ids) < 2 or ids[0] < ids[-1]) and bool((ids[1:] > ids[:-1]).all())
+        order = None if ordered else np.argsort(ids, kind="stable")
         pos = np.clip(np.searchsorted(ids, image_ids, sorter=order), 0, max(len(ids) - 1, 0))
-        rows = order[pos] if len(ids) else np.full(np.shape(image_ids), -1)
+        rows = (pos if order is None else order[pos]) if len(ids) else np.full(np.shape(image_ids), -1)
         return np.where(len(ids) and ids[rows] == image_ids, rows, -1)
