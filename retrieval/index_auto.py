@@ -10,8 +10,8 @@ The candidates (:func:`candidates`) follow from the catalogue's size N, its dime
 - they do not: ``IVF{nlist},PQ{m}``, the largest m (bytes per vector, dividing d) that fits.
 
 Each candidate is trained on a sample (``--train-sample`` rows), filled block by block from the embeddings' parts
-(never all vectors twice in memory), then tuned on held-out queries (rows not in the training sample, each
-excluding itself from the answers) against their exact top-k: ``nprobe`` (IVF) or ``efSearch`` (HNSW) doubles
+(never all vectors twice in memory), then tuned on held-out queries (rows set aside before the training sample is
+drawn, so none of them trained the centroids; each excludes itself from the answers) against their exact top-k: ``nprobe`` (IVF) or ``efSearch`` (HNSW) doubles
 until recall@k reaches the target plus ``MARGIN`` (the queries are a sample: the margin keeps new queries above
 the target). The first candidate that meets it is saved with that setting; every tried setting's recall@k,
 ms/query and queries/s goes into ``index.json`` under ``auto``, beside the exact search's.
@@ -38,7 +38,6 @@ from retrieval.index import (
     make_base,
     parse_gpus,
     place,
-    sample_rows,
     save_folder,
     set_search_params,
     train_base,
@@ -123,11 +122,15 @@ def exact_topk(es: EmbeddingSet, q: np.ndarray, qids: np.ndarray, k: int) -> np.
     return drop_self(best_i, qids, k)
 
 
-def held_out(es: EmbeddingSet, k: int, count: int, exclude: np.ndarray, seed: int) -> Probe:
-    pool = np.setdiff1d(np.arange(len(es)), exclude)
-    if len(pool) == 0:
-        pool = np.arange(len(es))
-    rows = np.sort(np.random.default_rng(seed).choice(pool, size=min(count, len(pool)), replace=False))
+def split_rows(n: int, queries: int, train_sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out query rows first (at most a tenth of the set), then training rows from the others only: a query
+    that trained the centroids sits closer to one than a new image would, and its recall reads too high."""
+    perm = np.random.default_rng(seed).permutation(n)
+    nq = max(1, min(queries, n // 10))
+    return np.sort(perm[:nq]), np.sort(perm[nq : nq + train_sample])
+
+
+def held_out(es: EmbeddingSet, k: int, rows: np.ndarray) -> Probe:
     x = np.ascontiguousarray(es.embeddings[rows], dtype=np.float32)
     t0 = time.perf_counter()
     truth = exact_topk(es, x, es.ids[rows], k)
@@ -184,8 +187,8 @@ class Target:
 def auto_index(es: EmbeddingSet, target: Target, gpus: list[int], shard: bool, train_sample: int, seed: int = 0):
     """Build, tune and choose (module docstring); returns the CPU index, its search params and the ``auto`` record."""
     cands = candidates(len(es), es.dim, target.max_memory, bool(gpus))
-    train_rows = sample_rows(len(es), train_sample, seed)
-    probe = held_out(es, target.k, target.queries, train_rows, seed + 1)
+    query_rows, train_rows = split_rows(len(es), target.queries, train_sample, seed)
+    probe = held_out(es, target.k, query_rows)
     exact = {"seconds": round(probe.exact_seconds, 3), "qps": round(len(probe.x) / max(probe.exact_seconds, 1e-9), 1)}
     tried, best = [], None
     for cand in cands:
@@ -208,6 +211,7 @@ def auto_index(es: EmbeddingSet, target: Target, gpus: list[int], shard: bool, t
         "k": target.k,
         "max_memory": target.max_memory,
         "queries": len(probe.x),
+        "train_sample": int(len(train_rows)),
         "margin": MARGIN,
         "exact_streamed": exact,
         "chosen": {"factory": cand.factory, **chosen},
@@ -234,7 +238,7 @@ def build_auto_folder(
         "embeddings": str(embeddings_dir),
         "gpus": gpus,
         "shard": shard,
-        "train_sample": min(train_sample, len(es)),
+        "train_sample": record["train_sample"],
         "build_seconds": round(time.perf_counter() - t0, 3),
         "search_params": params,
         "auto": record,

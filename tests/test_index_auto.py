@@ -11,7 +11,7 @@ import pytest
 from retrieval.cli import main
 from retrieval.embedding import EmbeddingSet
 from retrieval.index import IndexFolder
-from retrieval.index_auto import candidates, parse_bytes
+from retrieval.index_auto import candidates, parse_bytes, split_rows
 
 
 def _clustered(n: int, d: int, classes: int, seed: int, centres: np.ndarray | None = None):
@@ -78,3 +78,8 @@ def test_choice_follows_size_and_budget():
     assert parse_bytes("8G") == 8 * 2**30 and parse_bytes("1.5k") == 1536 and parse_bytes(None) is None
     with pytest.raises(Exception, match="too small"):
         candidates(10_000_000, 256, parse_bytes("10M"))
+
+
+def test_tuning_queries_never_trained_the_index():
+    queries, train = split_rows(1000, 1000, 100_000, seed=0)  # the sample would take every row: queries come first
+    assert len(queries) == 100 and len(train) == 900 and not set(queries.tolist()) & set(train.tolist())
