@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-D, SPREAD, ROWS_PER_PART = 256, (1.0, 1.4), 65536
+D, ROWS_PER_PART = 256, 65536
+# per-class spread range; `--spread LO HI` sets it for every step through the environment (steps are processes)
+SPREAD = tuple(float(v) for v in os.environ.get("BENCH_SCALE_SPREAD", "1.0,1.4").split(","))
 TUNE, SEARCH_QUERIES, EVAL_QUERIES = 1000, 1000, 10_000
 
 
@@ -178,7 +180,7 @@ def _child(argv: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- one size
-def bench_size(n: int, root: Path) -> dict:
+def bench_size(n: int, root: Path, evaluate: bool = True) -> dict:
     work = root / f"n{n}"
     gallery, queries, index = work / "gallery", work / "queries", work / "index"
     res: dict = {"n": n, "d": D, "data_gb": n * D * 4 / 2**30, "load_before": os.getloadavg()[0]}
@@ -193,6 +195,9 @@ def bench_size(n: int, root: Path) -> dict:
     res["index"].update(factory=info["factory"], params=info["search_params"], chosen=info["auto"]["chosen"])
     res["index"]["tried"] = [(t["factory"], len(t["trials"]), t["met"]) for t in info["auto"]["tried"]]
     res["search"] = run_step("search", "--folder", str(gallery), "--index", str(index), "--n", str(n))
+    if not evaluate:
+        res["load_after"] = os.getloadavg()[0]
+        return res
     ev = ["eval", "--queries", str(queries), "--gallery", str(gallery), "--out", str(work / "eval")]
     res["eval"] = run_step("run", "--", *ev)
     m = json.loads((work / "eval" / "metrics.json").read_text())
@@ -211,7 +216,10 @@ def _growth(first: dict, last: dict, key: tuple[str, str], target: int = 10_000_
 def report(results: list[dict]) -> str:
     lines = [f"scale benchmark: d = {D}, {os.cpu_count()} cores, spread {SPREAD}, {len(results)} size(s)"]
     for r in results:
-        i, s, e = r["index"], r["search"], r["eval"]
+        i, s = r["index"], r["search"]
+        e = r.get("eval") or {k: float("nan") for k in ("seconds", "search_seconds", "peak_rss_gb", "recall@1")}
+        e.setdefault("map@r", float("nan"))
+        e.setdefault("map@100", float("nan"))
         lines += [
             f"N = {r['n']:,} ({r['data_gb']:.2f} GiB of float32 vectors; a process importing the libraries alone "
             f"peaks at {r['baseline_rss_gb']:.2f} GiB; load average {r['load_before']:.1f} before, "
@@ -233,7 +241,8 @@ def report(results: list[dict]) -> str:
         first, last = results[0], results[-1]
         lines.append(f"growth {first['n']:,} -> {last['n']:,} (value ~ N^b) and the 10M projection:")
         keys = [("write", "seconds"), ("write", "peak_rss_gb"), ("read", "load_s"), ("read", "peak_rss_gb")]
-        keys += [("index", "seconds"), ("index", "peak_rss_gb"), ("eval", "seconds"), ("eval", "peak_rss_gb")]
+        keys += [("index", "seconds"), ("index", "peak_rss_gb")]
+        keys += [("eval", "seconds"), ("eval", "peak_rss_gb")] if "eval" in first and "eval" in last else []
         keys += [("search", "auto_qps"), ("search", "exact_qps")]
         for key in keys:
             b, proj = _growth(first, last, key)
@@ -252,10 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--out", type=Path, default=Path("/tmp/retrieval-bench-scale"))
+    p.add_argument("--spread", type=float, nargs=2, metavar=("LO", "HI"), help=f"per-class spread range {SPREAD}")
+    p.add_argument("--no-eval", action="store_true", help="skip the query/gallery eval step")
     a = p.parse_args(argv)
+    if a.spread:
+        os.environ["BENCH_SCALE_SPREAD"] = f"{a.spread[0]},{a.spread[1]}"
+        globals()["SPREAD"] = tuple(a.spread)
     results = []
     for n in a.sizes:
-        results.append(bench_size(n, a.out))
+        results.append(bench_size(n, a.out, not a.no_eval))
         print(report(results[-1:]), flush=True)
     text = report(results)
     print(text)

@@ -11,10 +11,12 @@ The candidates (:func:`candidates`) follow from the catalogue's size N, its dime
 
 Each candidate is trained on a sample (``--train-sample`` rows), filled block by block from the embeddings' parts
 (never all vectors twice in memory), then tuned on held-out queries (rows set aside before the training sample is
-drawn, so none of them trained the centroids; each excludes itself from the answers) against their exact top-k: ``nprobe`` (IVF) or ``efSearch`` (HNSW) doubles
-until recall@k reaches the target plus ``MARGIN`` (the queries are a sample: the margin keeps new queries above
-the target). The first candidate that meets it is saved with that setting; every tried setting's recall@k,
-ms/query and queries/s goes into ``index.json`` under ``auto``, beside the exact search's.
+drawn, so none of them trained the centroids; each excludes itself from the answers) against their exact top-k:
+``nprobe`` (IVF) or ``efSearch`` (HNSW) doubles until recall@k reaches the target plus ``MARGIN`` (the queries are
+a sample: the margin keeps new queries above the target). The first candidate that meets it at ``MIN_SPEEDUP`` x the exact scan's queries/s or more is saved
+with that setting (else the next ones are tried too and the fastest that meets it wins: data without cluster
+structure can need nprobe near nlist); every tried setting's recall@k, ms/query and queries/s goes into
+``index.json`` under ``auto``, beside the exact search's.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SMALL_N = 20_000
 MARGIN = 0.01
+MIN_SPEEDUP = 2.0  # a candidate that meets the target at under 2x the exact scan's queries/s: try the next too
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -165,6 +168,16 @@ def tune(index: faiss.Index, cand: Candidate, probe: Probe, k: int, target: floa
     return max(trials, key=lambda t: t[f"recall@{k}"]), trials, False
 
 
+def _better(chosen: dict, met: bool, best: tuple | None, k: int) -> bool:
+    """Among candidates that meet the target the fastest wins; before any meets it, the highest recall."""
+    if best is None:
+        return True
+    _, b_chosen, _, b_met = best
+    if met != b_met:
+        return met
+    return chosen["qps"] > b_chosen["qps"] if met else chosen[f"recall@{k}"] > b_chosen[f"recall@{k}"]
+
+
 def _build_candidate(es: EmbeddingSet, cand: Candidate, train_rows: np.ndarray, gpus: list[int]) -> tuple:
     t0 = time.perf_counter()
     base = make_base(es.dim, cand.factory)
@@ -195,15 +208,13 @@ def auto_index(es: EmbeddingSet, target: Target, gpus: list[int], shard: bool, t
         index, timing = _build_candidate(es, cand, train_rows, gpus)
         chosen, trials, met = tune(place(index, gpus, shard), cand, probe, target.k, target.recall)
         tried.append({**asdict(cand), **timing, "met": met, "trials": trials})
-        key = f"recall@{target.k}"
-        if best is None or met or chosen[key] > best[1][key]:
-            best = (index, chosen, cand)
-        if met:
+        if _better(chosen, met, best, target.k):
+            best = (index, chosen, cand, met)
+        if met and chosen["qps"] >= MIN_SPEEDUP * exact["qps"]:
             break
-        log.warning(
-            "index auto: %s does not reach recall@%d %.3f; trying the next", cand.factory, target.k, target.recall
-        )
-    index, chosen, cand = best
+        why = "is not much faster than exact search there" if met else "does not reach it"
+        log.warning("index auto: %s %s (recall@%d %.3f); trying the next", cand.factory, why, target.k, target.recall)
+    index, chosen, cand, _ = best
     params = {cand.param: chosen[cand.param]} if cand.param else {}
     set_search_params(index, params.get("nprobe"), params.get("ef_search"))
     record = {
@@ -215,7 +226,7 @@ def auto_index(es: EmbeddingSet, target: Target, gpus: list[int], shard: bool, t
         "margin": MARGIN,
         "exact_streamed": exact,
         "chosen": {"factory": cand.factory, **chosen},
-        "met": bool(tried[-1]["met"]),
+        "met": bool(best[3]),
         "tried": tried,
     }
     return index, cand.factory, params, record
