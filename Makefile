@@ -3,6 +3,7 @@
 #   make demo-long   the same, trained ~22 min on 2 CPU cores: long enough for search to find the product
 #   make faults   kill/resume campaign (not in the default suite)
 #   make test   install into .venv and run the default test suite
+#   make bench-scale   the catalogue-scale benchmark (100k and 1M x 256 embeddings; about 15 min on 2 cores)
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo demo-long clean-demo faults
+.PHONY: install test test-all lint demo demo-long clean-demo faults bench-scale
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,6 +47,9 @@ demo: install
 demo-long: install
 	$(BIN)/python -m retrieval demo --config configs/demo_long.yaml --classes 2700 --train-classes 2400 \
 		--query-views 2 --out runs/demo-long
+
+bench-scale: install
+	$(BIN)/python -m bench.scale --out bench-out/scale
 
 clean-demo:
 	rm -rf runs/demo runs/demo-long

@@ -1,26 +1,30 @@
 """Embedding a split rank-sharded, and the embeddings set: the artifact every later step reads.
 
-An :class:`EmbeddingSet` is one folder, written and read only here::
+An :class:`EmbeddingSet` is one folder, written and read only through this class (its files are named in
+:mod:`retrieval.embedding_store`, which nobody else imports)::
 
-    embeddings.npy      N x d float32 (or float16), rows ordered by image id
+    embeddings.npy      N x d float32 (or float16), rows ordered by image id     (merged layout)
     ids.npy labels.npy super_labels.npy    N int64 each
     paths.json          N image paths as the shards recorded them
+    parts.json, parts/  the same rows as parts written by each rank while it embeds  (parted layout)
     meta.json           provenance: model, model_sha256 (of its weights), untrained, shards, split, input spec,
                         count, dim, dtype, skipped, world size, seconds, images/s; written last, so a folder
                         without it is incomplete
 
-``retrieval embed`` writes one per rank under ``OUT/parts/part-<rank>/`` and rank 0 merges them into ``OUT``;
-``eval``, ``index build``, ``report`` and ``search`` load it. An index folder keeps the same catalogue columns
-without the vectors (``save(..., vectors=False)``).
+``retrieval embed`` streams each rank's rows into parts (:meth:`EmbeddingSet.writer`: memory bounded by one
+part whatever the split's size) and rank 0 ties them with a manifest (``--merge``: one file per column instead).
+``eval``, ``index build``, ``report`` and ``search`` load either layout; a parted one is memory-mapped and
+presented ordered by image id, as a merged one. An index folder keeps the same catalogue columns without the
+vectors (``save(..., vectors=False)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,26 +34,31 @@ import torch
 from tqdm import tqdm
 
 from retrieval import dist
+from retrieval import embedding_store as store
 from retrieval.config import Config, ModelConfig
 from retrieval.config_io import load_config
 from retrieval.data.loader import Reader, eval_loader
+from retrieval.embedding_store import PartedVectors
 from retrieval.errors import UserError
 from retrieval.export import load_exported, read_input_spec, resolve_export
 from retrieval.models import InputSpec, build_model, initial_model
 from retrieval.runs import RunFolder
-from retrieval.util import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("ids", "labels", "super_labels")  # int64 columns beside the vectors
-META = "meta.json"
+COLUMNS = store.COLUMNS
 
 
 @dataclass
 class EmbeddingSet:
-    """Vectors with their image ids, classes, super classes, paths and provenance (``meta``)."""
+    """Vectors with their image ids, classes, super classes, paths and provenance (``meta``).
 
-    embeddings: np.ndarray
+    ``embeddings`` is an array (merged layout, or a set built in memory) or, for a parted folder, a
+    :class:`~retrieval.embedding_store.PartedVectors` over the memory-mapped parts: index it by rows, stream
+    it with :meth:`blocks`, or take one float32 copy with :meth:`vectors32`.
+    """
+
+    embeddings: np.ndarray | PartedVectors
     ids: np.ndarray
     labels: np.ndarray
     super_labels: np.ndarray
@@ -72,61 +81,90 @@ class EmbeddingSet:
 
     # ----------------------------------------------------------------------------------- write
     def save(self, folder: str | Path, dtype: str = "float32", vectors: bool = True) -> Path:
-        """Write the set into ``folder`` (each file atomically, ``meta.json`` last); ``vectors=False`` writes the
-        catalogue columns only (an index folder)."""
+        """Write the set in the merged layout into ``folder`` (each file atomically, ``meta.json`` last);
+        ``vectors=False`` writes the catalogue columns only (an index folder)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        arrays = {k: getattr(self, k).astype(np.int64) for k in COLUMNS}
+        vecs = None
         if vectors:
-            arrays["embeddings"] = self.embeddings.astype(np.float16 if dtype == "float16" else np.float32)
-        for name, array in arrays.items():
-            with atomic_path(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, array)
-        write_atomic(folder / "paths.json", json.dumps(self.paths))
+            vecs = np.asarray(self.embeddings, dtype=np.float16 if dtype == "float16" else np.float32)
         meta = {**self.meta, "count": len(self), "dim": self.dim, "dtype": dtype if vectors else None}
-        write_atomic(folder / META, json.dumps(meta, indent=1) + "\n")
+        columns = {k: getattr(self, k) for k in store.COLUMNS}
+        store.write_folder(folder, vecs, columns, self.paths, meta)
         return folder
+
+    @staticmethod
+    def writer(folder: str | Path, rank: int, rows_per_part: int = store.BLOCK_ROWS, dtype: str = "float32"):
+        """A :class:`~retrieval.embedding_store.PartWriter`: one rank's rows streamed into parts of ``folder``."""
+        return store.PartWriter(Path(folder), rank, rows_per_part, dtype)
+
+    @staticmethod
+    def finish_parts(folder: str | Path, world: int, dim: int, dtype: str = "float32") -> dict:
+        """Once every rank closed its writer: tie the parts with their manifest; returns the ranks' summed count,
+        skipped and seconds. The folder is complete only after :meth:`write_meta` (check the count first)."""
+        return store.finish_parts(Path(folder), world, dim, dtype)
+
+    @staticmethod
+    def write_meta(folder: str | Path, meta: dict[str, Any], count: int, dim: int, dtype: str = "float32") -> None:
+        """``meta.json`` of a parted folder, written last."""
+        store.write_meta(Path(folder), {**meta, "count": count, "dim": dim, "dtype": dtype})
+
+    @staticmethod
+    def drop_parts(folder: str | Path) -> None:
+        store.drop_parts(Path(folder))
 
     # ------------------------------------------------------------------------------------ read
     @staticmethod
     def is_folder(folder: str | Path) -> bool:
-        return (Path(folder) / META).is_file() and (Path(folder) / "ids.npy").is_file()
+        return store.is_folder(Path(folder))
+
+    @staticmethod
+    def has_vectors(folder: str | Path) -> bool:
+        return store.has_vectors(Path(folder))
 
     @classmethod
     def load(cls, folder: str | Path, vectors: bool = True, mmap: bool = False) -> EmbeddingSet:
-        """Read and validate a folder written by :meth:`save`; every problem names the file and what was expected.
+        """Read and validate a folder (either layout); every problem names the file and what was expected.
 
-        ``mmap`` maps the vectors instead of reading them (the report reads a dozen rows of them).
-        Non-finite vectors are refused: a metric or an index over NaN is a silent wrong result.
+        ``mmap`` maps the vectors instead of reading them (the report reads a dozen rows of them); a parted
+        folder is always mapped. Non-finite vectors are refused: a metric or an index over NaN is a silent
+        wrong result.
         """
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"{folder}: not a folder (expected an embeddings folder written by `retrieval embed`)")
-        meta = _read_json(folder / META, "the provenance written last by `retrieval embed`")
-        columns = {k: _load_array(folder / f"{k}.npy", mmap=False) for k in COLUMNS}
+        if (folder / store.MANIFEST).is_file():
+            emb, columns, paths, meta = store.read_parted(folder, vectors)
+            return cls(emb, columns["ids"], columns["labels"], columns["super_labels"], paths, meta)
+        columns, paths, meta = store.read_columns(folder)
         n = len(columns["ids"])
-        for name, array in columns.items():
-            if array.ndim != 1 or len(array) != n or not np.issubdtype(array.dtype, np.integer):
-                raise UserError(f"{folder / name}.npy: expected {n} integers (one per image), got {array.shape}")
         emb = np.zeros((n, 0), np.float32)  # without vectors: no memory for them (an index folder of millions)
         if vectors:
-            emb = _check_vectors(folder / "embeddings.npy", _load_array(folder / "embeddings.npy", mmap), n)
-        paths = _read_json(folder / "paths.json", "one image path per row") if (folder / "paths.json").is_file() else []
-        if not isinstance(paths, list) or (paths and len(paths) != n):
-            raise UserError(f"{folder / 'paths.json'}: expected a list of {n} paths")
-        ints = {k: v.astype(np.int64) for k, v in columns.items()}
-        return cls(emb, ints["ids"], ints["labels"], ints["super_labels"], paths, meta)
+            path = folder / store.VECTORS
+            emb = store.check_vectors(path, store.load_array(path, mmap), n)
+        return cls(emb, columns["ids"], columns["labels"], columns["super_labels"], paths, meta)
 
     def vectors32(self) -> np.ndarray:
-        """The vectors as contiguous float32 (a copy only when stored as float16 or memory-mapped)."""
+        """The vectors as contiguous float32 (a copy only when stored as float16, memory-mapped or parted)."""
+        if isinstance(self.embeddings, PartedVectors):
+            return self.embeddings.materialize()
         return np.ascontiguousarray(self.embeddings, dtype=np.float32)
+
+    def blocks(self, rows: int = store.BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(image ids, float32 vectors)`` blocks covering every row once: for consumers that stream
+        (an index build adds rows without holding all vectors twice)."""
+        if isinstance(self.embeddings, PartedVectors):
+            for set_rows, block in self.embeddings.blocks(rows):
+                yield self.ids[set_rows], block
+            return
+        for s0 in range(0, len(self), rows):
+            yield self.ids[s0 : s0 + rows], np.ascontiguousarray(self.embeddings[s0 : s0 + rows], dtype=np.float32)
 
     # ----------------------------------------------------------------------------------- merge
     @classmethod
     def merge(cls, parts: list[EmbeddingSet]) -> EmbeddingSet:
         """Concatenate rank parts ordered by image id; duplicate ids are a bug upstream, so they raise."""
         emb = np.concatenate([p.embeddings for p in parts])
-        cols = {k: np.concatenate([getattr(p, k) for p in parts]) for k in COLUMNS}
+        cols = {k: np.concatenate([getattr(p, k) for p in parts]) for k in store.COLUMNS}
         paths = [x for p in parts for x in p.paths]
         order = np.argsort(cols["ids"], kind="stable")
         ids = cols["ids"][order]
@@ -140,37 +178,6 @@ class EmbeddingSet:
         return cls(emb[order], ids, cols["labels"][order], cols["super_labels"][order], [paths[i] for i in order], meta)
 
 
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise UserError(f"{path}: not found ({what}); is {path.parent} a complete `retrieval embed` output?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-
-
-def _load_array(path: Path, mmap: bool) -> np.ndarray:
-    if not path.is_file():
-        raise UserError(f"{path}: file not found (an embeddings folder holds embeddings.npy, ids.npy, labels.npy)")
-    try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npy array ({e})") from e
-
-
-def _check_vectors(path: Path, emb: np.ndarray, n: int, chunk: int = 65536) -> np.ndarray:
-    if emb.ndim != 2 or emb.shape[0] != n or (n and emb.shape[1] < 1):
-        raise UserError(f"{path}: expected shape ({n}, d) (one row per id), got {emb.shape}")
-    if not np.issubdtype(emb.dtype, np.floating):
-        raise UserError(f"{path}: expected float32/float16 values, got {emb.dtype}")
-    for start in range(0, n, chunk):  # chunked: a memory-mapped set is never read whole for this
-        bad = ~np.isfinite(emb[start : start + chunk]).all(1)
-        if bad.any():
-            first = start + int(np.flatnonzero(bad)[0])
-            raise UserError(f"{path}: rows contain NaN or inf (first: row {first}); the model that wrote them diverged")
-    return emb
-
-
 # ---------------------------------------------------------------------------------------------
 # Embedding a split
 
@@ -182,7 +189,21 @@ def autocast(device: torch.device, mixed_precision: str):
     return torch.autocast("cuda", dtype=dtype)
 
 
-@torch.no_grad()
+def _embedded_batches(
+    model: torch.nn.Module, loader, device: torch.device, mixed_precision: str, split: str, counts: dict
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], list[str]]]:
+    """``(vectors, columns, paths)`` per batch; ``counts["skipped"]`` accumulates undecodable images."""
+    model.eval()
+    for batch in tqdm(loader, desc=f"embed {split}", disable=not dist.is_main(), unit="batch"):
+        counts["skipped"] += int(batch.get("skipped", 0))
+        if len(batch["label"]) == 0:
+            continue
+        with torch.no_grad(), autocast(device, mixed_precision):
+            emb = model(batch["image"].to(device, non_blocking=True))
+        columns = {"ids": batch["image_id"], "labels": batch["label"], "super_labels": batch["super_label"]}
+        yield emb.float().cpu().numpy(), {k: v.numpy() for k, v in columns.items()}, list(batch["path"])
+
+
 def embed_split(
     model: torch.nn.Module,
     shards: str,
@@ -192,27 +213,32 @@ def embed_split(
     num_workers: int,
     device: torch.device,
     mixed_precision: str = "no",
+    writer: store.PartWriter | None = None,
 ) -> EmbeddingSet:
-    """This rank's share of ``split`` (its ``meta`` holds ``skipped``, ``seconds``, ``count``)."""
-    model.eval()
+    """This rank's share of ``split`` (its ``meta`` holds ``skipped``, ``seconds``, ``count``).
+
+    With ``writer`` (:meth:`EmbeddingSet.writer`) the rows go to parts on disk as they come and the returned set
+    holds no rows (only its ``meta``): memory stays one part whatever the split's size. Without, they are
+    gathered in memory (validation during training).
+    """
     loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), dist.world_size()))
+    dim = int(getattr(model, "embed_dim", 0))
     out: dict[str, list] = {k: [] for k in ("embeddings", *COLUMNS)}
     paths: list[str] = []
-    skipped, start = 0, time.perf_counter()
-    for batch in tqdm(loader, desc=f"embed {split}", disable=not dist.is_main(), unit="batch"):
-        skipped += int(batch.get("skipped", 0))
-        if len(batch["label"]) == 0:
+    counts, start, rows = {"skipped": 0}, time.perf_counter(), 0
+    for vectors, columns, batch_paths in _embedded_batches(model, loader, device, mixed_precision, split, counts):
+        rows += len(vectors)
+        if writer is not None:
+            writer.add(vectors, columns, batch_paths)
             continue
-        with autocast(device, mixed_precision):
-            emb = model(batch["image"].to(device, non_blocking=True))
-        out["embeddings"].append(emb.float().cpu().numpy())
-        out["ids"].append(batch["image_id"].numpy())
-        out["labels"].append(batch["label"].numpy())
-        out["super_labels"].append(batch["super_label"].numpy())
-        paths.extend(batch["path"])
-    dim = int(getattr(model, "embed_dim", 0))
+        out["embeddings"].append(vectors)
+        for k in COLUMNS:
+            out[k].append(columns[k])
+        paths.extend(batch_paths)
+    meta = {"skipped": counts["skipped"], "seconds": time.perf_counter() - start, "count": rows}
+    if writer is not None:
+        writer.close(meta)
     arrays = {k: np.concatenate(v) if v else _empty(k, dim) for k, v in out.items()}
-    meta = {"skipped": skipped, "seconds": time.perf_counter() - start, "count": len(paths)}
     return EmbeddingSet(arrays["embeddings"], arrays["ids"], arrays["labels"], arrays["super_labels"], paths, meta)
 
 

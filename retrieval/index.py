@@ -17,6 +17,7 @@ columns without the vectors (ids, labels, super labels, paths, meta), so searche
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -72,49 +73,65 @@ def place(index: faiss.Index, gpus: list[int], shard: bool) -> faiss.Index:
 
 
 # ------------------------------------------------------------------------------------------------ build
-def _set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
+def set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
+    """IVF ``nprobe`` (capped at nlist) and HNSW ``efSearch`` of a CPU index (IDMap-wrapped or not) or its GPU form."""
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None and nprobe:
         ivf.nprobe = min(nprobe, ivf.nlist)
+    elif nprobe and hasattr(faiss, "GpuParameterSpace"):  # placed on GPU(s): the GPU parameter space reaches it
+        with contextlib.suppress(RuntimeError):
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     if isinstance(inner, faiss.IndexHNSW) and ef_search:
         inner.hnsw.efSearch = ef_search
 
 
-def build_index(
-    embeddings: np.ndarray,
-    ids: np.ndarray,
-    factory: str = "Flat",
-    train_sample: int = 100_000,
-    gpus: list[int] | None = None,
-    shard: bool = False,
-    seed: int = 0,
-) -> faiss.Index:
-    """Train (on a sample) and fill ``IndexIDMap2(index_factory(d, factory, IP))``; returns the CPU form."""
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+def make_base(d: int, factory: str) -> faiss.Index:
     try:
-        base = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise UserError(f"--factory {factory!r}: not a Faiss factory string ({str(e).splitlines()[0]})") from None
-    if not base.is_trained:
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(len(x), size=min(train_sample, len(x)), replace=False))
-        t0 = time.perf_counter()
-        placed = place(base, gpus or [], shard=False)  # training wants the whole sample on one device
-        try:
-            placed.train(x[rows])
-        except RuntimeError as e:
-            msg = str(e).splitlines()[0]
-            raise UserError(f"--factory {factory!r}: training on {len(rows)} vectors failed ({msg})") from None
-        if placed is not base:
-            base = faiss.index_gpu_to_cpu(placed)
-        log.info("index: trained %s on %d vectors in %.1f s", factory, len(rows), time.perf_counter() - t0)
+
+
+def train_base(base: faiss.Index, sample: np.ndarray, factory: str, gpus: list[int] | None = None) -> faiss.Index:
+    """Train ``base`` on ``sample`` when it needs training (IVF, PQ); on GPU when placed there. Returns the CPU form."""
+    if base.is_trained:
+        return base
+    t0 = time.perf_counter()
+    placed = place(base, gpus or [], shard=False)  # training wants the whole sample on one device
+    try:
+        placed.train(np.ascontiguousarray(sample, dtype=np.float32))
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        raise UserError(f"--factory {factory!r}: training on {len(sample)} vectors failed ({msg})") from None
+    if placed is not base:
+        base = faiss.index_gpu_to_cpu(placed)
+    log.info("index: trained %s on %d vectors in %.1f s", factory, len(sample), time.perf_counter() - t0)
+    return base
+
+
+def sample_rows(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``size`` distinct rows of ``n``, sorted (a sorted gather reads memory-mapped parts in order)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
+
+
+def fill(base: faiss.Index, es: EmbeddingSet) -> faiss.Index:
+    """``IndexIDMap2(base)`` with every row of ``es`` added block by block (never all vectors twice)."""
     index = faiss.IndexIDMap2(base)
-    index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+    for ids, block in es.blocks():
+        index.add_with_ids(block, np.ascontiguousarray(ids, dtype=np.int64))
     return index
 
 
-def _default_params(factory: str) -> dict[str, int]:
+def build_index(es: EmbeddingSet, factory: str = "Flat", train_sample: int = 100_000, gpus=None, seed: int = 0):
+    """Train (on a sample) and fill ``IndexIDMap2(index_factory(d, FACTORY, IP))``; returns the CPU form."""
+    base = make_base(es.dim, factory)
+    if not base.is_trained:
+        base = train_base(base, es.embeddings[sample_rows(len(es), train_sample, seed)], factory, gpus)
+    return fill(base, es)
+
+
+def default_params(factory: str) -> dict[str, int]:
     """Search parameters stored in index.json; searches may override them."""
     params = {}
     if "IVF" in factory.upper():
@@ -122,6 +139,35 @@ def _default_params(factory: str) -> dict[str, int]:
     if "HNSW" in factory.upper():
         params["ef_search"] = 128
     return params
+
+
+def load_embeddings(embeddings_dir: Path) -> EmbeddingSet:
+    es = EmbeddingSet.load(embeddings_dir)
+    if len(np.unique(es.ids)) != len(es):
+        raise UserError(f"{embeddings_dir}/ids.npy: ids must be unique")
+    return es
+
+
+def save_folder(out: Path, index: faiss.Index, es: EmbeddingSet, info: dict[str, Any]) -> dict[str, Any]:
+    """``index.faiss``, the catalogue columns, then ``index.json`` (with provenance added to ``info``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / INDEX_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
+    es.save(out, vectors=False)
+    info = {
+        "dim": es.dim,
+        "metric": "inner_product",
+        "count": int(index.ntotal),
+        **info,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": es.meta.get("model"),
+        "untrained": bool(es.meta.get("untrained")),
+        "model_sha256": es.meta.get("model_sha256"),  # search refuses a model with other weights
+        "faiss_version": faiss.__version__,
+    }
+    write_atomic(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
+    log.info("index: %s over %d x %d written to %s", info["factory"], len(es), es.dim, out)
+    return info
 
 
 def build_folder(
@@ -133,37 +179,20 @@ def build_folder(
     train_sample: int = 100_000,
 ) -> dict[str, Any]:
     """Build and save ``index.faiss`` + ``index.json`` with the catalogue columns; returns index.json's content."""
-    es = EmbeddingSet.load(embeddings_dir)
-    if len(np.unique(es.ids)) != len(es):
-        raise UserError(f"{embeddings_dir}/ids.npy: ids must be unique")
+    es = load_embeddings(embeddings_dir)
     gpus = parse_gpus(gpu)
     t0 = time.perf_counter()
-    index = build_index(es.vectors32(), es.ids, factory, train_sample, gpus, shard)
-    seconds = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / INDEX_FILE) as tmp:
-        faiss.write_index(index, str(tmp))
-    es.save(out, vectors=False)
+    index = build_index(es, factory, train_sample, gpus)
     info = {
-        "dim": es.dim,
-        "metric": "inner_product",
-        "count": int(index.ntotal),
         "factory": factory,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "embeddings": str(embeddings_dir),
-        "model": es.meta.get("model"),
-        "untrained": bool(es.meta.get("untrained")),
-        "model_sha256": es.meta.get("model_sha256"),  # search refuses a model with other weights
         "gpus": gpus,
         "shard": shard,
         "train_sample": min(train_sample, len(es)),
-        "build_seconds": round(seconds, 3),
-        "faiss_version": faiss.__version__,
-        "search_params": _default_params(factory),
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "search_params": default_params(factory),
     }
-    write_atomic(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
-    log.info("index: %s over %d x %d written to %s in %.1f s", factory, len(es), es.dim, out, seconds)
-    return info
+    return save_folder(out, index, es, info)
 
 
 # ----------------------------------------------------------------------------------------- load/search
@@ -189,8 +218,15 @@ class IndexFolder:
         info = json.loads((folder / INFO_FILE).read_text())
         index = faiss.read_index(str(folder / INDEX_FILE))
         params = info.get("search_params", {})
-        _set_search_params(index, params.get("nprobe"), params.get("ef_search"))
+        set_search_params(index, params.get("nprobe"), params.get("ef_search"))
         return cls(folder, place(index, parse_gpus(gpu), shard), info, EmbeddingSet.load(folder, vectors=False))
+
+    def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Override the search parameters index.json holds (IVF ``nprobe``, HNSW ``efSearch``) for later searches."""
+        for name, value in (("--nprobe", nprobe), ("--ef", ef_search)):
+            if value is not None and value < 1:
+                raise UserError(f"{name}: expected a positive integer, got {value}")
+        set_search_params(self.index, nprobe, ef_search)
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ``(scores, image ids)`` of each query row; id -1 pads when the index holds fewer than k."""
@@ -204,7 +240,9 @@ class IndexFolder:
     def rows(self, image_ids: np.ndarray) -> np.ndarray:
         """Catalogue rows of ``image_ids`` (-1 where an id is not in the catalogue, e.g. the -1 padding)."""
         ids = self.catalogue.ids
-        order = np.argsort(ids, kind="stable")
+        # an embeddings set keeps its rows ordered by id (both layouts): a binary search, no O(N log N) sort per call
+        ordered = bool(len(ids) < 2 or ids[0] < ids[-1]) and bool((ids[1:] > ids[:-1]).all())
+        order = None if ordered else np.argsort(ids, kind="stable")
         pos = np.clip(np.searchsorted(ids, image_ids, sorter=order), 0, max(len(ids) - 1, 0))
-        rows = order[pos] if len(ids) else np.full(np.shape(image_ids), -1)
+        rows = (pos if order is None else order[pos]) if len(ids) else np.full(np.shape(image_ids), -1)
         return np.where(len(ids) and ids[rows] == image_ids, rows, -1)

@@ -50,7 +50,7 @@ class EvalFolder:
 
     @property
     def has_embeddings(self) -> bool:
-        return EmbeddingSet.is_folder(self.path) and (self.path / "embeddings.npy").is_file()
+        return EmbeddingSet.has_vectors(self.path)
 
     @property
     def training(self) -> str:

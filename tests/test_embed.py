@@ -48,6 +48,7 @@ def untrained_single(synth_shards, tmp_path_factory) -> Path:
                 "2",
                 "--batch-size",
                 "16",
+                "--merge",
             ]
         )
         == 0
@@ -68,7 +69,9 @@ def test_single_process_embeds_every_image_once(untrained_single, synth_shards):
 
 
 @pytest.mark.dist
-def test_two_ranks_merge_to_the_same_arrays(untrained_single, synth_shards, tmp_path):
+def test_two_ranks_parts_read_back_as_the_merged_arrays(untrained_single, synth_shards, tmp_path):
+    """2 real processes stream their rows into parts (a part every 16 rows); the parted folder reads back
+    identical to the merged one written by a single process with --merge."""
     out = tmp_path / "emb2"
     run(
         accelerate_cmd(
@@ -88,14 +91,20 @@ def test_two_ranks_merge_to_the_same_arrays(untrained_single, synth_shards, tmp_
                 "1",
                 "--batch-size",
                 "16",
+                "--part-rows",
+                "16",
             ],
         )
     )
     two, one = EmbeddingSet.load(out), EmbeddingSet.load(untrained_single)
-    assert two.meta["world_size"] == 2
+    assert two.meta["world_size"] == 2 and two.meta["layout"] == "parts" and one.meta["layout"] == "merged"
+    manifest = json.loads((out / "parts.json").read_text())
+    assert {p["name"][:6] for p in manifest["parts"]} == {"r00000", "r00001"} and len(manifest["parts"]) > 2
+    assert not (out / "embeddings.npy").exists() and EmbeddingSet.has_vectors(out)
     for name in ("ids", "labels", "super_labels"):
         assert np.array_equal(getattr(two, name), getattr(one, name)), name
-    np.testing.assert_allclose(two.embeddings, one.embeddings, atol=1e-5)
+    np.testing.assert_allclose(two.vectors32(), one.embeddings, atol=1e-5)
+    np.testing.assert_allclose(two.embeddings[[5, 0, 3]], one.embeddings[[5, 0, 3]], atol=1e-5)
     assert two.paths == one.paths
 
 

@@ -63,6 +63,12 @@ def test_table_output_and_bad_image(index_dir, synth_shards, tmp_path, capsys):
     paths = json.loads((index_dir / "paths.json").read_text())
     assert main(["search", "--index", str(index_dir), "--image", str(_sop_root(synth_shards) / paths[0])]) == 0
     assert "rank" in capsys.readouterr().out
+    first = str(_sop_root(synth_shards) / paths[0])
+    assert (
+        main(["search", "--index", str(index_dir), "--image", first, "--nprobe", "8", "--ef", "64"]) == 0
+    )  # no-op on Flat
+    assert main(["search", "--index", str(index_dir), "--image", first, "--nprobe", "0"]) == 2
+    assert "--nprobe: expected a positive integer" in capsys.readouterr().err
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     assert main(["search", "--index", str(index_dir), "--image", str(bad)]) == 2

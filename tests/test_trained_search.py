@@ -92,7 +92,7 @@ def test_new_photos_find_their_product_after_training(world, capsys):
 
 def test_trained_metrics_agree_with_pml(world):
     trained = EmbeddingSet.load(world["emb-trained"])
-    emb, labels = trained.embeddings, trained.labels
+    emb, labels = trained.vectors32(), trained.labels
     ours = evaluate.retrieval_metrics(emb, labels)
     calc = AccuracyCalculator(
         include=("precision_at_1", "r_precision", "mean_average_precision_at_r"), k="max_bin_count"
@@ -102,7 +102,7 @@ def test_trained_metrics_agree_with_pml(world):
     assert abs(ours["recall@1"] - ref["precision_at_1"]) < 1e-6
     assert abs(ours["r_precision"] - ref["r_precision"]) < 1e-6
     assert abs(ours["map@r"] - ref["mean_average_precision_at_r"]) < 1e-6
-    untrained = evaluate.retrieval_metrics(EmbeddingSet.load(world["emb-untrained"]).embeddings, labels)
+    untrained = evaluate.retrieval_metrics(EmbeddingSet.load(world["emb-untrained"]).vectors32(), labels)
     # MAP@R over the whole test split (~500 queries, a steadier statistic than 200 photos' top hits):
     # untrained 0.0073; trained MAPR_SPREAD over seeds 0-4
     assert ours["map@r"] >= 2 * untrained["map@r"], (ours["map@r"], untrained["map@r"], machine())

@@ -3,6 +3,7 @@
     retrieval search --index runs/sop/index --image query.jpg --k 10
     retrieval search --index runs/sop/index --image query.jpg --json     # for machines
     retrieval search --index runs/sop/index --queries data/synth/queries.txt --k 10
+    retrieval search --index runs/sop/index --image query.jpg --nprobe 64     # override index.json's setting
 
 ``--queries`` takes an SOP-format list (``image_id class_id super_class_id path``, paths relative to the
 list's folder; ``synth-sop --query-views N`` writes one of new photos of the test products). Its class ids
@@ -29,13 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="query images embedded per forward pass")
     p.add_argument("--force", action="store_true", help="search with a --model other than the index's own")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched (default: index.json's, tuned by --factory auto)")
+    p.add_argument("--ef", type=int, help="HNSW efSearch (default: index.json's)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.batch_size < 1:
         raise UserError(f"--k and --batch-size: expected positive integers, got {args.k} and {args.batch_size}")
     images, classes = read_queries(args.queries) if args.queries else (args.image, None)
-    results = Searcher(args.index, args.model, args.batch_size, force=args.force).search(images, args.k)
+    searcher = Searcher(args.index, args.model, args.batch_size, force=args.force)
+    searcher.index.set_params(nprobe=args.nprobe, ef_search=args.ef)
+    results = searcher.search(images, args.k)
     summary = None
     if classes is not None:
         for res, c in zip(results, classes, strict=True):

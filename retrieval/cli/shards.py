@@ -2,6 +2,7 @@
 
     retrieval shards build --sop-root /data/Stanford_Online_Products --out /data/sop-shards --workers 16
     retrieval shards build --manifest catalogue.csv --out shards/out
+    retrieval shards build --inshop-root "/data/In-shop Clothes Retrieval Benchmark" --out /data/inshop-shards
     retrieval shards verify shards/out
 
 The layout and the builder are documented in :mod:`retrieval.data.shards`.
@@ -14,7 +15,7 @@ import os
 
 from retrieval.data.shard_writer import verify
 from retrieval.data.shards import build, merge_stats, parse_part
-from retrieval.data.sop import ON_MISSING, SPLITS
+from retrieval.data.sop import ON_MISSING
 
 
 def _classes_arg(text: str) -> int | float:
@@ -27,9 +28,10 @@ def _classes_arg(text: str) -> int | float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
-    b = sub.add_parser("build", help="write DIR/{train,val,test}-NNNNNN.tar, stats.json, sizes.json")
+    b = sub.add_parser("build", help="write DIR/{train,val,test or query,gallery}-NNNNNN.tar, stats.json, sizes.json")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--sop-root", help="Stanford_Online_Products root (Ebay_train.txt, Ebay_test.txt)")
+    src.add_argument("--inshop-root", help="In-Shop Clothes root (list_eval_partition.txt): train/val/query/gallery")
     src.add_argument("--manifest", help="CSV/TSV path,label[,group]; paths relative to the manifest's folder")
     src.add_argument("--image-folder", help="ImageFolder tree: one subfolder per class")
     b.add_argument("--out", required=True, help="output folder")
@@ -65,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # `shards build` options passed to data.shards.build as they are (--part is parsed first)
-BUILD_OPTIONS = ("out", "sop_root", "manifest", "image_folder", "workers", "max_side", "quality", "shard_size")
-BUILD_OPTIONS += ("val_classes", "test_classes", "seed", "on_missing")
+BUILD_OPTIONS = ("out", "sop_root", "inshop_root", "manifest", "image_folder", "workers", "max_side", "quality")
+BUILD_OPTIONS += ("shard_size", "val_classes", "test_classes", "seed", "on_missing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         f"verify: {args.dir}: ok, "
         + ", ".join(
             f"{s} {stats[s]['samples']} samples / {stats[s]['classes']} classes / {stats[s]['shards']} shards"
-            for s in SPLITS
+            for s in stats
+            if s != "config"
         )
     )
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from retrieval.data.sop import SPLITS, Record
+from retrieval.data.sop import EVAL_SPLITS, Record
 from retrieval.errors import UserError
 from retrieval.util import atomic_path
 
@@ -255,9 +255,9 @@ def _check_split(split: str, rows_by_shard: dict[str, list[tuple[int, int]]]) ->
     ids = [i for rows in rows_by_shard.values() for i, _ in rows]
     if len(set(ids)) != len(ids):
         problems.append(f"{split}: {len(ids) - len(set(ids))} duplicate image_id(s)")
-    if split == "test":
+    if split in EVAL_SPLITS:
         if ids != sorted(ids):
-            problems.append("test: samples are not in image_id order")
+            problems.append(f"{split}: samples are not in image_id order")
         return problems
     home: dict[int, str] = {}
     for name, rows in rows_by_shard.items():
@@ -279,8 +279,9 @@ def verify(out: str | Path, workers: int = 1) -> tuple[list[str], dict]:
     if stats is None or sizes is None:
         raise UserError(f"{out}: stats.json or sizes.json missing or unreadable; build (or merge-stats) first")
     problems: list[str] = []
-    names = {split: sorted(p.name for p in out.glob(f"{split}-*.tar")) for split in SPLITS}
-    jobs = [(out / name, split) for split in SPLITS for name in names[split]]
+    splits = [s for s in stats if s != "config"]
+    names = {split: sorted(p.name for p in out.glob(f"{split}-*.tar")) for split in splits}
+    jobs = [(out / name, split) for split in splits for name in names[split]]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(check_shard, *zip(*jobs, strict=True))) if jobs else []
@@ -288,7 +289,7 @@ def verify(out: str | Path, workers: int = 1) -> tuple[list[str], dict]:
         results = [check_shard(path, split) for path, split in tqdm(jobs, unit="shard", desc="verify", disable=None)]
     found = {path.name: res for (path, _), res in zip(jobs, results, strict=True)}
     class_sets = {}
-    for split in SPLITS:
+    for split in splits:
         expected = stats.get(split, {})
         planned = expected.get("shard_samples", {})
         if sorted(planned) != names[split]:
@@ -311,7 +312,8 @@ def verify(out: str | Path, workers: int = 1) -> tuple[list[str], dict]:
                 f"{split}: {n} samples / {len(class_sets[split])} classes on disk, stats.json says "
                 f"{expected.get('samples')} / {expected.get('classes')}"
             )
-    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+    pairs = [(a, b) for i, a in enumerate(splits) for b in splits[i + 1 :] if {a, b} != {"query", "gallery"}]
+    for a, b in pairs:  # In-Shop's query and gallery share their classes: that is the protocol
         if class_sets[a] & class_sets[b]:
             problems.append(
                 f"{a} and {b} share {len(class_sets[a] & class_sets[b])} class(es); splits must be class-disjoint"

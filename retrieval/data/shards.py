@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from retrieval.data.inshop import load_inshop
 from retrieval.data.shard_writer import ShardJob, read_json, sidecar_path, write_shard
-from retrieval.data.sop import SPLITS, Catalogue, Record, load_catalogue
+from retrieval.data.sop import ALL_SPLITS, EVAL_SPLITS, Catalogue, Record, load_catalogue
 from retrieval.errors import UserError
 
 # spawn, not fork: a fork of a process that already runs torch/OpenMP threads can hang in the child.
@@ -55,14 +56,14 @@ def plan_split(records: list[Record], split: str, shard_size: int, seed: int) ->
     Train/val: whole classes, in an order shuffled by (seed, split); a class larger than ``shard_size``
     gets a shard of its own (over the limit) rather than being cut. Test: image_id order.
     """
-    if split == "test":
+    if split in EVAL_SPLITS:
         ordered = sorted(records, key=lambda r: r.image_id)
         return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
     by_class: dict[int, list[Record]] = defaultdict(list)
     for rec in sorted(records, key=lambda r: r.image_id):
         by_class[rec.class_id].append(rec)
     class_ids = sorted(by_class)
-    order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(class_ids))
+    order = np.random.default_rng([seed, ALL_SPLITS.index(split)]).permutation(len(class_ids))
     shards: list[list[Record]] = [[]]
     for i in order:
         group = by_class[class_ids[i]]
@@ -79,9 +80,9 @@ def plan_split(records: list[Record], split: str, shard_size: int, seed: int) ->
 
 def plan_jobs(cat: Catalogue, out_dir: Path, options: dict) -> tuple[list[ShardJob], str]:
     """All shard jobs of a build, in split then index order, and the digest that identifies the plan."""
-    plans = {s: plan_split(cat.splits[s], s, options["shard_size"], options["seed"]) for s in SPLITS}
+    plans = {s: plan_split(cat.splits[s], s, options["shard_size"], options["seed"]) for s in cat.splits}
     h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **options}, sort_keys=True).encode())
-    for split in SPLITS:
+    for split in plans:
         for shard in plans[split]:
             h.update(json.dumps([split, [asdict(r) for r in shard]]).encode())
     digest = h.hexdigest()[:16]
@@ -96,7 +97,7 @@ def plan_jobs(cat: Catalogue, out_dir: Path, options: dict) -> tuple[list[ShardJ
             options["quality"],
             digest,
         )
-        for split in SPLITS
+        for split in plans
         for i, shard in enumerate(plans[split])
     ]
     return jobs, digest
@@ -172,7 +173,7 @@ def _claim(cat: Catalogue, out: Path, options: dict) -> list[ShardJob]:
         "digest": digest,
         "format": FORMAT_VERSION,
         "config": {"source": cat.source, **options},
-        "shards": {s: [j.name for j in jobs if j.split == s] for s in SPLITS},
+        "shards": {s: [j.name for j in jobs if j.split == s] for s in cat.splits},
         "catalogue_skipped": cat.skipped,
     }
     _claim_out_dir(out, plan)
@@ -194,6 +195,7 @@ def build(
     *,
     out: str | Path,
     sop_root: str | None = None,
+    inshop_root: str | None = None,
     manifest: str | None = None,
     image_folder: str | None = None,
     workers: int = 1,
@@ -213,22 +215,25 @@ def build(
             f"{quality}, {shard_size}"
         )
     t0 = time.perf_counter()
-    cat = load_catalogue(
-        sop_root=sop_root,
-        manifest=manifest,
-        image_folder=image_folder,
-        val_classes=val_classes,
-        test_classes=test_classes,
-        seed=seed,
-        on_missing=on_missing,
-    )
+    if inshop_root is not None:
+        cat = load_inshop(inshop_root, val_classes=val_classes, seed=seed, on_missing=on_missing)
+    else:
+        cat = load_catalogue(
+            sop_root=sop_root,
+            manifest=manifest,
+            image_folder=image_folder,
+            val_classes=val_classes,
+            test_classes=test_classes,
+            seed=seed,
+            on_missing=on_missing,
+        )
     out = Path(out)
     options = {  # everything that decides the shards' bytes: a rebuild with other options is refused
         "max_side": max_side,
         "quality": quality,
         "shard_size": shard_size,
         "val_classes": val_classes,
-        "test_classes": test_classes if cat.source["kind"] != "sop" else None,
+        "test_classes": test_classes if cat.source["kind"] not in ("sop", "inshop") else None,
         "seed": seed,
         "on_missing": on_missing,
     }
@@ -252,7 +257,7 @@ def merge_stats(out: str | Path) -> dict:
     if plan is None:
         raise UserError(f"{out}/.build/plan.json: not found; run `retrieval shards build ... --out {out}` first")
     missing, stats, sizes = [], {}, {}
-    for split in SPLITS:
+    for split in plan["shards"]:
         entry = {
             "samples": 0,
             "classes": 0,
@@ -287,7 +292,7 @@ def merge_stats(out: str | Path) -> dict:
     stats["config"] = {**plan["config"], "digest": plan["digest"], "format": plan["format"]}
     _write_json(out / "stats.json", stats)
     _write_json(out / "sizes.json", sizes)
-    for split in SPLITS:
+    for split in plan["shards"]:
         s = stats[split]
         log.info(
             "%s: %d samples, %d classes, %d shards, %.1f MB, %d skipped",

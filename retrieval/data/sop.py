@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
 SOP_FILES = {"train": "Ebay_train.txt", "test": "Ebay_test.txt"}
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # SOP, manifests, image folders
+INSHOP_SPLITS = ("train", "val", "query", "gallery")  # In-Shop: query images search the gallery
+ALL_SPLITS = ("train", "val", "test", "query", "gallery")
+EVAL_SPLITS = ("test", "query", "gallery")  # sharded in image_id order (train and val: whole classes)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 ON_MISSING = ("error", "skip")
 

@@ -1,0 +1,257 @@
+"""Index to a target: ``retrieval index build --factory auto --target-recall 0.95 --k 10 [--max-memory 8G]``.
+
+The candidates (:func:`candidates`) follow from the catalogue's size N, its dimension d and the memory budget:
+
+- N <= 20,000: ``Flat`` (exact; scanning this few vectors is already fast).
+- the vectors fit the budget (N x (4d + 16) bytes with ids): ``IVF{nlist},Flat`` (nlist ~ 4 sqrt(N), a power of
+  two, at most N / 39), then ``HNSW32`` (CPU only: no GPU form; N x (4d + 272) bytes, slow to build on few cores),
+  then ``Flat`` (always meets the target). On GPU(s) (``--gpu``, a Faiss with GPU support) IVF and Flat are
+  tuned in their GPU form.
+- they do not: ``IVF{nlist},PQ{m}``, the largest m (bytes per vector, dividing d) that fits.
+
+Each candidate is trained on a sample (``--train-sample`` rows), filled block by block from the embeddings' parts
+(never all vectors twice in memory), then tuned on held-out queries (rows set aside before the training sample is
+drawn, so none of them trained the centroids; each excludes itself from the answers) against their exact top-k:
+``nprobe`` (IVF) or ``efSearch`` (HNSW) doubles until recall@k reaches the target plus ``MARGIN`` (the queries are
+a sample: the margin keeps new queries above the target). The first candidate that meets it at ``MIN_SPEEDUP`` x the exact scan's queries/s or more is saved
+with that setting (else the next ones are tried too and the fastest that meets it wins: data without cluster
+structure can need nprobe near nlist); every tried setting's recall@k, ms/query and queries/s goes into
+``index.json`` under ``auto``, beside the exact search's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retrieval.embedding import EmbeddingSet
+from retrieval.errors import UserError
+from retrieval.index import (
+    fill,
+    load_embeddings,
+    make_base,
+    parse_gpus,
+    place,
+    save_folder,
+    set_search_params,
+    train_base,
+)
+
+log = logging.getLogger(__name__)
+
+SMALL_N = 20_000
+MARGIN = 0.01
+MIN_SPEEDUP = 2.0  # a candidate that meets the target at under 2x the exact scan's queries/s: try the next too
+HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    factory: str
+    param: str | None  # "nprobe" | "ef_search" | None (exact: nothing to tune)
+    values: tuple[int, ...]
+    bytes: int  # estimated memory of the filled index
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """``8G``, ``512M``, ``1.5T``, ``1000000`` -> bytes (binary units); None -> no budget."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if not m:
+        raise UserError(f"--max-memory: expected a size like 8G, 512M or 1.5T, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def nlist_for(n: int) -> int:
+    return int(max(16, min(2 ** round(math.log2(4 * math.sqrt(n))), n // 39, 65536)))
+
+
+def candidates(n: int, d: int, budget: int | None, gpu: bool = False) -> list[Candidate]:
+    """The indexes worth trying for ``n`` x ``d`` within ``budget`` bytes, most preferred first."""
+    flat = n * (4 * d + 16)
+    exact = Candidate("Flat", None, (), flat)
+    if n <= SMALL_N and (budget is None or flat <= budget):
+        return [exact]
+    nlist = nlist_for(n)
+    probes = tuple(2**i for i in range(int(math.log2(nlist)) + 1)) + ((nlist,) if nlist & (nlist - 1) else ())
+    if budget is None or flat <= budget:
+        out = [Candidate(f"IVF{nlist},Flat", "nprobe", probes, flat + nlist * d * 4)]
+        if not gpu:
+            out.append(Candidate("HNSW32", "ef_search", HNSW_EF, n * (4 * d + 32 * 2 * 4 + 16)))
+        return out + [exact]
+    for m in sorted({x for x in (d // 2, d // 4, d // 8, d // 16, 8, 4) if x >= 1 and d % x == 0}, reverse=True):
+        size = n * (m + 16) + nlist * d * 4
+        if size <= budget:
+            return [Candidate(f"IVF{nlist},PQ{m}", "nprobe", probes, size)]
+    raise UserError(f"--max-memory {budget} bytes: too small for {n} x {d} even as IVF-PQ with 4 bytes per vector")
+
+
+# ------------------------------------------------------------------------------------------ exact answers
+@dataclass
+class Probe:
+    """Held-out queries (rows of the set, each excluded from its own answers) and their exact top-k ids."""
+
+    ids: np.ndarray
+    x: np.ndarray
+    truth: np.ndarray
+    exact_seconds: float
+
+
+def drop_self(found: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
+    """From k+1 ids per row, the first k that are not the query's own id."""
+    order = np.argsort(found == qids[:, None], axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(found, order, 1)
+
+
+def exact_topk(es: EmbeddingSet, q: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k image ids (self excluded) by streaming the set's blocks: memory O(block + queries x k)."""
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    for ids, block in es.blocks():
+        kk = min(k + 1, len(block))
+        s, i = faiss.knn(q, block, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, ids[i]], 1)
+        top = np.argsort(-s, axis=1, kind="stable")[:, : k + 1]
+        best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
+    return drop_self(best_i, qids, k)
+
+
+def split_rows(n: int, queries: int, train_sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out query rows first (at most a tenth of the set), then training rows from the others only: a query
+    that trained the centroids sits closer to one than a new image would, and its recall reads too high."""
+    perm = np.random.default_rng(seed).permutation(n)
+    nq = max(1, min(queries, n // 10))
+    return np.sort(perm[:nq]), np.sort(perm[nq : nq + train_sample])
+
+
+def held_out(es: EmbeddingSet, k: int, rows: np.ndarray) -> Probe:
+    x = np.ascontiguousarray(es.embeddings[rows], dtype=np.float32)
+    t0 = time.perf_counter()
+    truth = exact_topk(es, x, es.ids[rows], k)
+    return Probe(es.ids[rows], x, truth, time.perf_counter() - t0)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's exact top-k found in its approximate top-k."""
+    return float((found[:, :, None] == truth[:, None, :]).any(2).mean())
+
+
+# ------------------------------------------------------------------------------------------------- tuning
+def tune(index: faiss.Index, cand: Candidate, probe: Probe, k: int, target: float) -> tuple[dict, list[dict], bool]:
+    """Try the candidate's settings cheapest first; stop at the first whose recall@k reaches target + MARGIN.
+
+    Returns the chosen trial (else the best one), every trial, and whether the target was met."""
+    trials: list[dict] = []
+    for value in cand.values or (None,):
+        set_search_params(
+            index, value if cand.param == "nprobe" else None, value if cand.param == "ef_search" else None
+        )
+        t0 = time.perf_counter()
+        _, found = index.search(probe.x, k + 1)
+        seconds = max(time.perf_counter() - t0, 1e-9)
+        recall = recall_at_k(drop_self(found, probe.ids, k), probe.truth)
+        trial = {f"recall@{k}": round(recall, 4), "ms_per_query": round(1e3 * seconds / len(probe.x), 4)}
+        trial = {**({cand.param: value} if cand.param else {}), **trial, "qps": round(len(probe.x) / seconds, 1)}
+        trials.append(trial)
+        log.info("index auto: %s %s", cand.factory, trial)
+        if recall >= min(1.0, target + MARGIN):
+            return trial, trials, True
+    return max(trials, key=lambda t: t[f"recall@{k}"]), trials, False
+
+
+def _better(chosen: dict, met: bool, best: tuple | None, k: int) -> bool:
+    """Among candidates that meet the target the fastest wins; before any meets it, the highest recall."""
+    if best is None:
+        return True
+    _, b_chosen, _, b_met = best
+    if met != b_met:
+        return met
+    return chosen["qps"] > b_chosen["qps"] if met else chosen[f"recall@{k}"] > b_chosen[f"recall@{k}"]
+
+
+def _build_candidate(es: EmbeddingSet, cand: Candidate, train_rows: np.ndarray, gpus: list[int]) -> tuple:
+    t0 = time.perf_counter()
+    base = make_base(es.dim, cand.factory)
+    if not base.is_trained:
+        base = train_base(base, es.embeddings[train_rows], cand.factory, gpus)
+    trained = time.perf_counter()
+    index = fill(base, es)
+    timing = {"train_seconds": round(trained - t0, 3), "add_seconds": round(time.perf_counter() - trained, 3)}
+    return index, timing
+
+
+@dataclass
+class Target:
+    recall: float = 0.95
+    k: int = 10
+    max_memory: int | None = None
+    queries: int = 1000
+
+
+def auto_index(es: EmbeddingSet, target: Target, gpus: list[int], shard: bool, train_sample: int, seed: int = 0):
+    """Build, tune and choose (module docstring); returns the CPU index, its search params and the ``auto`` record."""
+    cands = candidates(len(es), es.dim, target.max_memory, bool(gpus))
+    query_rows, train_rows = split_rows(len(es), target.queries, train_sample, seed)
+    probe = held_out(es, target.k, query_rows)
+    exact = {"seconds": round(probe.exact_seconds, 3), "qps": round(len(probe.x) / max(probe.exact_seconds, 1e-9), 1)}
+    tried, best = [], None
+    for cand in cands:
+        index, timing = _build_candidate(es, cand, train_rows, gpus)
+        chosen, trials, met = tune(place(index, gpus, shard), cand, probe, target.k, target.recall)
+        tried.append({**asdict(cand), **timing, "met": met, "trials": trials})
+        if _better(chosen, met, best, target.k):
+            best = (index, chosen, cand, met)
+        if met and chosen["qps"] >= MIN_SPEEDUP * exact["qps"]:
+            break
+        why = "is not much faster than exact search there" if met else "does not reach it"
+        log.warning("index auto: %s %s (recall@%d %.3f); trying the next", cand.factory, why, target.k, target.recall)
+    index, chosen, cand, _ = best
+    params = {cand.param: chosen[cand.param]} if cand.param else {}
+    set_search_params(index, params.get("nprobe"), params.get("ef_search"))
+    record = {
+        "target_recall": target.recall,
+        "k": target.k,
+        "max_memory": target.max_memory,
+        "queries": len(probe.x),
+        "train_sample": int(len(train_rows)),
+        "margin": MARGIN,
+        "exact_streamed": exact,
+        "chosen": {"factory": cand.factory, **chosen},
+        "met": bool(best[3]),
+        "tried": tried,
+    }
+    return index, cand.factory, params, record
+
+
+def build_auto_folder(
+    embeddings_dir: Path, out: Path, target: Target, gpu: str = "auto", shard: bool = False, train_sample: int = 100_000
+) -> dict[str, Any]:
+    """``--factory auto``: choose, tune and save; index.json holds the chosen setting and every tried one."""
+    es = load_embeddings(embeddings_dir)
+    if len(es) < target.k + 2:
+        raise UserError(f"{embeddings_dir}: {len(es)} rows; --k {target.k} needs at least {target.k + 2}")
+    gpus = parse_gpus(gpu)
+    t0 = time.perf_counter()
+    index, factory, params, record = auto_index(es, target, gpus, shard, train_sample)
+    if not record["met"]:
+        log.warning("index auto: no candidate reached the target; saved the best (%s)", record["chosen"])
+    info = {
+        "factory": factory,
+        "embeddings": str(embeddings_dir),
+        "gpus": gpus,
+        "shard": shard,
+        "train_sample": record["train_sample"],
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "search_params": params,
+        "auto": record,
+    }
+    return save_folder(out, index, es, info)
