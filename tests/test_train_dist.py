@@ -111,3 +111,15 @@ def _export_equals_zero_checkpoint(export: Path, checkpoint: Path) -> None:
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model.eval()(images), reference.eval()(images))
+
+
+def test_default_built_small_shards_train_on_two_processes(tmp_path):
+    """`shards build` with its default --shard-size on a small catalogue makes one train shard; 2 processes still
+    train (split by class inside the shard), with the defaults' steps per epoch, and agree on the weights."""
+    sop, shards, run_dir = tmp_path / "sop", tmp_path / "shards", tmp_path / "run"
+    assert main(["synth-sop", str(sop), "--classes", "80", "--images-per-class", "4-6", "--size", "64"]) == 0
+    assert main(["shards", "build", "--sop-root", str(sop), "--out", str(shards), "--workers", "1"]) == 0
+    assert len(list(shards.glob("train-*.tar"))) == 1
+    run(accelerate_cmd(2, ["train", "--config", TINY, "--shards", str(shards), "--run-dir", str(run_dir)] + COMMON[:3]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["weights_agree"] and summary["global_step"] >= 2 and not summary["preempted"]

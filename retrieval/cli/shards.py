@@ -13,7 +13,7 @@ import argparse
 import os
 
 from retrieval.data.shard_writer import verify
-from retrieval.data.shards import build, merge_stats, parse_part
+from retrieval.data.shards import DEFAULT_SHARD_SIZE, build, merge_stats, parse_part
 from retrieval.data.sop import ON_MISSING, SPLITS
 
 
@@ -36,7 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="encoding processes")
     b.add_argument("--max-side", type=int, default=256, help="longer image side after re-encoding")
     b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
-    b.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (a class is never cut)")
+    b.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        help=f"max samples per shard, a class is never cut (default {DEFAULT_SHARD_SIZE}: SOP's ~48k train images "
+        "make ~190 shards, one per reader for up to 48 processes x 4 workers; fewer shards than readers still "
+        "train, split by class inside the shards)",
+    )
     b.add_argument(
         "--val-classes",
         type=_classes_arg,
