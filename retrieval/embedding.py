@@ -31,6 +31,7 @@ from retrieval import dist
 from retrieval.config import Config
 from retrieval.config_io import load_config
 from retrieval.data.loader import Reader, eval_loader
+from retrieval.data.source import split_entry
 from retrieval.errors import UserError
 from retrieval.export import load_exported, read_input_spec, resolve_export
 from retrieval.models import InputSpec, build_model, initial_model
@@ -187,15 +188,25 @@ def embed_split(
     num_workers: int,
     device: torch.device,
     mixed_precision: str = "no",
+    label_key: str | None = None,
 ) -> EmbeddingSet:
-    """This rank's share of ``split`` (its ``meta`` holds ``skipped``, ``seconds``, ``count``)."""
+    """This rank's share of ``split`` (its ``meta`` holds ``skipped``, ``seconds``, ``count``).
+
+    Rank 0 shows a progress bar in images; its total is the split's size (stats.json) over the ranks.
+    """
     model.eval()
-    loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), dist.world_size()))
+    world = dist.world_size()
+    loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), world), label_key)
+    samples = int(split_entry(shards, split).get("samples", 0))
     out: dict[str, list] = {k: [] for k in ("embeddings", *COLUMNS)}
     paths: list[str] = []
     skipped, start = 0, time.perf_counter()
-    for batch in tqdm(loader, desc=f"embed {split}", disable=not dist.is_main(), unit="batch"):
+    bar = tqdm(
+        total=-(-samples // world) or None, desc=f"embed {split} (this rank)", disable=not dist.is_main(), unit="img"
+    )
+    for batch in loader:
         skipped += int(batch.get("skipped", 0))
+        bar.update(len(batch["label"]) + int(batch.get("skipped", 0)))
         if len(batch["label"]) == 0:
             continue
         with autocast(device, mixed_precision):
@@ -205,6 +216,7 @@ def embed_split(
         out["labels"].append(batch["label"].numpy())
         out["super_labels"].append(batch["super_label"].numpy())
         paths.extend(batch["path"])
+    bar.close()
     dim = int(getattr(model, "embed_dim", 0))
     arrays = {k: np.concatenate(v) if v else _empty(k, dim) for k, v in out.items()}
     meta = {"skipped": skipped, "seconds": time.perf_counter() - start, "count": len(paths)}

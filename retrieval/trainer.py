@@ -268,6 +268,7 @@ class Trainer:
             cfg.data.num_workers,
             acc.device,
             acc.mixed_precision,
+            label_key=cfg.data.label_key,  # data-sources change (issue 14)
         )
         merged = gather_embeddings(local)
         improved = False

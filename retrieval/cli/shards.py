@@ -1,8 +1,10 @@
-"""``retrieval shards build|verify|merge-stats``: WebDataset shards from SOP, a manifest or an image folder.
+"""``retrieval shards build|verify|merge-stats|index``: WebDataset shards from SOP, a manifest or an image folder,
+and the index of a corpus written by other tools.
 
     retrieval shards build --sop-root /data/Stanford_Online_Products --out /data/sop-shards --workers 16
     retrieval shards build --manifest catalogue.csv --out shards/out
     retrieval shards verify shards/out
+    retrieval shards index /data/img2ds --split train --label-key json:product_id --out idx   # then --shards idx
 
 The layout and the builder are documented in :mod:`retrieval.data.shards`.
 """
@@ -69,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--workers", type=int, default=1)
     m = sub.add_parser("merge-stats", help="write stats.json / sizes.json once every --part has finished")
     m.add_argument("dir")
+    i = sub.add_parser(
+        "index", help="scan a foreign WebDataset corpus (img2dataset, S3, HTTP) once: stats.json + sizes.json"
+    )
+    i.add_argument("source", help="folder of .tar, brace pattern or '::'-joined URLs (http(s)://, pipe:...)")
+    i.add_argument("--out", required=True, help="index folder; then train/embed with --shards OUT")
+    i.add_argument("--split", default="train", help="the split these shards are (index each split once)")
+    i.add_argument("--label-key", default="cls", help="cls, txt or json:FIELD (e.g. json:product_id)")
 
 
 # `shards build` options passed to data.shards.build as they are (--part is parsed first)
@@ -82,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "merge-stats":
         merge_stats(args.dir)
+        return 0
+    if args.action == "index":
+        from retrieval.data.corpus import index_corpus  # imports webdataset (and torch): only when indexing
+
+        index_corpus(args.source, args.out, args.split, args.label_key)
         return 0
     problems, stats = verify(args.dir, args.workers)
     if problems:
