@@ -10,6 +10,16 @@ Stream: the worker's shards are read in a new seeded order on every pass and cyc
 the number of batches never depends on shard sizes (the caller stops after its quota). The shard
 contract keeps each class contiguous inside one shard; a contiguous run of one label is a group.
 
+Foreign corpora (``grouped: false`` in the split's stats.json, from ``retrieval shards index``) may
+scatter a class over many shards. The planner then buffers each label's samples (undecoded bytes)
+across the worker's shards and releases the class as soon as K are buffered; at a pass end the
+remainders (2..K-1 images) follow under the small-class rule. Memory: at most K-1 undecoded images per
+class the worker sees, e.g. 11k classes x 3 x 30 kB = 1 GB per worker in the worst case (far less when a
+class's images sit close together). Only images in the same worker's shards meet: a class spread over
+shards of different workers is seen as fragments (fragments of one image are unusable), so for heavily
+scattered corpora rebuild with ``retrieval shards build --manifest`` or use few shards per split (the
+in-shard split then gives every reader all shards and whole classes, by label hash).
+
 Pool: up to ``class_pool`` complete classes are buffered; a batch takes P of them at random
 (without replacement) and removes them; the pool is refilled from the stream. When the worker's
 shards hold fewer usable classes than the pool size, a batch is formed at each pass end as soon as P
