@@ -58,6 +58,7 @@ class TrainerState:
     world_size: int = 1  # the data position and the schedule are only valid for the same world and batch
     per_rank_batch: int = 0
     grad_accum: int = 1
+    samples_seen: int = 0  # training images consumed, all ranks: an elastic resume keeps it (issue 14)
 
     @classmethod
     def load(cls, folder: Path) -> TrainerState:

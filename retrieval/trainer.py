@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from retrieval import dist, runlog
+from retrieval import dist, elastic, runlog
 from retrieval.config import Config, Derived, derived
 from retrieval.config_io import to_dict
 from retrieval.data.loader import EpochSpan, Reader, read_stats, train_loader
@@ -125,10 +125,7 @@ class Trainer:
             self.state = TrainerState.load(start)
             saved = {k: getattr(self.state, k) for k in shape}
             if saved != shape:
-                raise UserError(
-                    f"checkpoint {start} was written with {saved}; this run has {shape}: resume with the "
-                    "same number of processes, batch and accumulation (or start a new --run-dir)"
-                )
+                self._resume_elastic(start, saved, shape)
         elif self.run.has_checkpoints():
             raise UserError(
                 f"{self.run.path} already holds a run (it has a 'latest' checkpoint): pass --resume auto to "
@@ -140,6 +137,8 @@ class Trainer:
         runlog.init_trackers(acc, self.cfg, self.run.path, to_dict(self.cfg))
         if start is not None:
             acc.load_state(str(start))
+            if saved != shape:  # elastic resume: the lr schedule of the new world, at the converted step
+                elastic.seek_schedule(self.scheduler, self.state.global_step)
             log.info("resumed from %s at epoch %d, step %d", start, self.state.epoch, self.state.global_step)
         if acc.is_main_process:
             d, data = self.derived, self.cfg.data
@@ -153,6 +152,18 @@ class Trainer:
                 d.steps_per_epoch,
                 d.total_optimizer_steps,
             )
+
+    def _resume_elastic(self, start: Path, saved: dict, shape: dict) -> None:
+        """A checkpoint from another number of processes: convert its position (retrieval.elastic; issue 14)."""
+        same_batch = {k: v for k, v in saved.items() if k != "world_size"} == {
+            k: v for k, v in shape.items() if k != "world_size"
+        }
+        if not same_batch or dist.uses_deepspeed():
+            raise UserError(
+                f"checkpoint {start} was written with {saved}; this run has {shape}: resume with the same batch and "
+                "accumulation (DeepSpeed: also the same number of processes), or start a new --run-dir"
+            )
+        self.state = elastic.rescale(self.state, shape["world_size"], self.derived, self.cfg.optim.grad_accum)
 
     def _epochs(self) -> bool:
         """Run epochs from the saved position; True if preempted."""
@@ -196,6 +207,7 @@ class Trainer:
             if not acc.sync_gradients:
                 continue
             state.global_step += 1
+            state.samples_seen += d.global_batch
             if self._logs_at(state.global_step):
                 self._log_train(loss, stats, meter)
             if self.stop.agreed(acc):
@@ -241,6 +253,7 @@ class Trainer:
             "kind": "train",
             "step": self.state.global_step,
             "epoch": self.state.epoch,
+            "samples": self.state.samples_seen,
             "loss": acc.reduce(loss.detach(), "mean").item() / acc.num_processes,  # undo the x world factor
             "lr": self.scheduler.get_last_lr()[0],
             "active_fraction": float(stats["active_fraction"]),
