@@ -2,7 +2,10 @@
 
 wandb is never imported at module import and never prompts for a login: ``log.wandb`` is
 ``offline`` by default (files under ``<run>/wandb``, sync later with ``wandb sync``), ``disabled`` turns
-it off, and ``online`` is only used when asked for.
+it off, and ``online`` is only used when asked for. A training run is one wandb run: its id is kept in the
+run folder (``RunFolder.wandb_id``) and every resume or requeue continues it (``resume="allow"``); offline,
+each invocation writes its own ``offline-run-<time>-<id>`` folder with that one id, and ``wandb sync``
+uploads them all into the same run.
 """
 
 from __future__ import annotations
@@ -10,14 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from retrieval.runs import RunFolder
 from retrieval.util import peak_rss_gb
-
-if TYPE_CHECKING:
-    from retrieval.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ def init_trackers(accelerator, cfg, run_dir: Path, config_dict: dict) -> None:
         return
     (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
     init = {"mode": cfg.log.wandb, "dir": str(run_dir), "name": cfg.train.name}
+    if accelerator.is_main_process:  # trackers live on the main process only
+        # one wandb run per training run: the id is kept in the run folder, a resume or requeue continues it
+        init.update(id=RunFolder(run_dir).wandb_id(), resume="allow")
     if cfg.log.entity:
         init["entity"] = cfg.log.entity
     accelerator.init_trackers(cfg.log.project, config=config_dict, init_kwargs={"wandb": init})

@@ -5,6 +5,7 @@ Layout of ``runs/<name>``::
     config.yaml          the fully resolved config of the run
     metrics.jsonl        one JSON object per line: {"kind": "train"|"val", "step": ..., ...}
     summary.json         written when a run (or one invocation of it) ends
+    wandb_id             the run's wandb id: every resume/requeue logs into the same wandb run
     preempted            present while a preempted run waits to be resumed; holds the step
     latest               text file: "checkpoints/step_120" (the newest complete checkpoint)
     best                 text file: "checkpoints/step_80" (the checkpoint with the best validation metric)
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,20 @@ class RunFolder:
         self.preempted_path.unlink(missing_ok=True)
         if fresh:
             self.metrics_path.unlink(missing_ok=True)
+            self.wandb_id_path.unlink(missing_ok=True)  # a fresh start is a new wandb run too
+
+    @property
+    def wandb_id_path(self) -> Path:
+        return self.path / "wandb_id"
+
+    def wandb_id(self) -> str:
+        """The run's wandb id, made once and reused by every resume and requeue: one wandb run per training run
+        (issue 14). Main process only."""
+        if self.wandb_id_path.is_file():
+            return self.wandb_id_path.read_text().strip()
+        run_id = uuid.uuid4().hex[:12]
+        write_atomic(self.wandb_id_path, run_id)
+        return run_id
 
     def mark_preempted(self, step: int) -> None:
         write_atomic(self.preempted_path, str(step))

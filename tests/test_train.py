@@ -156,3 +156,18 @@ def test_dangling_latest_pointer_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / "latest").write_text("checkpoints/step_9")
     with pytest.raises(UserError, match="does not exist"):
         RunFolder(tmp_path).resolve_resume("auto")
+
+
+def test_one_wandb_run_per_training_run(synth_shards, tmp_path, monkeypatch):
+    """wandb offline: the run id is kept in the run folder and a resume logs into the same run (resume="allow")."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = RunFolder(tmp_path / "run")
+    common = ["data.num_workers=0", "train.epochs=1", "data.steps_per_epoch=2", "train.eval_every=0"]
+    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run.path), "log.wandb=offline"]
+    assert main([*argv, *common, "train.max_steps=1"]) == 0
+    run_id = run.wandb_id_path.read_text().strip()
+    assert main([*argv, *common, "--resume", "latest"]) == 0
+    assert run.wandb_id() == run_id
+    folders = sorted((run.path / "wandb").glob("offline-run-*"))
+    assert folders and {f.name.rsplit("-", 1)[1] for f in folders} == {run_id}, "every invocation: the same run"
+    assert all((f / f"run-{run_id}.wandb").is_file() for f in folders)
