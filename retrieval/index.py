@@ -100,6 +100,7 @@ def build_index(
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(len(x), size=min(train_sample, len(x)), replace=False))
         t0 = time.perf_counter()
+        log.info("index: training %s on %d of %d vectors", factory, len(rows), len(x))
         placed = place(base, gpus or [], shard=False)  # training wants the whole sample on one device
         try:
             placed.train(x[rows])
@@ -110,6 +111,7 @@ def build_index(
             base = faiss.index_gpu_to_cpu(placed)
         log.info("index: trained %s on %d vectors in %.1f s", factory, len(rows), time.perf_counter() - t0)
     index = faiss.IndexIDMap2(base)
+    log.info("index: adding %d vectors of dimension %d to %s", len(x), x.shape[1], factory)
     index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
     return index
 

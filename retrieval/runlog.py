@@ -92,6 +92,33 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak_rss_gb()
 
 
+def progress(step: int, d, images_per_s: float, train_cfg) -> dict[str, Any]:
+    """Where a run stands for a reader: the step it stops at this invocation, epochs, and the time left."""
+    remaining = max(d.stop_at_step - step, 0) * d.global_batch  # images left in this invocation
+    return {
+        "total_steps": d.stop_at_step,
+        "epochs": train_cfg.epochs,
+        "eta_s": round(remaining / images_per_s, 1) if images_per_s > 0 else None,
+    }
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def console(record: dict[str, Any]) -> str:
-    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "kind"]
-    return f"[{record['kind']}] " + " ".join(parts)
+    """One log line; a train record leads with step/total, epoch, images/s and the ETA."""
+    skip = {"kind"}
+    head = ""
+    if record["kind"] == "train" and "total_steps" in record:
+        step, total = record["step"], record["total_steps"]
+        head = (
+            f"step {step}/{total} ({100 * step / max(total, 1):.0f}%) epoch {record['epoch'] + 1}/{record['epochs']} "
+            f"{record['images_per_s']:.1f} img/s eta {_clock(record.get('eta_s'))} | "
+        )
+        skip |= {"step", "total_steps", "epoch", "epochs", "images_per_s", "eta_s"}
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k not in skip]
+    return f"[{record['kind']}] " + head + " ".join(parts)

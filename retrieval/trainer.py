@@ -259,6 +259,7 @@ class Trainer:
             "active_fraction": float(stats["active_fraction"]),
             **meter.summary(acc.num_processes),
         }
+        record.update(runlog.progress(self.state.global_step, self.derived, record["images_per_s"], self.cfg.train))
         self.mlog.write(record)
         if acc.is_main_process:
             log.info(runlog.console(record))
@@ -272,6 +273,11 @@ class Trainer:
     def _validate(self) -> bool:
         """Embed the val split rank-sharded, score it on rank 0; returns True (on every rank) if it improved."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
+        if acc.is_main_process:
+            log.info(
+                "validation at step %d: embedding split %r on %d process(es)",
+                *(state.global_step, cfg.data.val_split, acc.num_processes),
+            )
         local = embed_split(
             acc.unwrap_model(self.model),
             cfg.data.shards,
