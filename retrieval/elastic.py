@@ -41,9 +41,9 @@ def rescale(state: TrainerState, world: int, d: Derived, grad_accum: int) -> Tra
         samples_seen=samples,
     )
     log.warning(
-        "elastic resume: checkpoint of %d process(es) at epoch %d, step %d/%d (optimizer step %d) continues on "
+        "elastic resume: checkpoint of %d process(es) at epoch %d, step %d in epoch (optimizer step %d) continues on "
         "%d at epoch %d, step %d/%d (optimizer step %d of %d); the rest of this epoch follows the new world's order",
-        *(state.world_size, state.epoch, state.step_in_epoch, state.step_in_epoch, state.global_step, world),
+        *(state.world_size, state.epoch, state.step_in_epoch, state.global_step, world),
         *(new.epoch, new.step_in_epoch, d.steps_per_epoch, new.global_step, d.total_optimizer_steps),
     )
     return new
