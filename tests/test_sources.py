@@ -81,6 +81,10 @@ def test_train_and_embed_from_http_and_pipe_match_the_folder(synth_shards, tmp_p
         a, b = load_file(str(local / "model.safetensors")), load_file(str(remote / "model.safetensors"))
         assert all(np.array_equal(a[k], b[k]) for k in a), "same data from HTTP: the same weights"
         from_http = _embed(local, url, tmp_path / "emb-http")
+    piped = tmp_path / "pipe"
+    assert main(base + ["--shards", _pipe_source(synth_shards), "--run-dir", str(piped)]) == 0
+    c = load_file(str(piped / "model.safetensors"))
+    assert all(np.array_equal(a[k], c[k]) for k in a), "same data from pipe:cat: the same weights"
     from_folder = _embed(local, str(synth_shards), tmp_path / "emb-folder")
     from_pipe = _embed(local, _pipe_source(synth_shards), tmp_path / "emb-pipe")
     for other in (from_http, from_pipe):
