@@ -158,7 +158,9 @@ def read_stats(source: str | Path) -> dict:
     """``stats.json`` of the source (``retrieval shards build`` or ``retrieval shards index`` wrote it)."""
     kind = _kind(str(source))
     if kind == "folder" and not Path(source).is_dir():
-        raise UserError(f"shards folder {str(source)!r} does not exist; build it with `retrieval shards build`")
+        raise UserError(
+            f"shards folder {str(source)!r} does not exist (no stats.json); build it with `retrieval shards build`"
+        )
     stats = find_stats(source)
     if stats is None:
         raise UserError(
