@@ -27,6 +27,7 @@ from bench import common
 
 TOPICS = {
     "loader": "retrieval's streaming train loader, 0..2 workers, vs raw JPEG decode of the same bytes",
+    "loader-sources": "the train loader from a local HTTP server and split inside one shard, vs the local folder",
     "shards": "`retrieval shards build` vs a plain PIL decode -> resize -> encode loop",
     "train": "`retrieval train` (figures from metrics.jsonl) vs raw timm forward+backward+AdamW",
     "embed": "`retrieval embed` (meta.json) vs raw timm inference of the same backbone",

@@ -31,7 +31,7 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/out"  # folder with {train,val,test}-NNNNNN.tar, stats.json, sizes.json
+    shards: str = "shards/out"  # folder, URL prefix/, or webdataset URLs (brace, ::, http(s), pipe:); README
     train_split: str = "train"  # shard split names (the builder writes train, val, test)
     val_split: str = "val"  # validated every train.eval_every epochs; selects the best checkpoint
     test_split: str = "test"  # the official SOP test file; never used for selection
@@ -50,8 +50,13 @@ class DataConfig:
     seed: int = 0  # data order is a pure function of (seed, epoch, rank, worker)
     allow_incomplete: bool = False  # train/validate although shards are missing or differ from stats.json (warns)
     max_skipped_fraction: float = 0.01  # stop when more of the samples read than this were undecodable/incomplete
+    label_key: str | None = None  # cls | txt | json:FIELD (e.g. json:product_id); None = the index's, else cls
 
     def __post_init__(self) -> None:
+        if self.label_key is not None and not (
+            self.label_key in ("cls", "txt") or (self.label_key.startswith("json:") and len(self.label_key) > 5)
+        ):
+            raise ConfigError(f"data.label_key: expected cls, txt or json:FIELD, got {self.label_key!r}")
         _positive("data.classes_per_batch", self.classes_per_batch)
         _positive("data.images_per_class", self.images_per_class)
         _positive("data.class_pool", self.class_pool)

@@ -38,6 +38,7 @@ from retrieval import embedding_store as store
 from retrieval.config import Config, ModelConfig
 from retrieval.config_io import load_config
 from retrieval.data.loader import Reader, eval_loader
+from retrieval.data.source import split_entry
 from retrieval.embedding_store import PartedVectors
 from retrieval.errors import UserError
 from retrieval.export import load_exported, read_input_spec, resolve_export
@@ -190,18 +191,23 @@ def autocast(device: torch.device, mixed_precision: str):
 
 
 def _embedded_batches(
-    model: torch.nn.Module, loader, device: torch.device, mixed_precision: str, split: str, counts: dict
+    model: torch.nn.Module, loader, device: torch.device, mixed_precision: str, progress: tuple, counts: dict
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], list[str]]]:
-    """``(vectors, columns, paths)`` per batch; ``counts["skipped"]`` accumulates undecodable images."""
+    """``(vectors, columns, paths)`` per batch; ``counts["skipped"]`` accumulates undecodable images; ``progress``
+    is (split, images this rank expects) for the bar."""
     model.eval()
-    for batch in tqdm(loader, desc=f"embed {split}", disable=not dist.is_main(), unit="batch"):
+    split, total = progress
+    bar = tqdm(total=total, desc=f"embed {split} (this rank)", disable=not dist.is_main(), unit="img")
+    for batch in loader:
         counts["skipped"] += int(batch.get("skipped", 0))
+        bar.update(len(batch["label"]) + int(batch.get("skipped", 0)))
         if len(batch["label"]) == 0:
             continue
         with torch.no_grad(), autocast(device, mixed_precision):
             emb = model(batch["image"].to(device, non_blocking=True))
         columns = {"ids": batch["image_id"], "labels": batch["label"], "super_labels": batch["super_label"]}
         yield emb.float().cpu().numpy(), {k: v.numpy() for k, v in columns.items()}, list(batch["path"])
+    bar.close()
 
 
 def embed_split(
@@ -214,19 +220,25 @@ def embed_split(
     device: torch.device,
     mixed_precision: str = "no",
     writer: store.PartWriter | None = None,
+    label_key: str | None = None,
 ) -> EmbeddingSet:
     """This rank's share of ``split`` (its ``meta`` holds ``skipped``, ``seconds``, ``count``).
 
     With ``writer`` (:meth:`EmbeddingSet.writer`) the rows go to parts on disk as they come and the returned set
     holds no rows (only its ``meta``): memory stays one part whatever the split's size. Without, they are
-    gathered in memory (validation during training).
+    gathered in memory (validation during training). Rank 0 shows a progress bar in images; its total is the
+    split's size (stats.json) over the ranks.
     """
-    loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), dist.world_size()))
+    world = dist.world_size()
+    loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), world), label_key)
+    total = -(-int(split_entry(shards, split).get("samples", 0)) // world) or None
     dim = int(getattr(model, "embed_dim", 0))
     out: dict[str, list] = {k: [] for k in ("embeddings", *COLUMNS)}
     paths: list[str] = []
     counts, start, rows = {"skipped": 0}, time.perf_counter(), 0
-    for vectors, columns, batch_paths in _embedded_batches(model, loader, device, mixed_precision, split, counts):
+    for vectors, columns, batch_paths in _embedded_batches(
+        model, loader, device, mixed_precision, (split, total), counts
+    ):
         rows += len(vectors)
         if writer is not None:
             writer.add(vectors, columns, batch_paths)

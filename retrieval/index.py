@@ -98,6 +98,7 @@ def train_base(base: faiss.Index, sample: np.ndarray, factory: str, gpus: list[i
     if base.is_trained:
         return base
     t0 = time.perf_counter()
+    log.info("index: training %s on %d vectors", factory, len(sample))
     placed = place(base, gpus or [], shard=False)  # training wants the whole sample on one device
     try:
         placed.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -118,6 +119,7 @@ def sample_rows(n: int, size: int, seed: int = 0) -> np.ndarray:
 def fill(base: faiss.Index, es: EmbeddingSet) -> faiss.Index:
     """``IndexIDMap2(base)`` with every row of ``es`` added block by block (never all vectors twice)."""
     index = faiss.IndexIDMap2(base)
+    log.info("index: adding %d vectors of dimension %d", len(es), es.dim)
     for ids, block in es.blocks():
         index.add_with_ids(block, np.ascontiguousarray(ids, dtype=np.int64))
     return index

@@ -137,9 +137,11 @@ def retrieval_metrics(
     k = int(min(n - 1, max(max(ks), int(r.max()))))
     if backend == "auto":
         backend, device = knn.pick_backend(True, device)
+    log.info("eval: searching the %d nearest neighbours of %d queries (%s on %s, %s)", k, n, backend, device, dtype)
     t0 = time.perf_counter()
     _, ids = knn.search(embeddings, None, k, backend=backend, device=device, dtype=dtype, chunk=chunk)
     seconds = time.perf_counter() - t0
+    log.info("eval: search done in %.1f s; scoring Recall@K, MAP@R", seconds)
     out = metrics_from_neighbours(ids, labels, ks, chunk)
     out.update(search_seconds=round(seconds, 3), backend=f"{backend}-{device}-{dtype}", num_images=n)
     return out

@@ -58,15 +58,10 @@ def lock_run(run: RunFolder, accelerator) -> None:
         raise UserError(problem)
 
 
-def check_resumable(run: RunFolder, start: Path, cfg: Config, shape: dict[str, int]) -> TrainerState:
-    """The checkpoint's state, once its shape and the run's saved config agree with this invocation."""
+def check_resumable(run: RunFolder, start: Path, cfg: Config) -> TrainerState:
+    """The checkpoint's state, once the run's saved config agrees with this invocation (its world and batch shape
+    are the trainer's to check: another number of processes is an elastic resume)."""
     state = TrainerState.load(start)
-    saved = {k: getattr(state, k) for k in shape}
-    if saved != shape:
-        raise UserError(
-            f"checkpoint {start} was written with {saved}; this run has {shape}: resume with the "
-            "same number of processes, batch and accumulation (or start a new --run-dir)"
-        )
     if RunFolder.is_run(run.path):
         changed = config_changes(run.read_config(), cfg)
         if changed:

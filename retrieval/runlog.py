@@ -5,6 +5,10 @@ wandb is never imported at module import and never prompts for a login: ``log.wa
 it off, and ``online`` is only used when asked for. At the end of a run (:func:`log_run_end`) the run page gets
 a table of the final metrics (also in the run summary) and the last validation's worst failures as a table of
 images and a gallery (query | wrong top-1 | best correct match), the same failures ``retrieval report`` shows.
+A training run is one wandb run: its id is kept in the
+run folder (``RunFolder.wandb_id``) and every resume or requeue continues it (``resume="allow"``); offline,
+each invocation writes its own ``offline-run-<time>-<id>`` folder with that one id, and ``wandb sync``
+uploads them all into the same run.
 """
 
 from __future__ import annotations
@@ -12,14 +16,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from retrieval.runs import RunFolder
 from retrieval.util import peak_rss_gb
-
-if TYPE_CHECKING:
-    from retrieval.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ def init_trackers(accelerator, cfg, run_dir: Path, config_dict: dict) -> None:
         return
     (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
     init = {"mode": cfg.log.wandb, "dir": str(run_dir), "name": cfg.train.name}
+    if accelerator.is_main_process:  # trackers live on the main process only
+        # one wandb run per training run: the id is kept in the run folder, a resume or requeue continues it
+        init.update(id=RunFolder(run_dir).wandb_id(), resume="allow")
     if cfg.log.entity:
         init["entity"] = cfg.log.entity
     accelerator.init_trackers(cfg.log.project, config=config_dict, init_kwargs={"wandb": init})
@@ -90,9 +95,36 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak_rss_gb()
 
 
+def progress(step: int, d, images_per_s: float, train_cfg) -> dict[str, Any]:
+    """Where a run stands for a reader: the step it stops at this invocation, epochs, and the time left."""
+    remaining = max(d.stop_at_step - step, 0) * d.global_batch  # images left in this invocation
+    return {
+        "total_steps": d.stop_at_step,
+        "epochs": train_cfg.epochs,
+        "eta_s": round(remaining / images_per_s, 1) if images_per_s > 0 else None,
+    }
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def console(record: dict[str, Any]) -> str:
-    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "kind"]
-    return f"[{record['kind']}] " + " ".join(parts)
+    """One log line; a train record leads with step/total, epoch, images/s and the ETA."""
+    skip = {"kind"}
+    head = ""
+    if record["kind"] == "train" and "total_steps" in record:
+        step, total = record["step"], record["total_steps"]
+        head = (
+            f"step {step}/{total} ({100 * step / max(total, 1):.0f}%) epoch {record['epoch'] + 1}/{record['epochs']} "
+            f"{record['images_per_s']:.1f} img/s eta {_clock(record.get('eta_s'))} | "
+        )
+        skip |= {"step", "total_steps", "epoch", "epochs", "images_per_s", "eta_s"}
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k not in skip]
+    return f"[{record['kind']}] " + head + " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,3 +212,13 @@ def _side_by_side(wandb, row: dict):
     caption = f"query {q['id']} (c{q['label']}) | wrong {w['id']} (c{w['label']}) {w['score']:.3f}"
     caption += f" | correct {c['id']} {c['score']:.3f}" if c else " | no other image of its class"
     return wandb.Image(canvas, caption=caption)
+
+
+def log_world(accelerator, d, data) -> None:
+    """The run's batch arithmetic, once (rank 0): world, per-rank and global batch, steps per epoch and in all."""
+    if accelerator.is_main_process:
+        shape = (accelerator.num_processes, d.per_rank_batch, data.classes_per_batch, data.images_per_class)
+        log.info(
+            "world=%d per-rank batch=%d (P=%d x K=%d) global batch=%d, %d steps/epoch, %d optimizer steps",
+            *(*shape, d.global_batch, d.steps_per_epoch, d.total_optimizer_steps),
+        )

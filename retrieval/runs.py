@@ -7,6 +7,7 @@ Layout of ``runs/<name>``::
     .lock                exclusively flock-ed by rank 0 of the trainer using the folder (one trainer at a time)
     metrics.jsonl        one JSON object per line: {"kind": "train"|"val", "step": ..., ...}
     summary.json         written when a run (or one invocation of it) ends
+    wandb_id             the run's wandb id: every resume/requeue logs into the same wandb run
     preempted            present while a preempted run waits to be resumed; holds the step
     latest               text file: "checkpoints/step_120" (the newest complete checkpoint)
     best                 text file: "checkpoints/step_80" (the checkpoint with the best validation metric)
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,7 @@ class TrainerState:
     grad_accum: int = 1
     skipped: int = 0  # training samples the loader skipped so far (all ranks)
     samples_read: int = 0  # training samples read so far, skipped included (all ranks)
+    samples_seen: int = 0  # training images consumed, all ranks: an elastic resume keeps it (issue 14)
 
     def record_eval(self, value: float) -> bool:
         """A validation's selection metric at ``global_step``: True if it is the best so far (then remembered)."""
@@ -180,6 +183,7 @@ class RunFolder:
         self.preempted_path.unlink(missing_ok=True)
         if fresh:
             self.metrics_path.unlink(missing_ok=True)
+            self.wandb_id_path.unlink(missing_ok=True)  # a fresh start is a new wandb run too
         elif resumed_step is not None:
             self.truncate_metrics(resumed_step)
 
@@ -225,6 +229,19 @@ class RunFolder:
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the flock
             self._lock_fd = None
+
+    @property
+    def wandb_id_path(self) -> Path:
+        return self.path / "wandb_id"
+
+    def wandb_id(self) -> str:
+        """The run's wandb id, made once and reused by every resume and requeue: one wandb run per training run
+        (issue 14). Main process only."""
+        if self.wandb_id_path.is_file():
+            return self.wandb_id_path.read_text().strip()
+        run_id = uuid.uuid4().hex[:12]
+        write_atomic(self.wandb_id_path, run_id)
+        return run_id
 
     def mark_preempted(self, step: int) -> None:
         write_atomic(self.preempted_path, str(step))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from retrieval import dist, runlog
+from retrieval import dist, elastic, runlog
 from retrieval.config import Config, Derived
 from retrieval.config_io import to_dict
 from retrieval.data.loader import EpochSpan, Reader, train_loader
@@ -111,8 +111,12 @@ class Trainer:
         acc = self.accelerator
         lock_run(self.run, acc)
         start = self.run.resolve_resume(resume)
+        elastic_resume = False
         if start is not None:
-            self.state = check_resumable(self.run, start, self.cfg, self._shape())
+            state = check_resumable(self.run, start, self.cfg)
+            self.state, elastic_resume = elastic.adapt(
+                state, self._shape(), start, self.derived, self.cfg.optim.grad_accum
+            )
         elif self.run.has_checkpoints():
             raise UserError(
                 f"{self.run.path} already holds a run (it has a 'latest' checkpoint): pass --resume auto to "
@@ -126,21 +130,12 @@ class Trainer:
         runlog.init_trackers(acc, self.cfg, self.run.path, to_dict(self.cfg))
         if start is not None:
             acc.load_state(str(start))
+            if elastic_resume:  # the lr schedule of the new world, at the converted step
+                elastic.seek_schedule(self.scheduler, self.state.global_step)
             if acc.is_main_process:  # one line, not one per rank
                 log.info("resumed from %s at epoch %d, step %d", start, self.state.epoch, self.state.global_step)
             self._repair_best(start)
-        if acc.is_main_process:
-            d, data = self.derived, self.cfg.data
-            log.info(
-                "world=%d per-rank batch=%d (P=%d x K=%d) global batch=%d, %d steps/epoch, %d optimizer steps",
-                acc.num_processes,
-                d.per_rank_batch,
-                data.classes_per_batch,
-                data.images_per_class,
-                d.global_batch,
-                d.steps_per_epoch,
-                d.total_optimizer_steps,
-            )
+        runlog.log_world(self.accelerator, self.derived, self.cfg.data)
 
     def _repair_best(self, start: Path) -> None:
         """The checkpoint recording a new best is written before the best export and the ``best`` pointer: after a
@@ -201,6 +196,7 @@ class Trainer:
             if not acc.sync_gradients:
                 continue
             state.global_step += 1
+            state.samples_seen += d.global_batch
             if self._logs_at(state.global_step):
                 self._log_train(loss, stats, meter)
             if self.stop.agreed(acc):
@@ -264,12 +260,14 @@ class Trainer:
             "kind": "train",
             "step": self.state.global_step,
             "epoch": self.state.epoch,
+            "samples": self.state.samples_seen,
             "loss": acc.reduce(loss.detach(), "mean").item() / acc.num_processes,  # undo the x world factor
             "lr": self.scheduler.get_last_lr()[0],
             "active_fraction": float(stats["active_fraction"]),
             "skipped": self.skips.flush(self.state, acc.device),
             **meter.summary(acc.num_processes),
         }
+        record.update(runlog.progress(self.state.global_step, self.derived, record["images_per_s"], self.cfg.train))
         self.mlog.write(record)
         if acc.is_main_process:
             log.info(runlog.console(record))
@@ -287,6 +285,11 @@ class Trainer:
     def _validate(self) -> bool:
         """Embed the val split rank-sharded, score it on rank 0; returns True (on every rank) if it improved."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
+        if acc.is_main_process:
+            log.info(
+                "validation at step %d: embedding split %r on %d process(es)",
+                *(state.global_step, cfg.data.val_split, acc.num_processes),
+            )
         self._check_finite("validation", weights=True)
         local = embed_split(
             acc.unwrap_model(self.model),
@@ -297,6 +300,7 @@ class Trainer:
             cfg.data.num_workers,
             acc.device,
             acc.mixed_precision,
+            label_key=cfg.data.label_key,  # data-sources change (issue 14)
         )
         merged = gather_embeddings(local)
         skipped = int(sum(dist.all_gather_object(int(local.meta["skipped"]))))

@@ -83,3 +83,59 @@ def test_two_ranks_disjoint_equal_and_exactly_once(tmp_path):
     union = res[0]["eval"] + res[1]["eval"]
     assert sorted(union) == sorted(test_of), "eval: every sample exactly once over the ranks"
     assert {test_of[i] for i in res[0]["eval"]}.isdisjoint({test_of[i] for i in res[1]["eval"]})
+
+
+# One train shard, 2 ranks x 2 workers: the in-shard split. Each rank: a full epoch (one all-reduce per batch),
+# the same epoch resumed at step 3 (image checksums compared), and its share of a 1-shard eval split.
+ONE_SHARD_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.distributed as td
+    from retrieval import dist
+    from retrieval.config import DataConfig
+    from retrieval.data.loader import EpochSpan, eval_loader, train_loader
+    from retrieval.models import InputSpec
+
+    shards, out, cfg = sys.argv[1], sys.argv[2], DataConfig(**json.loads(sys.argv[3]))
+    td.init_process_group("gloo")
+    SPEC = InputSpec(32, (0.5,) * 3, (0.5,) * 3, 0.875)
+
+    def epoch(start):
+        rows = []
+        for b in train_loader(shards, cfg, SPEC, EpochSpan(0, 6, start)):
+            dist.all_reduce_sum(torch.ones(1))
+            rows.append([b["image_id"].tolist(), b["label"].tolist(), float(b["image"].double().sum())])
+        return rows
+
+    res = {"full": epoch(0), "resumed": epoch(3), "eval": []}
+    for b in eval_loader(shards, "test", SPEC, 4, 2):
+        res["eval"] += b["image_id"].tolist()
+    with open(f"{out}/rank{dist.rank()}.json", "w") as f:
+        json.dump(res, f)
+    dist.destroy()
+    """
+)
+
+
+def test_one_shard_two_ranks_two_workers_split_inside_the_shard(tmp_path):
+    shards = tmp_path / "shards"
+    sk.write_split(shards, "train", [[(c, 3 + c % 4) for c in range(1, 25)]])  # ONE shard, 24 classes
+    test_of = sk.write_split(shards, "test", [[(500 + c, 5) for c in range(6)]], first_id=900)  # ONE test shard
+    script = tmp_path / "worker.py"
+    script.write_text(ONE_SHARD_WORKER)
+    cfg = dict(CFG, class_pool=4)
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--main_process_port", str(free_port()), str(script), str(shards), str(tmp_path), json.dumps(cfg)]
+    run(cmd, env=cpu_env(), timeout=180)
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    assert [len(r["full"]) for r in res] == [6, 6], "equal steps on every rank"
+    ids = [[i for ids, _, _ in r["full"] for i in ids] for r in res]
+    labels = [{c for _, labels, _ in r["full"] for c in labels} for r in res]
+    assert not set(ids[0]) & set(ids[1]) and not labels[0] & labels[1], "ranks read disjoint classes"
+    assert all(len(b[0]) == P * K for r in res for b in r["full"])
+    for r in res:
+        assert r["resumed"] == r["full"][3:], "a mid-epoch resume yields the very same batches (bitwise)"
+    union = res[0]["eval"] + res[1]["eval"]
+    assert sorted(union) == sorted(test_of) and res[0]["eval"] and res[1]["eval"], "eval: each sample exactly once"

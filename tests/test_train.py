@@ -39,6 +39,7 @@ def test_train_writes_run_folder(synth_shards, tmp_path):
     train_lines = [x for x in lines if x["kind"] == "train"]
     val_lines = [x for x in lines if x["kind"] == "val"]
     assert [x["step"] for x in train_lines] == [1, 2, 3, 4, 5, 6]
+    assert (train_lines[-1]["total_steps"], train_lines[-1]["epochs"], train_lines[-1]["samples"]) == (6, 2, 6 * 32)
     for key in ("loss", "lr", "active_fraction", "images_per_s", "images_per_s_per_gpu", "data_wait", "peak_mem_gb"):
         assert key in train_lines[0]
     assert len(val_lines) == 2 and 0 <= val_lines[-1]["recall@1"] <= 1
@@ -135,7 +136,7 @@ def test_fresh_run_into_an_existing_run_is_refused(synth_shards, tmp_path, capsy
     assert "already holds a run" in capsys.readouterr().err
     # resuming with another per-rank batch would silently change the data position: refused too
     assert _train(synth_shards, run, *args, "data.classes_per_batch=4", resume="auto") == 2
-    assert "same number of processes, batch and accumulation" in capsys.readouterr().err
+    assert "resume with the same batch and accumulation" in capsys.readouterr().err
 
 
 def test_epochs_hold_whole_optimizer_steps():
@@ -156,3 +157,28 @@ def test_dangling_latest_pointer_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / "latest").write_text("checkpoints/step_9")
     with pytest.raises(UserError, match="does not exist"):
         RunFolder(tmp_path).resolve_resume("auto")
+
+
+def test_one_wandb_run_per_training_run(synth_shards, tmp_path, monkeypatch):
+    """wandb offline: the run id is kept in the run folder and a resume logs into the same run (resume="allow")."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = RunFolder(tmp_path / "run")
+    common = ["data.num_workers=0", "train.epochs=1", "data.steps_per_epoch=2", "train.eval_every=0"]
+    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run.path), "log.wandb=offline"]
+    assert main([*argv, *common, "train.max_steps=1"]) == 0
+    run_id = run.wandb_id_path.read_text().strip()
+    assert main([*argv, *common, "--resume", "latest"]) == 0
+    assert run.wandb_id() == run_id
+    folders = sorted((run.path / "wandb").glob("offline-run-*"))
+    assert folders and {f.name.rsplit("-", 1)[1] for f in folders} == {run_id}, "every invocation: the same run"
+    assert all((f / f"run-{run_id}.wandb").is_file() for f in folders)
+
+
+def test_progress_line_reads_step_total_epoch_rate_eta():
+    from retrieval import runlog
+
+    record = {"kind": "train", "step": 30, "epoch": 1, "samples": 960, "loss": 0.1, "images_per_s": 64.0}
+    record.update(total_steps=120, epochs=4, eta_s=3725.0)
+    line = runlog.console(record)
+    assert line.startswith("[train] step 30/120 (25%) epoch 2/4 64.0 img/s eta 1:02:05 | ")
+    assert "loss=0.1" in line and "samples=960" in line

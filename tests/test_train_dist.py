@@ -111,3 +111,38 @@ def _export_equals_zero_checkpoint(export: Path, checkpoint: Path) -> None:
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model.eval()(images), reference.eval()(images))
+
+
+def test_default_built_small_shards_train_on_two_processes(tmp_path):
+    """`shards build` with its default --shard-size on a small catalogue makes one train shard; 2 processes still
+    train (split by class inside the shard), with the defaults' steps per epoch, and agree on the weights."""
+    sop, shards, run_dir = tmp_path / "sop", tmp_path / "shards", tmp_path / "run"
+    assert main(["synth-sop", str(sop), "--classes", "80", "--images-per-class", "4-6", "--size", "64"]) == 0
+    assert main(["shards", "build", "--sop-root", str(sop), "--out", str(shards), "--workers", "1"]) == 0
+    assert len(list(shards.glob("train-*.tar"))) == 1
+    run(accelerate_cmd(2, ["train", "--config", TINY, "--shards", str(shards), "--run-dir", str(run_dir)] + COMMON[:3]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["weights_agree"] and summary["global_step"] >= 2 and not summary["preempted"]
+
+
+def test_elastic_resume_two_one_two_finishes_the_schedule(synth_shards, tmp_path):
+    """Started on 2 processes, resumed on 1, then on 2 again: the run ends at its schedule's end with the samples of
+    an uninterrupted run (within one global batch), and the lr continues at each resume (no warmup: it only falls)."""
+    run_dir = tmp_path / "elastic"
+    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run_dir)]
+    argv += [*COMMON[:3], "train.epochs=2", "data.classes_per_batch=4", "optim.warmup_steps=0", "train.eval_every=0"]
+    samples = json.loads((synth_shards / "stats.json").read_text())["train"]["samples"]
+    steps2, steps1 = samples // 32, samples // 16  # optimizer steps per epoch on 2 and on 1 process(es)
+    run(accelerate_cmd(2, [*argv, "train.max_steps=2"]))
+    assert main([*argv, f"train.max_steps={steps1 + 2}", "--resume", "latest"]) == 0  # 1 process, into epoch 1
+    state = json.loads((run_dir / (run_dir / "latest").read_text().strip() / "trainer_state.json").read_text())
+    assert (state["world_size"], state["epoch"], state["global_step"]) == (1, 1, steps1 + 2)
+    run(accelerate_cmd(2, [*argv, "--resume", "latest"]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["epoch"], summary["global_step"]) == (2, 2 * steps2) and summary["weights_agree"]
+    rows = _lines(run_dir, "train")
+    assert abs(rows[-1]["samples"] - 2 * steps2 * 32) <= 32, "the schedule's samples, within one global batch"
+    lrs = [r["lr"] for r in rows]
+    steps = [b - a for a, b in zip(lrs, lrs[1:], strict=False)]
+    assert all(x <= 1e-12 for x in steps), "cosine without warmup: the lr never rises, also across resumes"
+    assert max(-x for x in steps) <= 3 * sorted(-x for x in steps)[len(steps) // 2] + 1e-9, "no jump at a resume"

@@ -33,7 +33,10 @@ from retrieval.errors import UserError
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth-sop": ("retrieval.cli.synth", "write a synthetic catalogue in the exact SOP layout"),
-    "shards": ("retrieval.cli.shards", "build / verify WebDataset shards from SOP, a manifest or an image folder"),
+    "shards": (
+        "retrieval.cli.shards",
+        "build / verify / index WebDataset shards (SOP, a manifest, an image folder; foreign corpora)",
+    ),
     "train": ("retrieval.cli.train", "fine-tune a timm backbone with triplet loss (DDP / DeepSpeed via accelerate)"),
     "embed": ("retrieval.cli.embed", "embed a split rank-sharded and merge the parts"),
     "eval": ("retrieval.cli.eval", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),

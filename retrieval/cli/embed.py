@@ -32,7 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="run folder, model.safetensors (model.yaml beside it), or a config YAML with --untrained",
     )
-    p.add_argument("--shards", required=True, help="shard folder with stats.json")
+    p.add_argument(
+        "--shards",
+        required=True,
+        help="shard folder with stats.json, URL prefix/, or webdataset URLs (brace, '::', http(s)://, pipe:)",
+    )
+    p.add_argument("--label-key", help="cls, txt or json:FIELD; default: the one stats.json names, else cls")
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--untrained", action="store_true", help="the run's architecture at its starting weights")
@@ -58,7 +63,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     writer = EmbeddingSet.writer(out, acc.process_index, args.part_rows, args.dtype)
     local = embed_split(
-        model, args.shards, args.split, spec, args.batch_size, args.num_workers, acc.device, acc.mixed_precision, writer
+        model,
+        args.shards,
+        args.split,
+        spec,
+        args.batch_size,
+        args.num_workers,
+        acc.device,
+        acc.mixed_precision,
+        writer,
+        label_key=args.label_key,
     )
     seconds = local.meta["seconds"]
     rate = local.meta["count"] / max(seconds, 1e-9)

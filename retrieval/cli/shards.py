@@ -1,9 +1,11 @@
-"""``retrieval shards build|verify|merge-stats``: WebDataset shards from SOP, a manifest or an image folder.
+"""``retrieval shards build|verify|merge-stats|index``: WebDataset shards from SOP, a manifest or an image folder,
+and the index of a corpus written by other tools.
 
     retrieval shards build --sop-root /data/Stanford_Online_Products --out /data/sop-shards --workers 16
     retrieval shards build --manifest catalogue.csv --out shards/out
     retrieval shards build --inshop-root "/data/In-shop Clothes Retrieval Benchmark" --out /data/inshop-shards
     retrieval shards verify shards/out
+    retrieval shards index /data/img2ds --split train --label-key json:product_id --out idx   # then --shards idx
 
 The layout and the builder are documented in :mod:`retrieval.data.shards`.
 """
@@ -14,7 +16,7 @@ import argparse
 import os
 
 from retrieval.data.shard_writer import verify
-from retrieval.data.shards import build, merge_stats, parse_part
+from retrieval.data.shards import DEFAULT_SHARD_SIZE, build, merge_stats, parse_part
 from retrieval.data.sop import ON_MISSING
 
 
@@ -38,7 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="encoding processes")
     b.add_argument("--max-side", type=int, default=256, help="longer image side after re-encoding")
     b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
-    b.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (a class is never cut)")
+    b.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        help=f"max samples per shard, a class is never cut (default {DEFAULT_SHARD_SIZE}: SOP's ~48k train images "
+        "make ~190 shards, one per reader for up to 48 processes x 4 workers; fewer shards than readers still "
+        "train, split by class inside the shards)",
+    )
     b.add_argument(
         "--val-classes",
         type=_classes_arg,
@@ -64,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--workers", type=int, default=1)
     m = sub.add_parser("merge-stats", help="write stats.json / sizes.json once every --part has finished")
     m.add_argument("dir")
+    i = sub.add_parser(
+        "index", help="scan a foreign WebDataset corpus (img2dataset, S3, HTTP) once: stats.json + sizes.json"
+    )
+    i.add_argument("source", help="folder of .tar, brace pattern or '::'-joined URLs (http(s)://, pipe:...)")
+    i.add_argument("--out", required=True, help="index folder; then train/embed with --shards OUT")
+    i.add_argument("--split", default="train", help="the split these shards are (index each split once)")
+    i.add_argument("--label-key", default="cls", help="cls, txt or json:FIELD (e.g. json:product_id)")
 
 
 # `shards build` options passed to data.shards.build as they are (--part is parsed first)
@@ -77,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "merge-stats":
         merge_stats(args.dir)
+        return 0
+    if args.action == "index":
+        from retrieval.data.corpus import index_corpus  # imports webdataset (and torch): only when indexing
+
+        index_corpus(args.source, args.out, args.split, args.label_key)
         return 0
     problems, stats = verify(args.dir, args.workers)
     if problems:

@@ -41,7 +41,9 @@ PREEMPTED_EXIT = 3  # checkpointed and marked preempted: resume it (slurm/train.
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
-    p.add_argument("--shards", help="shard folder (overrides data.shards)")
+    p.add_argument(
+        "--shards", help="shard folder, URL prefix/ or webdataset URLs (brace, ::, http(s), pipe:); = data.shards"
+    )
     p.add_argument("--run-dir", help="output folder (default runs/<train.name>)")
     p.add_argument("--resume", help="auto (latest if present) | latest | path to a checkpoints/step_N folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 optim.lr=1e-4")

@@ -1,14 +1,16 @@
 """Streaming WebDataset loader: P×K train batches and exactly-once eval batches.
 
 Shards follow the contract of ``retrieval shards build`` (``DIR/{split}-NNNNNN.tar``, members
-``jpg``/``cls``/``json``, ``stats.json``). Both modes are ``torch.utils.data.DataLoader`` objects with
+``jpg``/``cls``/``json``, ``stats.json``) or come from any source :mod:`retrieval.data.source` accepts
+(URL prefixes, brace patterns, ``http(s)://``, ``pipe:``; labels by ``data.label_key``). Both modes are ``torch.utils.data.DataLoader`` objects with
 ``batch_size=None``: batches are formed inside the workers, which decode JPEGs with ``Image.draft``.
 
 Train (:func:`train_loader`): every rank yields exactly ``steps - start_step`` batches
 ``{"image": B×3×H×W float32, "label": int64 B, "image_id": int64 B, "skipped": int}``, B = P*K.
 
 * Shards are permuted per (seed, epoch), then rank r takes ``shards[r::world]`` (ranks see disjoint
-  shards each epoch) and logical worker w of W takes ``rank_shards[w::W]``.
+  shards each epoch) and logical worker w of W takes ``rank_shards[w::W]``; with fewer shards than
+  world × W, readers split by class group inside the shards instead (:mod:`retrieval.data.layout`).
 * Each worker cycles over its shards (new seeded order per pass) and plans batches on metadata with
   :class:`retrieval.data.pk.PKPlanner` (pool of ``data.class_pool`` classes, P classes × K images, the
   small-class rule is documented there). Cycling means uneven shard sizes never change the number of
@@ -19,11 +21,10 @@ Train (:func:`train_loader`): every rank yields exactly ``steps - start_step`` b
 * Augmentations are seeded per batch from (seed, epoch, rank, g), so a batch is the same whichever
   process makes it. Resuming at ``start_step`` replays the skipped plans without decoding and yields
   the very batches an uninterrupted epoch would have yielded from there on.
-* W = ``data.num_workers`` (0 means in-process, W = 1), reduced with a warning when the rank has fewer
-  shards than workers. Fewer shards than ranks is a UserError.
+* W = ``data.num_workers`` (0 means in-process, W = 1); never reduced, whatever the number of shards.
 
-Eval (:func:`eval_loader`): shards ``[r::world]`` per rank, then ``[w::W]`` per worker; each sample
-exactly once over all ranks; ranks may yield different numbers of batches (possibly none).
+Eval (:func:`eval_loader`): shards ``[r::world]`` per rank, then ``[w::W]`` per worker, or a split by
+sample inside the shards when they are fewer than world × W; each sample exactly once over all ranks; ranks may yield different numbers of batches (possibly none).
 Batches: ``{"image", "label", "image_id", "super_label", "path": list[str], "skipped": int}``.
 
 Small classes (train): a 1-image class is never used (no positive); ``data.small_class=repeat`` uses
@@ -44,9 +45,7 @@ seeding inside ``fork_rng``), so a resumed trainer's RNG stream matches an unint
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,8 +56,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from retrieval import dist
 from retrieval.config import DataConfig
 from retrieval.data import transforms as tfm
-from retrieval.data.pk import TAG_AUG, TAG_SHARDS, PKPlanner, Plan, Sample, SkipCounter, read_samples, rng_for, seed_seq
+from retrieval.data.layout import Layout, split_readers, train_layout
+from retrieval.data.pk import TAG_AUG, PKPlanner, Plan, Sample, SkipCounter, Stream, read_samples, seed_seq
+from retrieval.data.source import read_stats, shard_urls, split_entry
 from retrieval.errors import UserError
+
+__all__ = ["EpochSpan", "Reader", "eval_loader", "read_stats", "shard_urls", "train_loader"]
 
 if TYPE_CHECKING:
     from retrieval.models import InputSpec
@@ -66,31 +69,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what PIL raises on corrupt bytes
-
-
-def read_stats(shards_dir: str | Path) -> dict:
-    """``DIR/stats.json`` written by ``retrieval shards build``."""
-    path = Path(shards_dir) / "stats.json"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; build shards first (`retrieval shards build ... --out {shards_dir}`)")
-    try:
-        stats = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); rebuild the shards") from None
-    if not isinstance(stats, dict):
-        raise UserError(f"{path}: expected a JSON object with per-split entries, got {type(stats).__name__}")
-    return stats
-
-
-def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
-    """Sorted paths of ``DIR/{split}-*.tar``."""
-    root = Path(shards_dir)
-    if not root.is_dir():
-        raise UserError(f"shards folder {str(root)!r} does not exist; build it with `retrieval shards build`")
-    urls = sorted(str(p) for p in root.glob(f"{split}-*.tar"))
-    if not urls:
-        raise UserError(f"{root}: no shards for split {split!r} (expected {split}-000000.tar, ...)")
-    return urls
 
 
 def _worker_init(_: int) -> None:
@@ -144,9 +122,11 @@ class _TrainStream(IterableDataset):
         workers: int,
         steps: int,
         start_step: int,
+        layout: Layout,
     ) -> None:
         self.urls, self.data, self.transform, self.min_side = urls, data, transform, min_side
         self.epoch, self.rank, self.workers, self.steps, self.start_step = epoch, rank, workers, steps, start_step
+        self.layout = layout
 
     def __len__(self) -> int:
         return self.steps - self.start_step
@@ -166,8 +146,9 @@ class _TrainStream(IterableDataset):
         where = f"rank {self.rank} data worker {logical}"
         counter = SkipCounter(where)
         d = self.data
+        urls, stream = self.layout.worker(logical, W)
         planner = PKPlanner(
-            self.urls[logical::W],
+            urls,
             d.classes_per_batch,
             d.images_per_class,
             d.class_pool,
@@ -175,6 +156,7 @@ class _TrainStream(IterableDataset):
             (d.seed, self.epoch, self.rank, logical),
             counter,
             where,
+            stream,
         )
         for j, plan in enumerate(planner):
             g = j * W + logical
@@ -287,63 +269,51 @@ def _dataloader(dataset: IterableDataset, workers: int, pin_memory: bool) -> Dat
     )
 
 
-def epoch_shards(urls: Sequence[str], seed: int, epoch: int, rank: int, world: int) -> list[str]:
-    """This rank's train shards for an epoch: a (seed, epoch) permutation of all shards, then ``[rank::world]``."""
-    if len(urls) < world:
-        raise UserError(
-            f"{len(urls)} train shard(s) for {world} processes: every rank needs at least one; "
-            "rebuild the shards with a smaller --shard-size (or use fewer processes)"
-        )
-    perm = rng_for(TAG_SHARDS, seed, epoch).permutation(len(urls))
-    return [urls[i] for i in perm][rank::world]
-
-
 def train_loader(
     shards_dir: str | Path, data_cfg: DataConfig, spec: InputSpec, span: EpochSpan, reader: Reader = Reader()
 ) -> DataLoader:
     """Exactly ``span.steps - span.start_step`` P×K batches of ``data_cfg.train_split`` for this rank and epoch."""
     rank, world = reader.place()
-    urls = epoch_shards(shard_urls(shards_dir, data_cfg.train_split), data_cfg.seed, span.epoch, rank, world)
-    workers = data_cfg.num_workers
-    if workers > len(urls):
-        log.warning(
-            "rank %d: %d train shard(s) for data.num_workers=%d; using %d workers (more shards, from a "
-            "smaller --shard-size, keep them all busy)",
-            rank,
-            len(urls),
-            workers,
-            len(urls),
-        )
-        workers = len(urls)
+    entry = split_entry(shards_dir, data_cfg.train_split)
+    urls = shard_urls(shards_dir, data_cfg.train_split, entry)
+    layout = train_layout(urls, data_cfg, entry, span.epoch, rank, world)
     dataset = _TrainStream(
-        urls,
+        layout.urls,
         data_cfg,
         tfm.train_transform(spec, data_cfg),
         tfm.train_min_side(spec.size, data_cfg.scale),
         span.epoch,
         rank,
-        max(workers, 1),
+        max(data_cfg.num_workers, 1),
         span.steps,
         span.start_step,
+        layout,
     )
-    return _dataloader(dataset, workers, reader.pin_memory)
+    return _dataloader(dataset, data_cfg.num_workers, reader.pin_memory)
 
 
 class _EvalStream(IterableDataset):
     """One rank's eval shards, split across workers at shard granularity, batched in the worker."""
 
     def __init__(
-        self, urls: list[str], workers: int, batch_size: int, transform, img_size: int, min_side: int, rank: int
+        self, layout: Layout, workers: int, batch_size: int, transform, img_size: int, min_side: int, rank: int
     ) -> None:
-        self.urls, self.workers, self.batch_size = urls, workers, batch_size
+        self.layout, self.workers, self.batch_size = layout, workers, batch_size
         self.transform, self.img_size, self.min_side, self.rank = transform, img_size, min_side, rank
+
+    def _samples(self, w: int, counter: SkipCounter):
+        urls, stream = self.layout.worker(w, self.workers)
+        for j, url in enumerate(urls):
+            for k, s in enumerate(read_samples([url], counter, stream.label_key)):
+                if stream.share.keeps_group(k, j):
+                    yield s
 
     def __iter__(self):
         info = get_worker_info()
         w = info.id if info else 0
         counter = SkipCounter(f"rank {self.rank} eval worker {w}")
         batch: list[tuple] = []
-        for s in read_samples(self.urls[w :: self.workers], counter):
+        for s in self._samples(w, counter):
             img = _decode(s, self.min_side, counter)
             if img is None:
                 continue
@@ -372,12 +342,23 @@ class _EvalStream(IterableDataset):
 
 
 def eval_loader(
-    shards_dir: str | Path, split: str, spec: InputSpec, batch_size: int, num_workers: int, reader: Reader = Reader()
+    shards_dir: str | Path,
+    split: str,
+    spec: InputSpec,
+    batch_size: int,
+    num_workers: int,
+    reader: Reader = Reader(),
+    label_key: str | None = None,
 ) -> DataLoader:
-    """Every sample of ``split`` exactly once across ranks (this rank's part; empty when it has no shard)."""
+    """Every sample of ``split`` exactly once across ranks (this rank's part; empty when it has nothing).
+
+    ``label_key``: ``cls``, ``txt`` or ``json:FIELD``; None = the one the split's stats.json names, else ``cls``.
+    """
     rank, world = reader.place()
-    urls = shard_urls(shards_dir, split)[rank::world]
-    workers = min(num_workers, len(urls))
+    entry = split_entry(shards_dir, split)
+    stream = Stream(label_key or entry.get("label_key", "cls"))
+    layout = split_readers(shard_urls(shards_dir, split, entry), rank, world, num_workers, stream)
+    workers = num_workers if layout.in_shard else min(num_workers, len(layout.urls))
     min_side = tfm.eval_min_side(spec.size, spec.crop_pct)
-    dataset = _EvalStream(urls, max(workers, 1), batch_size, tfm.eval_transform(spec), spec.size, min_side, rank)
+    dataset = _EvalStream(layout, max(workers, 1), batch_size, tfm.eval_transform(spec), spec.size, min_side, rank)
     return _dataloader(dataset, workers, reader.pin_memory)

@@ -10,6 +10,16 @@ Stream: the worker's shards are read in a new seeded order on every pass and cyc
 the number of batches never depends on shard sizes (the caller stops after its quota). The shard
 contract keeps each class contiguous inside one shard; a contiguous run of one label is a group.
 
+Foreign corpora (``grouped: false`` in the split's stats.json, from ``retrieval shards index``) may
+scatter a class over many shards. The planner then buffers each label's samples (undecoded bytes)
+across the worker's shards and releases the class as soon as K are buffered; at a pass end the
+remainders (2..K-1 images) follow under the small-class rule. Memory: at most K-1 undecoded images per
+class the worker sees, e.g. 11k classes x 3 x 30 kB = 1 GB per worker in the worst case (far less when a
+class's images sit close together). Only images in the same worker's shards meet: a class spread over
+shards of different workers is seen as fragments (fragments of one image are unusable), so for heavily
+scattered corpora rebuild with ``retrieval shards build --manifest`` or use few shards per split (the
+in-shard split then gives every reader all shards and whole classes, by label hash).
+
 Pool: up to ``class_pool`` complete classes are buffered; a batch takes P of them at random
 (without replacement) and removes them; the pool is refilled from the stream. When the worker's
 shards hold fewer usable classes than the pool size, a batch is formed at each pass end as soon as P
@@ -22,6 +32,7 @@ K - n draws with replacement; with ``small_class="drop"`` it is skipped.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -31,7 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import webdataset as wds
+from webdataset import tariterators
 
+from retrieval.data.source import open_shard
 from retrieval.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -61,22 +74,52 @@ class Sample:
     jpg: bytes
 
 
-def parse_sample(raw: dict) -> Sample:
-    """Contract fields from a webdataset sample dict; ``ValueError`` when a member is missing or malformed."""
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def stable_int(text: str) -> int:
+    """A non-negative int64 for a non-numeric label or key (sha1: the same in every process and run)."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") >> 1
+
+
+def _as_int(value: object) -> int:
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else stable_int(text)
+
+
+def _label(raw: dict, meta: dict, label_key: str) -> int:
+    """The label by ``data.label_key``: ``cls``, ``txt`` or ``json:FIELD``; a non-numeric value is hashed."""
+    if label_key.startswith("json:"):
+        field = label_key[5:]
+        if field not in meta:
+            raise ValueError(f"no field {field!r} in its .json (data.label_key={label_key})")
+        return _as_int(meta[field])
+    if label_key not in raw:
+        raise ValueError(f"no .{label_key} member (data.label_key={label_key})")
+    return _as_int(raw[label_key].decode("utf-8"))
+
+
+def parse_sample(raw: dict, label_key: str = "cls") -> Sample:
+    """Contract fields from a webdataset sample dict; ``ValueError`` when a member is missing or malformed.
+
+    The image is the first of ``.jpg/.jpeg/.png/.webp``; the image id is ``image_id`` of the ``.json`` or the
+    key (hashed when not numeric).
+    """
     key = raw.get("__key__", "?")
-    if "jpg" not in raw or "cls" not in raw:
-        raise ValueError(f"sample {key} lacks a .jpg or .cls member")
-    label = int(raw["cls"].decode("ascii").strip())
+    image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+    if image is None:
+        raise ValueError(f"sample {key} has no image member ({'/'.join(IMAGE_EXTS)})")
     meta = json.loads(raw["json"]) if "json" in raw else {}
-    image_id = int(meta.get("image_id", key))
+    if not isinstance(meta, dict):
+        meta = {}
     return Sample(
         key,
         raw.get("__url__", ""),
-        label,
-        image_id,
+        _label(raw, meta, label_key),
+        _as_int(meta.get("image_id", key)),
         int(meta.get("super_class_id", 0)),
         str(meta.get("path", key)),
-        raw["jpg"],
+        image,
     )
 
 
@@ -107,13 +150,22 @@ class SkipCounter:
         return n
 
 
-def read_samples(urls: Sequence[str], counter: SkipCounter) -> Iterator[Sample]:
-    """Samples of ``urls`` in order; malformed samples are counted and skipped, unreadable tars warned."""
-    for raw in wds.tarfile_samples([{"url": u} for u in urls], handler=wds.warn_and_continue):
-        try:
-            yield parse_sample(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            counter.add(raw.get("__key__", "?"), raw.get("__url__", "?"), e)
+def _tar_members(url: str):
+    with open_shard(url) as stream:
+        yield from tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=wds.warn_and_continue)
+
+
+def read_samples(urls: Sequence[str], counter: SkipCounter, label_key: str = "cls") -> Iterator[Sample]:
+    """Samples of ``urls`` in order; malformed samples are counted and skipped, corrupt tars warned.
+
+    An unreachable remote shard raises a UserError (after retries): a rank must not silently see less data.
+    """
+    for url in urls:
+        for raw in tariterators.group_by_keys(_tar_members(url), handler=wds.warn_and_continue):
+            try:
+                yield parse_sample(raw, label_key)
+            except (ValueError, UnicodeDecodeError) as e:
+                counter.add(raw.get("__key__", "?"), raw.get("__url__", "?"), e)
 
 
 def class_groups(samples: Iterator[Sample]) -> Iterator[list[Sample]]:
@@ -144,6 +196,36 @@ class Plan:
 _PASS_END = object()
 
 
+@dataclass(frozen=True)
+class Share:
+    """Which class groups of the shards a reader keeps: ``index`` of ``count`` readers (in-shard split).
+
+    Builder shards (grouped): group i of the shard at position j of the epoch's shard list goes to reader
+    ``(i + j) % count``, so readers get nearly equal numbers of classes. Ungrouped corpora: a class goes to
+    the reader its label hashes to (``salt`` varies the assignment per epoch). ``count=1`` keeps everything.
+    """
+
+    index: int = 0
+    count: int = 1
+    salt: int = 0
+
+    def keeps_group(self, i: int, j: int) -> bool:
+        return self.count == 1 or (i + j) % self.count == self.index
+
+    def keeps_label(self, label: int) -> bool:
+        mixed = ((label ^ self.salt) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        return self.count == 1 or (mixed >> 32) % self.count == self.index
+
+
+@dataclass(frozen=True)
+class Stream:
+    """How a planner reads its shards: label key, whether classes are contiguous, its share of the groups."""
+
+    label_key: str = "cls"
+    grouped: bool = True
+    share: Share = Share()
+
+
 class PKPlanner:
     """Endless P×K plans over one worker's shards; a pure function of the shard bytes and ``seed_words``."""
 
@@ -157,21 +239,45 @@ class PKPlanner:
         seed_words: Sequence[int],
         counter: SkipCounter,
         where: str = "worker",
+        stream: Stream = Stream(),
     ) -> None:
         if not urls:
             raise ValueError("PKPlanner needs at least one shard")
         self.urls, self.P, self.K, self.pool_size = list(urls), P, K, max(pool_size, P)
         self.small_class, self.seed_words, self.counter, self.where = small_class, tuple(seed_words), counter, where
+        self.stream = stream
 
     def usable(self, group: list[Sample]) -> bool:
         n = len(group)
         return n >= 2 and (n >= self.K or self.small_class == "repeat")
 
     def _groups(self) -> Iterator[list[Sample] | object]:
+        gather = self._grouped_pass if self.stream.grouped else self._gathered_pass
         for p in itertools.count():
             order = rng_for(TAG_PASS, *self.seed_words, p).permutation(len(self.urls))
-            yield from class_groups(read_samples([self.urls[i] for i in order], self.counter))
+            yield from gather(order)
             yield _PASS_END
+
+    def _grouped_pass(self, order) -> Iterator[list[Sample]]:
+        share, key = self.stream.share, self.stream.label_key
+        for j in order:
+            for i, g in enumerate(class_groups(read_samples([self.urls[j]], self.counter, key))):
+                if share.keeps_group(i, int(j)):
+                    yield g
+
+    def _gathered_pass(self, order) -> Iterator[list[Sample]]:
+        """Classes scattered over shards: buffer each label's samples, release it once K are buffered; at the
+        pass end the remainders (fewer than K) follow. Holds at most K-1 undecoded images per class."""
+        share, key = self.stream.share, self.stream.label_key
+        partial: dict[int, list[Sample]] = {}
+        for s in read_samples([self.urls[j] for j in order], self.counter, key):
+            if not share.keeps_label(s.label):
+                continue
+            group = partial.setdefault(s.label, [])
+            group.append(s)
+            if len(group) >= self.K:
+                yield partial.pop(s.label)
+        yield from partial.values()
 
     def _too_few_classes(self) -> str:
         need = f"{self.K} images (data.small_class=drop)" if self.small_class == "drop" else "2 images"

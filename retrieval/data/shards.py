@@ -45,6 +45,8 @@ _SPAWN = multiprocessing.get_context("spawn")
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the bytes of a shard change for the same options
+# ~6 MB shards of SOP-sized JPEGs: enough shards for common worlds (ranks x workers) and still long sequential reads
+DEFAULT_SHARD_SIZE = 256
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -201,7 +203,7 @@ def build(
     workers: int = 1,
     max_side: int = 256,
     quality: int = 90,
-    shard_size: int = 1000,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     val_classes: int | float = 0.2,
     test_classes: int | float = 0.5,
     seed: int = 0,
