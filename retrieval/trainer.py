@@ -114,6 +114,7 @@ class Trainer:
         elastic_resume = False
         if start is not None:
             state = check_resumable(self.run, start, self.cfg)
+            resumed_at = state.global_step  # the log's numbering (an elastic resume renumbers the steps)
             self.state, elastic_resume = elastic.adapt(
                 state, self._shape(), start, self.derived, self.cfg.optim.grad_accum
             )
@@ -123,9 +124,7 @@ class Trainer:
                 "continue it, or choose a new --run-dir"
             )
         if acc.is_main_process:
-            self.run.begin(
-                self.cfg, fresh=start is None, resumed_step=None if start is None else self.state.global_step
-            )
+            self.run.begin(self.cfg, fresh=start is None, resumed_step=None if start is None else resumed_at)
         acc.wait_for_everyone()
         runlog.init_trackers(acc, self.cfg, self.run.path, to_dict(self.cfg))
         if start is not None:

@@ -21,6 +21,10 @@ def split_problems(shards_dir: str | Path, split: str, stats: dict) -> list[str]
     entry = stats.get(split)
     if not isinstance(entry, dict):
         return [f"stats.json has no split {split!r} (found {sorted(k for k in stats if k != 'config')})"]
+    if entry.get("urls"):  # `retrieval shards index` of a corpus kept elsewhere: its shards are its URLs
+        return _url_problems(list(entry["urls"]))
+    if not root.is_dir():  # a URL prefix, brace list or pipe: source: reads retry, and the counts are checked
+        return []
     expected = dict(entry.get("shard_samples") or {})
     on_disk = {p.name: p for p in root.glob(f"{split}-*.tar")}
     problems = []
@@ -41,6 +45,13 @@ def split_problems(shards_dir: str | Path, split: str, stats: dict) -> list[str]
                 f"the shards hold {total} bytes, stats.json records {entry['bytes']} (truncated or replaced)"
             )
     return problems
+
+
+def _url_problems(urls: list[str]) -> list[str]:
+    """Local shard files an index lists that are gone (remote URLs are checked when read, with retries)."""
+    local = [u.removeprefix("file://") for u in urls if "://" not in u.removeprefix("file://") and ":" not in u[:6]]
+    missing = [u for u in local if not Path(u).is_file()]
+    return [f"{len(missing)} shard(s) listed in stats.json are missing ({_few(missing)})"] if missing else []
 
 
 def check_split(shards_dir: str | Path, split: str, stats: dict, allow_incomplete: bool = False) -> None:
