@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+from retrieval.embedding import EmbeddingSet
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "slurm" / "train.sbatch"
@@ -160,10 +161,10 @@ def test_embed_job(slurm_env, synth_shards, reference_run, tmp_path) -> None:
     job = _submit(env, log, "embed.sbatch", str(reference_run), str(synth_shards), "test", str(out))
     info = _wait_for_end(env, job)  # polled: sbatch --wait's growing poll interval costs ~15 s here
     assert info["ExitCode"] == "0:0", log.read_text()[-6000:]
-    meta = json.loads((out / "meta.json").read_text())
+    es = EmbeddingSet.load(out)  # parts or merged: the set's own reader
     stats = json.loads((synth_shards / "stats.json").read_text())
-    ids = np.load(out / "ids.npy")
-    assert len(ids) == len(set(ids.tolist())) == stats["test"]["samples"], meta
+    ids = es.ids
+    assert len(ids) == len(set(ids.tolist())) == stats["test"]["samples"], es.meta
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["recall@1"] <= 1
     assert (out / "index").is_dir() and any((out / "index").iterdir())
