@@ -163,14 +163,20 @@ def record_error(message: str) -> None:
 
     The launcher reports a failed worker in a ``ChildFailedError`` block whatever the worker does; with the error
     file it reads (``TORCHELASTIC_ERROR_FILE``) that block's root cause shows this line instead of "To enable
-    traceback see ...". The launcher's own exit code is 1 for any failed worker.
+    traceback see ...". The launcher's own exit code is 1 for any failed worker, and its block comes last: a
+    wrapper that owns the launch (``retrieval launch``, ``slurm/train.sbatch``) names a file in
+    ``RETRIEVAL_ERROR_FILE`` and prints the line found there after the launcher is done, with exit code 2.
     """
     import json
 
-    path = env("TORCHELASTIC_ERROR_FILE")
-    if path:
-        with contextlib.suppress(OSError):
-            Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    for name, text in (
+        ("TORCHELASTIC_ERROR_FILE", json.dumps({"message": message, "timestamp": int(time.time())})),
+        ("RETRIEVAL_ERROR_FILE", message + "\n"),
+    ):
+        path = env(name)
+        if path:
+            with contextlib.suppress(OSError):
+                Path(path).write_text(text)
 
 
 def exit_with_parent(poll_s: float = 1.0) -> None:

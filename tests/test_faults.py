@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -346,3 +347,15 @@ def test_launcher_failure_report_carries_the_one_line_error(tmp_path):
     root_cause = proc.stderr.split("Root Cause")[-1]
     assert "retrieval train: error:" in root_cause and "stats.json" in root_cause, proc.stderr[-3000:]
     assert "To enable traceback" not in root_cause
+
+
+def test_retrieval_launch_prints_the_one_line_error_last_with_exit_code_2(tmp_path):
+    """`accelerate launch` prints its ChildFailedError block after the worker's line and exits 1; `retrieval
+    launch` (the wrapper README and the demo use) ends with the worker's line and exit code 2."""
+    argv = ["train", "--config", TINY, "--shards", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r"), *FAST]
+    cmd = [sys.executable, "-m", "retrieval", "launch", "--processes", "2", "--cpu", *argv]
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("retrieval train: error:") and "stats.json" in last, proc.stderr[-3000:]
+    assert "ChildFailedError" in proc.stderr  # the launcher's block is there, above the line

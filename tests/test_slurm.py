@@ -170,6 +170,19 @@ def test_embed_job(slurm_env, synth_shards, reference_run, tmp_path) -> None:
     assert (out / "index").is_dir() and any((out / "index").iterdir())
 
 
+@pytest.mark.slurm
+def test_failed_job_ends_with_the_workers_one_line_error(slurm_env, tmp_path) -> None:
+    """A bad --shards: the job log's last line is the trainer's clear error (after accelerate's ChildFailedError
+    block), and the job's exit code is 2, as for a one-process run."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = _submit(slurm_env, log, "train.sbatch", *_train_args(run_dir, tmp_path / "no-shards"))
+    info = _wait_for_end(slurm_env, job)
+    text = log.read_text()
+    assert info["ExitCode"] == "2:0", f"{info}\n{text[-6000:]}"
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("retrieval train: error:") and "no-shards" in last, text[-6000:]
+
+
 def _wait_for_step(run_dir: Path, step: int, log: Path, timeout: float = 300) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

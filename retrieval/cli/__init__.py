@@ -10,6 +10,7 @@ imports from here (ARCHITECTURE.md; ``tests/test_layers.py`` checks it).
     retrieval shards verify shards/out
     retrieval train --config configs/tiny.yaml --shards shards/out --run-dir runs/tiny
     accelerate launch --config_file launch/cpu_2proc.yaml -m retrieval train --config configs/tiny.yaml
+    retrieval launch --processes 2 train --config configs/tiny.yaml --shards shards/out --run-dir runs/tiny
     retrieval embed --model runs/tiny --shards shards/out --split test --out runs/tiny/emb-test
     retrieval eval --embeddings runs/tiny/emb-test
     retrieval index build --embeddings runs/tiny/emb-test --out runs/tiny/index
@@ -38,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "build / verify / index WebDataset shards (SOP, a manifest, an image folder; foreign corpora)",
     ),
     "train": ("retrieval.cli.train", "fine-tune a timm backbone with triplet loss (DDP / DeepSpeed via accelerate)"),
+    "launch": ("retrieval.cli.launch", "run a command on N processes (accelerate launch), its one-line error last"),
     "embed": ("retrieval.cli.embed", "embed a split rank-sharded and merge the parts"),
     "eval": ("retrieval.cli.eval", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),
     "index": ("retrieval.cli.index", "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings"),
