@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not args.command:
-        print("retrieval launch: error: expected a command after the options, e.g. `train --config ...`", file=sys.stderr)
+        print(
+            "retrieval launch: error: expected a command after the options, e.g. `train --config ...`", file=sys.stderr
+        )
         return 2
     if args.processes < 1:
         print(f"retrieval launch: error: --processes: expected >= 1, got {args.processes}", file=sys.stderr)
