@@ -71,9 +71,12 @@ def plain_loops(jpgs: list[bytes], size: int, repeats: int) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def loader_rate(shards: Path, data: DataConfig, spec: InputSpec, steps: int, repeats: int) -> dict[str, Any]:
+def loader_rate(
+    shards: Path | str, data: DataConfig, spec: InputSpec, steps: int, repeats: int, epoch: int = 0
+) -> dict[str, Any]:
+    """Images/s of ``repeats`` fresh loaders (epochs ``epoch``, ``epoch + 1``, ...), each past its warm batches."""
     rates, startup, warm = [], [], max(data.num_workers, 1)
-    for r in range(repeats):
+    for r in range(epoch, epoch + repeats):
         start = time.perf_counter()
         batches = iter(train_loader(shards, data, spec, EpochSpan(epoch=r, steps=steps + warm), Reader(0, 1)))
         for _ in range(warm):

@@ -88,7 +88,12 @@ def test_cli_entry(tmp_path):
 
 @pytest.mark.parametrize(
     "topic, ratio_part",
-    [("loader", "loader_w0/raw_decode"), ("shards", "builder_w1/plain_pil_loop"), ("search-gpu", "floor fp32")],
+    [
+        ("loader", "loader_w0/raw_decode"),
+        ("loader-sources", "http/folder"),
+        ("shards", "builder_w1/plain_pil_loop"),
+        ("search-gpu", "floor fp32"),
+    ],
 )
 def test_topic_tiny(topic, ratio_part, tmp_path, work):
     payload = run_topic(topic, tmp_path, work)
