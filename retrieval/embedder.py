@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from retrieval.data.transforms import eval_transform
-from retrieval.embedding import LoadedModel, load_model
+from retrieval.embedding_model import LoadedModel, load_model
 from retrieval.errors import UserError
 
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor

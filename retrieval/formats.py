@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from retrieval.embedding import LoadedModel, load_model
+from retrieval.embedding_model import LoadedModel, load_model
 from retrieval.errors import UserError
 from retrieval.export import INPUT_NAME, resolve_export
 from retrieval.models import EmbeddingModel, InputSpec

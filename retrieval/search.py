@@ -18,7 +18,7 @@ import numpy as np
 
 from retrieval.data.sop import read_sop_file
 from retrieval.embedder import Embedder, ImageLike
-from retrieval.embedding import LoadedModel, load_model
+from retrieval.embedding_model import LoadedModel, load_model
 from retrieval.errors import UserError
 from retrieval.index import IndexFolder
 

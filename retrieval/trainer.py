@@ -23,7 +23,7 @@ from retrieval import dist, elastic, runlog
 from retrieval.config import Config, Derived
 from retrieval.config_io import to_dict
 from retrieval.data.loader import EpochSpan, Reader, train_loader
-from retrieval.embedding import embed_split, gather_embeddings
+from retrieval.embedding_model import embed_split, gather_embeddings
 from retrieval.errors import UserError
 from retrieval.export import export_model
 from retrieval.guard import FiniteGuard, SkipTally, check_skipped, param_checksum

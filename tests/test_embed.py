@@ -163,7 +163,7 @@ def test_a_bilinear_run_is_embedded_with_bilinear(synth_shards, tmp_path):
     import torch
 
     from retrieval.data.transforms import eval_transform
-    from retrieval.embedding import load_model
+    from retrieval.embedding_model import load_model
     from retrieval.export import read_input_spec
 
     run_dir, out = tmp_path / "run", tmp_path / "emb"

@@ -20,7 +20,8 @@ from pathlib import Path
 from retrieval import dist
 from retrieval.data.check import check_split
 from retrieval.data.loader import read_stats
-from retrieval.embedding import EmbeddingSet, embed_split, load_model
+from retrieval.embedding import EmbeddingSet
+from retrieval.embedding_model import embed_split, load_model
 from retrieval.errors import UserError
 
 log = logging.getLogger(__name__)

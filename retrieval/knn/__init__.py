@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
-import torch
 
 from retrieval.knn._base import (
     BACKENDS,
@@ -41,19 +40,19 @@ from retrieval.knn._base import (
     _as_f32,
     _check_k,
     _self_exclude,
+    cuda_available,
     faiss_has_gpu,
     faiss_search,
     faiss_to_gpu,
     make_flat,
 )
-from retrieval.knn._symmetric import symmetric_self_search
-from retrieval.knn._torch import torch_search
 
 __all__ = [
     "BACKENDS",
     "DTYPES",
     "METRICS",
     "SYMMETRIC_MIN_N",
+    "cuda_available",
     "faiss_has_gpu",
     "faiss_search",
     "faiss_to_gpu",
@@ -65,18 +64,31 @@ __all__ = [
 ]
 
 
+# The torch backends import torch on first use: an index build or a query/gallery eval on CPU runs on Faiss alone.
+def symmetric_self_search(*args, **kwargs):
+    from retrieval.knn._symmetric import symmetric_self_search as impl
+
+    return impl(*args, **kwargs)
+
+
+def torch_search(*args, **kwargs):
+    from retrieval.knn._torch import torch_search as impl
+
+    return impl(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------- front
 def pick_backend(self_search: bool, device: str = "auto") -> tuple[str, str]:
     """``(backend, device)`` that measured fastest for the situation (see the module docstring)."""
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    cuda = cuda_available() if device == "auto" else device.startswith("cuda")
     if cuda:
         return ("faiss", "cuda") if faiss_has_gpu() else ("torch", "cuda")
     return ("torch", "cpu") if self_search else ("faiss", "cpu")
 
 
 def search(
-    queries: np.ndarray | torch.Tensor,
-    database: np.ndarray | torch.Tensor | None = None,
+    queries,
+    database=None,
     k: int = 10,
     *,
     metric: str = "ip",
@@ -110,7 +122,7 @@ def search(
     if backend == "auto":
         backend, device = pick_backend(xb is None, device)
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if cuda_available() else "cpu"
     if backend == "faiss":
         gpus = list(range(faiss.get_num_gpus())) if device.startswith("cuda") and faiss_has_gpu() else None
         return faiss_search(q, xb, k, metric, exclude, shards=shards, gpus=gpus)
