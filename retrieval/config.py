@@ -103,16 +103,56 @@ class ModelConfig:
             raise ConfigError(f"model.drop_path_rate: expected a value in [0, 1), got {self.drop_path_rate}")
 
 
+LOSS_NAMES = ("triplet", "multi_similarity", "proxy_anchor", "contrastive", "supcon")
+XBM_LOSSES = ("triplet", "multi_similarity", "contrastive", "supcon")  # pair/triplet losses: a memory adds pairs
+
+
 @dataclass
 class LossConfig:
-    miner: str = "batch_hard"  # batch_hard | semi_hard | all | seed
-    distance: str = "cosine"  # cosine | squared_l2 (both on L2-normalised embeddings)
+    name: str = "triplet"  # triplet | multi_similarity | proxy_anchor | contrastive | supcon (retrieval.losses)
+    miner: str = "batch_hard"  # triplet only: batch_hard | semi_hard | all | seed
+    distance: str = "cosine"  # cosine | squared_l2 (both on L2-normalised embeddings); triplet and contrastive
     margin: float = 0.1  # triplet margin (in the chosen distance)
+    ms_alpha: float = 2.0  # multi_similarity: positive-pair scale (pml's default)
+    ms_beta: float = 50.0  # multi_similarity: negative-pair scale
+    ms_base: float = 0.5  # multi_similarity: similarity offset
+    pa_margin: float = 0.1  # proxy_anchor: margin delta (pml's default)
+    pa_alpha: float = 32.0  # proxy_anchor: scale alpha
+    num_classes: int | None = None  # proxy_anchor: proxies, one per label in [0, num_classes) (SOP: 11319)
+    proxy_lr_mult: float = 100.0  # proxy_anchor: the proxies' lr is optim.lr times this (the paper's 100x)
+    pos_margin: float = 1.0  # contrastive: positives are pulled up to it (cosine; squared_l2: 0)
+    neg_margin: float = 0.5  # contrastive: negatives are pushed past it (cosine; squared_l2: 1, pml's default)
+    temperature: float = 0.1  # supcon: softmax temperature (pml's default)
+    xbm_size: int = 0  # cross-batch memory, in embeddings (0 = off); >= one gathered batch (ranks x P x K)
+    xbm_start_step: int = 0  # optimizer steps of the plain loss before the memory fills and is used
+    xbm_weight: float = 1.0  # loss = in-batch loss + xbm_weight x loss against the memory (XBM paper)
 
     def __post_init__(self) -> None:
+        _choice("loss.name", self.name, LOSS_NAMES)
         _choice("loss.miner", self.miner, ("batch_hard", "semi_hard", "all", "seed"))
         _choice("loss.distance", self.distance, ("cosine", "squared_l2"))
-        _positive("loss.margin", self.margin, allow_zero=True)
+        for key in ("margin", "ms_alpha", "ms_beta", "pa_margin", "pa_alpha", "proxy_lr_mult", "temperature"):
+            _positive(f"loss.{key}", getattr(self, key), allow_zero=key in ("margin", "pa_margin"))
+        for key in ("xbm_size", "xbm_start_step", "xbm_weight"):
+            _positive(f"loss.{key}", getattr(self, key), allow_zero=True)
+        _positive("loss.num_classes", self.num_classes)
+        if self.name in ("multi_similarity", "proxy_anchor", "supcon") and self.distance != "cosine":
+            raise ConfigError(f"loss.distance: loss.name={self.name} uses cosine similarity, got {self.distance!r}")
+        if self.name == "proxy_anchor" and self.num_classes is None:
+            raise ConfigError("loss.num_classes: loss.name=proxy_anchor needs it (one proxy per label, > the largest)")
+        if self.name == "contrastive" and (self.pos_margin > self.neg_margin) != (self.distance == "cosine"):
+            want = "above" if self.distance == "cosine" else "below"
+            raise ConfigError(
+                f"loss.pos_margin: must lie {want} loss.neg_margin for distance {self.distance} "
+                f"(got {self.pos_margin} and {self.neg_margin})"
+            )
+        if self.xbm_size and self.name not in XBM_LOSSES:
+            raise ConfigError(f"loss.xbm_size: the memory works with {list(XBM_LOSSES)}, not {self.name}")
+        if self.xbm_size and self.name == "triplet" and self.miner != "batch_hard":
+            # pml enumerates a batch x memory x memory tensor for the other miners: 68 GB at 1024 x 8192
+            raise ConfigError(
+                f"loss.xbm_size: with the triplet loss the memory needs loss.miner=batch_hard, got {self.miner}"
+            )
 
 
 @dataclass

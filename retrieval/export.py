@@ -29,6 +29,8 @@ from retrieval.util import atomic_path, write_atomic
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.yaml"
 INPUT_NAME = "input.json"
+LOSS_NAME = "loss.safetensors"  # the loss's parameters (ProxyAnchor's proxies), when it has any
+LOSS_MODULE = "loss"  # the trainer holds them in the model under this name: state-dict keys "loss.*"
 
 
 def export_model(
@@ -39,7 +41,9 @@ def export_model(
     spec: InputSpec | None = None,
 ) -> Path:
     """Write ``out_dir/model.safetensors`` (float32, contiguous), ``out_dir/model.yaml`` and, given ``spec``,
-    ``out_dir/input.json`` (how images must be prepared); return the weights path.
+    ``out_dir/input.json`` (how images must be prepared); return the weights path. The loss's parameters (keys
+    ``loss.*``: ProxyAnchor's proxies, trained inside the model) go to ``out_dir/loss.safetensors``, without the
+    prefix, so that ``model.safetensors`` stays the embedding model alone.
 
     ``state_dict`` overrides the model's own (pass ``accelerator.get_state_dict(model)`` under DeepSpeed ZeRO-3,
     where the parameters are partitioned). The yaml has ``pretrained: false`` and no ``pretrained_file``: the
@@ -57,15 +61,27 @@ def export_model(
         # clone: safetensors refuses tensors that share storage (tied weights, views)
         tensors[key] = (value.float() if value.is_floating_point() else value).contiguous().clone()
     export_cfg = dataclasses.replace(cfg, pretrained=False, pretrained_file=None)
+    prefix = LOSS_MODULE + "."
+    loss = {k.removeprefix(prefix): tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
     weights = out_dir / WEIGHTS_NAME
-    with atomic_path(weights) as tmp:
-        # one metadata key: safetensors keeps metadata in a hash map, so several keys come out in varying order
-        # and two exports of the same weights would differ byte-wise (the model name is in model.yaml)
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    for path, part in ((weights, tensors), (out_dir / LOSS_NAME, loss)):
+        if part:
+            with atomic_path(path) as tmp:
+                # one metadata key: safetensors keeps metadata in a hash map, so several keys come out in varying
+                # order and two exports of the same weights would differ byte-wise (the model name is in model.yaml)
+                save_file(part, str(tmp), metadata={"format": "pt"})
     write_atomic(out_dir / CONFIG_NAME, yaml.safe_dump(to_dict(export_cfg), sort_keys=False))
     if spec is not None:
         write_atomic(out_dir / INPUT_NAME, json.dumps(spec.to_dict(), indent=1) + "\n")
     return weights
+
+
+def read_loss_state(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The loss's exported parameters (``{"proxies": C x d}`` for proxy_anchor) of an export folder or run dir, or
+    None when the loss had none."""
+    weights, _ = resolve_export(path)
+    loss = weights.parent / LOSS_NAME
+    return load_file(str(loss)) if loss.is_file() else None
 
 
 def read_input_spec(weights: str | os.PathLike) -> InputSpec | None:

@@ -1,4 +1,4 @@
-"""Worker of tests/test_losses_dist.py: one DDP rank computing triplet losses on its slice of a fixed batch.
+"""Worker of tests/test_losses_dist.py: one DDP rank computing every loss on its slice of a fixed batch.
 
     torchrun --nproc_per_node 2 --master_port PORT tests/_dist_loss_worker.py --out DIR
 
@@ -6,6 +6,8 @@ Each rank takes rows ``rank*B:(rank+1)*B`` of the global batch, runs every case 
 torch DDP model (gloo, float64) and saves the loss, stats, mined triplets (global indices) and the
 DDP-averaged gradients to ``DIR/rank{r}.pt``. Rank 0 also saves the initial weights. The test computes
 the same cases in one process on the whole batch (:func:`run_cases` without a process group) and compares.
+The other losses (:data:`LOSSES`) run on the linear model, each for :data:`STEPS` steps of plain SGD with batches
+that change every step, so that the cross-batch memory fills, wraps around and is compared after each step.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from retrieval import dist
 from retrieval.config import LossConfig
-from retrieval.losses import build_loss
+from retrieval.losses import build_loss, trainable
 
 MARGIN = 0.5
 CASES = {
@@ -35,6 +37,19 @@ CASES = {
         ("seed", "cosine"),
     ],
     "swin": [("batch_hard", "cosine"), ("semi_hard", "cosine"), ("all", "cosine"), ("seed", "cosine")],
+}
+NUM_CLASSES = 8
+STEPS = 4
+LOSSES = {  # name -> loss config; xbm_size 40 = 2.5 gathered batches of 16: the queue wraps at step 3
+    "multi_similarity": LossConfig(name="multi_similarity"),
+    "contrastive": LossConfig(name="contrastive"),
+    "contrastive_l2": LossConfig(name="contrastive", distance="squared_l2", pos_margin=0.0, neg_margin=1.0),
+    "supcon": LossConfig(name="supcon"),
+    "proxy_anchor": LossConfig(name="proxy_anchor", num_classes=NUM_CLASSES),
+    "xbm_triplet": LossConfig(name="triplet", miner="batch_hard", margin=MARGIN, xbm_size=40, xbm_start_step=1),
+    "xbm_multi_similarity": LossConfig(name="multi_similarity", xbm_size=40),
+    "xbm_contrastive": LossConfig(name="contrastive", xbm_size=40, xbm_start_step=1),
+    "xbm_supcon": LossConfig(name="supcon", xbm_size=40, xbm_weight=0.5),
 }
 
 
@@ -94,6 +109,41 @@ def run_cases(kind: str, model: nn.Module, inputs: torch.Tensor, labels: torch.T
     return out
 
 
+def step_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear model's global batch of training step ``step`` (labels in [0, NUM_CLASSES))."""
+    g = torch.Generator().manual_seed(100 + step)
+    labels = torch.randperm(NUM_CLASSES, generator=g)[torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0, 1, 4, 4, 5, 5, 2, 6])]
+    return torch.randn(len(labels), 6, generator=g, dtype=torch.float64), labels
+
+
+def run_loss(name: str, rank: int = 0, world: int = 1) -> dict:
+    """``STEPS`` SGD steps of loss ``name`` on the linear model (DDP when distributed): per step the loss, stats,
+    gradients (the proxies' included) and the memory's state."""
+    model = make_model("linear")
+    criterion = build_loss(LOSSES[name], seed=5, embedding_size=5).double()
+    if trainable(criterion) is not None:
+        model.add_module("loss", trainable(criterion))  # as retrieval.setup does: DDP reduces the proxies' gradient
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    steps = []
+    for step in range(STEPS):
+        inputs, labels = step_batch(step)
+        b = len(labels) // world
+        local = slice(rank * b, (rank + 1) * b)
+        opt.zero_grad(set_to_none=True)
+        loss, stats = criterion(ddp(inputs[local]), labels[local], step=step)
+        loss.backward()
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        opt.step()
+        memory = (
+            None
+            if criterion.memory is None
+            else {k: v.clone() if torch.is_tensor(v) else v for k, v in criterion.memory.state_dict().items()}
+        )
+        steps.append({"loss": loss.detach().clone(), "stats": stats, "grads": grads, "memory": memory})
+    return {"steps": steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -108,6 +158,7 @@ def main() -> None:
         b = len(labels) // world
         local = slice(rank * b, (rank + 1) * b)
         results[kind] = run_cases(kind, DistributedDataParallel(model), inputs[local], labels[local])
+    results["losses"] = {name: run_loss(name, rank, world) for name in LOSSES}
     torch.save({"world": world, "results": results}, args.out / f"rank{rank}.pt")
     if rank == 0:
         torch.save(initial, args.out / "initial.pt")

@@ -208,3 +208,55 @@ def test_float32_under_autocast_mines_in_float32() -> None:
     assert loss.dtype == torch.float32
     loss.backward()
     assert torch.isfinite(x.grad.float()).all()
+
+
+def test_proxy_anchor_equals_pml_in_float64() -> None:
+    """Our ProxyAnchor (proxies cast differentiably, see retrieval.losses.criterion) == pml's ProxyAnchorLoss:
+    loss, embedding gradient and proxy gradient."""
+    from pytorch_metric_learning.losses import ProxyAnchorLoss
+
+    emb, labels = _data(0)
+    ours = build_loss(LossConfig(name="proxy_anchor", num_classes=7), seed=1, embedding_size=4).double()
+    ref = ProxyAnchorLoss(7, 4).double()
+    ref.proxies.data.copy_(ours.params.proxies.data)
+    a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    loss, _ = ours(a, labels)
+    loss.backward()
+    expected = ref(b, labels)
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < 1e-12
+    assert torch.allclose(a.grad, b.grad, atol=1e-12, rtol=0)
+    assert torch.allclose(ours.params.proxies.grad, ref.proxies.grad, atol=1e-12, rtol=0)
+
+
+def test_memory_state_round_trips_and_continues_identically() -> None:
+    """The memory's state_dict (queue, write position, filled flag) restores a copy that continues bitwise."""
+    cfg = LossConfig(name="contrastive", xbm_size=20)
+    first = build_loss(cfg, embedding_size=4).double()
+    for seed in range(3):
+        first(*_data(seed))
+    second = build_loss(cfg, embedding_size=4).double()
+    second.memory.load_state_dict(first.memory.state_dict())
+    assert second.memory.filled == first.memory.filled == 20
+    emb, labels = _data(7)
+    assert first(emb, labels)[0].item() == second(emb, labels)[0].item()
+    assert torch.equal(first.memory.embedding_memory, second.memory.embedding_memory)
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"name": "proxy_anchor"}, "loss.num_classes"),
+        ({"name": "supcon", "distance": "squared_l2"}, "loss.distance"),
+        ({"name": "contrastive", "distance": "squared_l2"}, "loss.pos_margin"),
+        ({"name": "proxy_anchor", "num_classes": 5, "xbm_size": 64}, "loss.xbm_size"),
+        ({"xbm_size": 64, "miner": "semi_hard"}, "loss.xbm_size"),
+        ({"name": "ce"}, "loss.name"),
+        ({"temperature": 0}, "loss.temperature"),
+    ],
+)
+def test_loss_config_errors_name_the_field(values: dict, field: str) -> None:
+    from retrieval.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        LossConfig(**values)

@@ -1,7 +1,4 @@
-"""Triplet margin loss with mining over the global batch (all ranks), built on pytorch-metric-learning (pml).
-
-    criterion = build_loss(cfg.loss, seed=cfg.train.seed)
-    loss, stats = criterion(embeddings_local, labels_local, step=global_step)   # then loss.backward()
+"""Triplet margin loss with mining over the global batch (``loss.name=triplet``), built on pytorch-metric-learning.
 
 ``loss.miner``:
 - ``batch_hard``: pml ``BatchHardMiner``: for each anchor its farthest positive and its closest negative.
@@ -18,16 +15,6 @@ Loss: pml ``TripletMarginLoss`` with pml's default ``AvgNonZeroReducer`` (mean o
 loss, so easy triplets do not dilute the gradient as training progresses), ``MeanReducer`` for ``seed``.
 ``loss.distance``: ``cosine`` = pml ``CosineSimilarity`` (loss ``relu(s_an - s_ap + margin)``); ``squared_l2`` =
 pml ``LpDistance(power=2)`` on L2-normalised embeddings (pml normalises), i.e. ``2 - 2 cos``: twice the cosine scale.
-
-Global batch and the ``* world_size`` factor: every rank gathers all ranks' embeddings (``dist.all_gather_cat``,
-rank order, only the local slice carries gradient), mines and reduces over the gathered batch, so the loss value
-(and pml's mean over active triplets) is the single-process loss of the concatenated batch on every rank. Each rank
-back-propagates only through its own slice, and DDP *averages* gradients over ranks, which would divide the true
-gradient by ``world_size``; the returned loss is therefore multiplied by ``world_size``, and DDP-averaged gradients
-equal the single-process gradient of the concatenated batch (``tests/test_losses_dist.py``). ``stats["loss"]`` is
-the unscaled global loss, for logging. We do not use pml's ``DistributedLossWrapper``: it does the same ``*
-world_size`` but puts the local slice first (triplet indices then differ per rank) and calls torch.distributed
-itself, while this project gathers in ``retrieval.dist`` only.
 """
 
 from __future__ import annotations
@@ -40,52 +27,31 @@ from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, Lp
 from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.miners import BatchHardMiner
 from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer
-from torch import nn
 
-from retrieval import dist
 from retrieval.config import LossConfig
+from retrieval.losses.criterion import GlobalCriterion
 
 log = logging.getLogger(__name__)
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class TripletCriterion(nn.Module):
-    """``forward(embeddings_local, labels_local, step=None) -> (loss * world_size, stats)``; see the module doc."""
+class TripletCriterion(GlobalCriterion):
+    """Triplets mined by ``loss.miner`` in the gathered batch; see :class:`GlobalCriterion` for the call."""
 
     def __init__(self, cfg: LossConfig, seed: int = 0) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.seed = seed
         self.distance = make_distance(cfg)
         reducer = MeanReducer() if cfg.miner == "seed" else AvgNonZeroReducer()
         self.loss_fn = TripletMarginLoss(margin=cfg.margin, distance=self.distance, reducer=reducer)
         self.last_triplets: Triplets | None = None  # global indices of the last mined triplets (tests, debugging)
-        self._calls = 0
 
-    def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, step: int | None = None, with_stats: bool = True
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``with_stats=False`` skips the statistics: they cost a distance matrix and host syncs (the trainer
-        asks for them on logging steps only)."""
-        if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
-            raise ValueError(
-                f"expected B x d embeddings and B labels, got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
-            )
-        step = self._calls if step is None else step  # seed mode: same draw on every rank for the same step
-        self._calls += 1
-        # Distances in fp32 (or the input's fp64) even when the caller runs under autocast: mining compares them.
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            if embeddings.dtype in (torch.float16, torch.bfloat16):
-                embeddings = embeddings.float()
-            emb_all = dist.all_gather_cat(embeddings)
-            labels_all = dist.all_gather_cat(labels.to(embeddings.device))
-            triplets = _mine(emb_all, labels_all, self.cfg, self.distance, self.seed, step)
-            loss = self.loss_fn(emb_all, labels_all, triplets)
-            stats = self._stats(emb_all, triplets, loss) if with_stats else {}
+    def batch_loss(self, emb_all, labels_all, step, with_stats):
+        triplets = _mine(emb_all, labels_all, self.cfg, self.distance, self.seed, step)
+        loss = self.loss_fn(emb_all, labels_all, triplets)
         self.last_triplets = triplets
-        world = dist.world_size() if dist.is_dist() else 1
-        return loss * world, stats
+        return loss, (self._stats(emb_all, triplets, loss) if with_stats else {})
 
     @torch.no_grad()
     def _stats(self, emb: torch.Tensor, triplets: Triplets, loss: torch.Tensor) -> dict[str, Any]:
@@ -97,13 +63,6 @@ class TripletCriterion(nn.Module):
             violation = self.distance.margin(mat[a, p], mat[a, n]) + self.cfg.margin
             active = int((violation > 0).sum()) / num
         return {"active_fraction": active, "num_triplets": num, "loss": float(loss.detach())}
-
-
-def build_loss(cfg: LossConfig, seed: int = 0) -> TripletCriterion:
-    """The criterion for ``cfg``; ``seed`` (use ``train.seed``) only matters for ``loss.miner=seed``."""
-    if cfg.miner == "seed" and cfg.margin != 1.0:
-        log.warning("loss.miner=seed with loss.margin=%s: the seed recipe used margin 1", cfg.margin)
-    return TripletCriterion(cfg, seed=seed)
 
 
 def make_distance(cfg: LossConfig) -> BaseDistance:
