@@ -36,7 +36,7 @@ def prepare(cfg: Config, run: RunFolder) -> tuple:
     model = initial_model(cfg)
     spec = InputSpec.of(model, cfg.data)
     d = derived(cfg, accelerator.num_processes, train_samples)
-    groups = param_groups(model, cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay)
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay, cfg.optim.layer_decay)
     optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(d.total_optimizer_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
