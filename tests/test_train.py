@@ -71,6 +71,38 @@ def test_resume_mid_epoch_is_bitwise_identical(synth_shards, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_with_ema_is_bitwise_identical(synth_shards, tmp_path):
+    """train.ema_decay on (with warmup, layer decay and RandAugment + erasing, the recipe's other options): 4 steps
+    straight == 2, stop, resume for 2 more, for the raw weights (the checkpoint) and the EMA (the exports)."""
+    import torch
+
+    from retrieval.export import load_exported
+
+    common = ["train.epochs=2", "data.steps_per_epoch=3", "train.eval_every=0", "train.ema_decay=0.6"]
+    common += [
+        "train.ema_warmup=true",
+        "optim.layer_decay=0.7",
+        "data.rand_augment=rand-m9-mstd0.5",
+        "data.random_erasing=0.25",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(synth_shards, straight, *common, "train.max_steps=4") == 0
+    assert _train(synth_shards, resumed, *common, "train.max_steps=2") == 0
+    assert (resumed / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl").is_file()
+    assert _train(synth_shards, resumed, *common, "train.max_steps=4", resume="latest") == 0
+    for name in ("final/model.safetensors", "checkpoints/step_4/model.safetensors"):
+        a, b = _weights(straight / name), _weights(resumed / name)
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), f"{name} differs after resume"
+    ema = torch.load(resumed / "checkpoints" / "step_4" / "custom_checkpoint_0.pkl", weights_only=True)
+    exported, raw = (
+        _weights(resumed / "final" / "model.safetensors"),
+        _weights(resumed / "checkpoints/step_4/model.safetensors"),
+    )
+    assert all((ema[k].numpy() == exported[k]).all() for k in exported), "the export is the EMA"
+    assert any((raw[k] != exported[k]).any() for k in exported if k.endswith("weight")), "not the raw weights"
+    load_exported(resumed / "final")  # loads as any export
+
+
 def test_signal_checkpoints_marks_preempted_and_exits_3(synth_shards, tmp_path):
     """SIGUSR1 mid-run: the step finishes, a checkpoint is written, ``preempted`` holds its step, exit code 3;
     ``--resume auto`` then continues from that step and clears the mark."""
