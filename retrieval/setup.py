@@ -2,7 +2,8 @@
 
 The shards are checked against ``stats.json``/``sizes.json`` first (a missing or truncated shard fails before any
 process group or GPU work), then the Accelerator, the model, its input spec, the batch arithmetic, AdamW over the
-parameter groups (layer-wise lr decay with ``optim.layer_decay``), the warmup + cosine schedule, DeepSpeed's batch settings, and the loss.
+parameter groups (layer-wise lr decay with ``optim.layer_decay``), the warmup + cosine schedule, DeepSpeed's batch
+settings, and the loss.
 """
 
 from __future__ import annotations
