@@ -276,7 +276,7 @@ class Trainer:
 
     def _checkpoint(self) -> Path:
         self._check_finite("a checkpoint", weights=True)
-        needed = 3 * self._weight_bytes() + 2**20  # weights + AdamW's two moments, fp32
+        needed = (2 + len(self.weights.all())) * self._weight_bytes() + 2**20  # weights (+ EMA), AdamW's 2 moments
         ckpt = self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints, needed)
         fault_point("after_checkpoint")
         return ckpt
