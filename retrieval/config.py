@@ -46,6 +46,9 @@ class DataConfig:
     scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range
     hflip: float = 0.5  # horizontal flip probability (train)
     color_jitter: float = 0.0  # 0 disables; else brightness/contrast/saturation strength
+    rand_augment: str | None = None  # timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; None = off
+    random_erasing: float = 0.0  # timm RandomErasing probability (train); 0 = off
+    random_erasing_mode: str = "pixel"  # erased area filled with: pixel (per-pixel noise) | rand | const
     interpolation: str = "bicubic"  # resize filter: bicubic | bilinear
     seed: int = 0  # data order is a pure function of (seed, epoch, rank, worker)
     allow_incomplete: bool = False  # train/validate although shards are missing or differ from stats.json (warns)
@@ -82,6 +85,24 @@ class DataConfig:
             )
         if not 0 <= self.hflip <= 1:
             raise ConfigError(f"data.hflip: expected a probability in [0, 1], got {self.hflip}")
+        if not 0 <= self.random_erasing <= 1:
+            raise ConfigError(f"data.random_erasing: expected a probability in [0, 1], got {self.random_erasing}")
+        _choice("data.random_erasing_mode", self.random_erasing_mode, ("pixel", "rand", "const"))
+        _check_rand_augment(self.rand_augment)
+
+
+def _check_rand_augment(value: str | None) -> None:
+    """timm parses the string itself (an unknown section raises); imported only when the option is set."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not (value == "rand" or value.startswith("rand-")):
+        raise ConfigError(f"data.rand_augment: expected a timm RandAugment string like rand-m9-mstd0.5, got {value!r}")
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(value, {})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(f"data.rand_augment: timm cannot parse {value!r} ({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -165,6 +186,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of the peak lr
     grad_clip: float | None = 1.0  # max global gradient norm; null disables
     grad_accum: int = 1  # micro-batches per optimizer step
+    layer_decay: float | None = None  # layer-wise lr decay of the backbone (e.g. 0.75): its last layer at
+    # backbone_lr, each earlier one x layer_decay (timm's group_matcher); null or 1 = off
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
@@ -175,6 +198,8 @@ class OptimConfig:
         _positive("optim.grad_accum", self.grad_accum)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay: expected a value in (0, 1], got {self.layer_decay}")
 
 
 @dataclass
@@ -194,6 +219,9 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-time budget of this invocation: past it, stop as train.max_steps
     # does (checkpoint, export, exit 0), at a step boundary all ranks agree on; resume continues the schedule
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume tests on CPU)
+    ema_decay: float | None = None  # EMA of the weights (e.g. 0.9998): validated, selected and exported
+    # instead of the raw weights; null = off
+    ema_warmup: bool = False  # timm's EMA warmup: decay min(ema_decay, 1 - (1 + step)^-2/3) early on
 
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -205,6 +233,8 @@ class TrainConfig:
         _positive("train.max_steps", self.max_steps)
         _positive("train.max_minutes", self.max_minutes)
         _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay: expected a value in (0, 1), got {self.ema_decay}")
 
 
 @dataclass

@@ -37,11 +37,11 @@ class FiniteGuard:
             bad = ~torch.isfinite(v.detach().float()).all()
             self.first_bad = torch.minimum(self.first_bad, torch.where(bad, float(step), math.inf))
 
-    def check(self, step: int, before: str, model: torch.nn.Module | None = None, last_good: str | None = None) -> None:
-        """Raise :class:`DivergedError` on every rank if any rank saw a non-finite step (or, given ``model``, holds a
-        non-finite weight). Collective: every rank must call it at the same point."""
+    def check(self, step: int, before: str, models: list[torch.nn.Module] | None = None, last_good: str | None = None):
+        """Raise :class:`DivergedError` on every rank if any rank saw a non-finite step (or, given ``models``, holds a
+        non-finite weight in any of them: the model, its EMA). Collective: every rank must call it at the same point."""
         flags = [self.first_bad]
-        local = [torch.isfinite(p.detach()).all() for p in model.parameters() if p.numel()] if model else []
+        local = [torch.isfinite(p.detach()).all() for m in models or () for p in m.parameters() if p.numel()]
         if local:  # (ZeRO-3 leaves a rank's unwrapped parameters empty: its shard is checked by the loss)
             finite = torch.stack(local).all().to(self.first_bad.device)
             flags.append(torch.where(finite, math.inf, float(step)).to(self.first_bad.dtype))

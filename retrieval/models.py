@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -327,13 +328,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 # Optimizer parameter groups
 
 
-def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, lr: float, backbone_lr: float, weight_decay: float, layer_decay: float | None = None
+) -> list[dict[str, Any]]:
     """AdamW groups: head at ``lr``, backbone at ``backbone_lr``; no weight decay on norms, biases, other 1-d
     parameters and the backbone's ``no_weight_decay()`` names (position tables, SwinV2 logit scale and
-    continuous-position-bias MLP). Empty groups are left out; each group has a ``name`` for logging."""
+    continuous-position-bias MLP). Empty groups are left out; each group has a ``name`` for logging.
+
+    ``layer_decay`` (< 1): the backbone is split by timm's ``param_groups_layer_decay`` (the model's
+    ``group_matcher``: stem, each block, final norm); its last layer keeps ``backbone_lr`` and each earlier one is
+    ``layer_decay`` times the next. The groups' ``lr`` is the scaled value itself (timm's schedulers read
+    ``lr_scale``, our LambdaLR scales each group's initial lr), highest first, so group 0 is ``backbone_lr``."""
     model = unwrap(model)
     backbone = model.backbone
     skip = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+    by_layer = layer_decay is not None and layer_decay < 1
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for full_name, param in model.named_parameters():
         if not param.requires_grad:
@@ -346,14 +355,38 @@ def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: 
             or (part == "backbone" and any(name == s or name.startswith(s + ".") for s in skip))
         )
         groups.setdefault((part, not no_decay), []).append(param)
-    out = []
+    out = _layer_decay_groups(backbone, backbone_lr, weight_decay, layer_decay, skip) if by_layer else []
     for (part, decay), params in sorted(groups.items()):
+        if part == "backbone" and by_layer:
+            continue  # already in the layer groups
         out.append(
             {
                 "name": f"{part}_{'decay' if decay else 'no_decay'}",
                 "params": params,
                 "lr": backbone_lr if part == "backbone" else lr,
                 "weight_decay": weight_decay if decay else 0.0,
+            }
+        )
+    return out
+
+
+def _layer_decay_groups(
+    backbone: nn.Module, backbone_lr: float, weight_decay: float, layer_decay: float, skip: set[str]
+) -> list[dict[str, Any]]:
+    """The backbone's groups by layer (timm), with the same no-decay rule as :func:`param_groups`."""
+    from timm.optim import param_groups_layer_decay
+
+    patterns = sorted(skip | {f"{s}.*" for s in skip})  # fnmatch patterns: a name, or a module and what is under it
+    found = param_groups_layer_decay(backbone, weight_decay, no_weight_decay_list=patterns, layer_decay=layer_decay)
+    out = []
+    for g in sorted(found, key=lambda g: (-g["lr_scale"], g["weight_decay"] == 0)):
+        depth = round(math.log(g["lr_scale"]) / math.log(layer_decay))  # 0 = the last layer
+        out.append(
+            {
+                "name": f"backbone_layer-{depth}_{'decay' if g['weight_decay'] else 'no_decay'}",
+                "params": g["params"],
+                "lr": backbone_lr * g["lr_scale"],
+                "weight_decay": g["weight_decay"],
             }
         )
     return out

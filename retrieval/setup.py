@@ -2,8 +2,9 @@
 
 The shards are checked against ``stats.json``/``sizes.json`` first (a missing or truncated shard fails before any
 process group or GPU work), then the Accelerator, the model, its input spec, the batch arithmetic, AdamW over the
-parameter groups, the warmup + cosine schedule, DeepSpeed's batch settings, and the loss (built before the model is
-prepared: ProxyAnchor's proxies join the model and the optimizer; a cross-batch memory is checkpointed with the run).
+parameter groups (layer-wise lr decay with ``optim.layer_decay``), the warmup + cosine schedule, DeepSpeed's
+batch settings, and the loss (built before the model is prepared: ProxyAnchor's proxies join the model and the
+optimizer; a cross-batch memory is checkpointed with the run).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def prepare(cfg: Config, run: RunFolder) -> tuple:
     d = derived(cfg, accelerator.num_processes, train_samples)
     criterion = losses.build_loss(cfg.loss, seed=cfg.train.seed, embedding_size=model.embed_dim)
     _check_memory(cfg, d)
-    groups = param_groups(model, cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay)
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay, cfg.optim.layer_decay)
     groups += losses.param_groups(criterion, cfg.optim.lr)
     if losses.trainable(criterion) is not None:  # after the model's groups: the proxies are in the loss's only
         model.add_module(LOSS_MODULE, losses.trainable(criterion))  # see retrieval.losses.trainable

@@ -23,6 +23,7 @@ from retrieval import dist, elastic, runlog
 from retrieval.config import Config, Derived
 from retrieval.config_io import to_dict
 from retrieval.data.loader import EpochSpan, Reader, train_loader
+from retrieval.ema import RunWeights
 from retrieval.embedding_model import embed_split, gather_embeddings
 from retrieval.errors import UserError
 from retrieval.export import export_model
@@ -70,6 +71,7 @@ class Trainer:
         self.model, self.criterion, self.optimizer, self.scheduler = model, criterion, optimizer, scheduler
         self.spec, self.derived, self.stop = spec, derived, stop
         self.state = TrainerState(**self._shape())
+        self.weights = RunWeights(cfg.train, accelerator, model)  # validated and exported: the model or its EMA
         self.mlog = runlog.MetricsLog(accelerator, run)
         self.guard = FiniteGuard(accelerator.device)
         self.skips = SkipTally(cfg.data.max_skipped_fraction, cfg.data.shards)
@@ -232,6 +234,7 @@ class Trainer:
             self.optimizer.step()
             if acc.sync_gradients:
                 self.scheduler.step()
+                self.weights.update(self.state.global_step + 1)
             self.optimizer.zero_grad(set_to_none=True)
         return loss, stats
 
@@ -249,8 +252,7 @@ class Trainer:
         """Stop every rank with a clear error if any step so far was non-finite (collective; syncs the host)."""
         latest = self.run.latest()
         last_good = str(latest.relative_to(self.run.path)) if latest is not None else None
-        model = self.accelerator.unwrap_model(self.model) if weights else None
-        self.guard.check(self.state.global_step, before, model, last_good)
+        self.guard.check(self.state.global_step, before, self.weights.all() if weights else None, last_good)
 
     def _log_train(self, loss: torch.Tensor, stats: dict, meter: runlog.Throughput) -> None:
         acc = self.accelerator
@@ -274,7 +276,7 @@ class Trainer:
 
     def _checkpoint(self) -> Path:
         self._check_finite("a checkpoint", weights=True)
-        needed = 3 * self._weight_bytes() + 2**20  # weights + AdamW's two moments, fp32
+        needed = (2 + len(self.weights.all())) * self._weight_bytes() + 2**20  # weights (+ EMA), AdamW's 2 moments
         ckpt = self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints, needed)
         fault_point("after_checkpoint")
         return ckpt
@@ -291,7 +293,7 @@ class Trainer:
             )
         self._check_finite("validation", weights=True)
         local = embed_split(
-            acc.unwrap_model(self.model),
+            self.weights.module(),
             cfg.data.shards,
             cfg.data.val_split,
             self.spec,
@@ -359,19 +361,19 @@ class Trainer:
         """Write model.safetensors + model.yaml (loadable without DeepSpeed); collective for ZeRO gathers."""
         acc = self.accelerator
         self._check_finite(f"the {which} export", weights=True)
-        state_dict = acc.get_state_dict(self.model)  # consolidates DeepSpeed shards where needed
+        state_dict = self.weights.state_dict()  # consolidates DeepSpeed shards where needed
         if acc.is_main_process:
             folder, needed = self.run.model_dir(which), self._weight_bytes() + 2**20
             problem = self.run.space_problem(folder, needed)
             if problem:
                 raise UserError(problem)
             with self.run.writing(folder, needed):
-                export_model(acc.unwrap_model(self.model), self.cfg.model, folder, state_dict, self.spec)
+                export_model(self.weights.module(), self.cfg.model, folder, state_dict, self.spec)
         acc.wait_for_everyone()
 
     def _finish(self, preempted: bool) -> dict:
         acc, state = self.accelerator, self.state
-        agree = dist.all_equal([param_checksum(acc.unwrap_model(self.model))])
+        agree = dist.all_equal([param_checksum(m) for m in self.weights.all()])
         self.skips.flush(state, acc.device)
         summary = {
             "preempted": preempted,

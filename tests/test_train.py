@@ -71,6 +71,54 @@ def test_resume_mid_epoch_is_bitwise_identical(synth_shards, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_with_ema_is_bitwise_identical(synth_shards, tmp_path):
+    """train.ema_decay on (with warmup, layer decay and RandAugment + erasing, the recipe's other options): 4 steps
+    straight == 2, stop, resume for 2 more, for the raw weights (the checkpoint) and the EMA (the exports). The
+    validation at step 3 scores the EMA: the best export is the EMA of step 3, and embedding it gives the val line."""
+    import torch
+
+    common = ["train.epochs=2", "data.steps_per_epoch=3", "train.ema_decay=0.6", "train.ema_warmup=true"]
+    common += ["optim.layer_decay=0.7", "data.rand_augment=rand-m9-mstd0.5", "data.random_erasing=0.25"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(synth_shards, straight, *common, "train.max_steps=4") == 0
+    assert _train(synth_shards, resumed, *common, "train.max_steps=2") == 0
+    assert (resumed / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl").is_file()
+    assert _train(synth_shards, resumed, *common, "train.max_steps=4", resume="latest") == 0
+    for name in ("final/model.safetensors", "model.safetensors", "checkpoints/step_4/model.safetensors"):
+        a, b = _weights(straight / name), _weights(resumed / name)
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), f"{name} differs after resume"
+    for export, step in (("final", 4), (".", 3)):
+        ema = torch.load(resumed / f"checkpoints/step_{step}/custom_checkpoint_0.pkl", weights_only=True)
+        exported = _weights(resumed / export / "model.safetensors")
+        raw = _weights(resumed / f"checkpoints/step_{step}/model.safetensors")
+        assert all((ema[k].numpy() == exported[k]).all() for k in exported), f"the {export} export is the EMA"
+        assert any((raw[k] != exported[k]).any() for k in exported if k.endswith("weight")), "not the raw weights"
+    val = [r for r in RunFolder(resumed).read_metrics() if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [3] and (resumed / "best").read_text().strip() == "checkpoints/step_3"
+    emb = tmp_path / "emb"
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(resumed),
+                "--shards",
+                str(synth_shards),
+                "--split",
+                "val",
+                "--out",
+                str(emb),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert main(["eval", "--embeddings", str(emb)]) == 0
+    metrics = json.loads((emb / "metrics.json").read_text())
+    assert all(metrics[k] == pytest.approx(val[0][k], abs=1e-6) for k in ("recall@1", "map@r", "r_precision"))
+
+
 def test_signal_checkpoints_marks_preempted_and_exits_3(synth_shards, tmp_path):
     """SIGUSR1 mid-run: the step finishes, a checkpoint is written, ``preempted`` holds its step, exit code 3;
     ``--resume auto`` then continues from that step and clears the mark."""

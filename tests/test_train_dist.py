@@ -98,6 +98,37 @@ def test_deepspeed_zero2_trains_resumes_and_exports(synth_shards, tmp_path):
     _reembed_matches_validation(run_dir, synth_shards, tmp_path)
 
 
+@pytest.mark.slow
+def test_deepspeed_zero2_with_ema_trains_resumes_and_exports_the_ema(synth_shards, tmp_path):
+    """ZeRO-2 + train.ema_decay: each rank keeps a full EMA (ZeRO-2 shards gradients and optimizer state, not the
+    parameters); stop at step 2, resume to 4; the exports are the EMA (the checkpoint's), not DeepSpeed's raw
+    weights, load without DeepSpeed, and re-embedded give the validation that chose them (validation scores the EMA)."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "zero2-ema"
+    env = cpu_env()
+    env.pop("ACCELERATE_USE_CPU")  # with it, accelerate silently runs plain DDP instead of DeepSpeed
+    base = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run_dir), *COMMON]
+    base += ["train.ema_decay=0.5"]
+    profile = str(REPO / "launch" / "zero2.yaml")
+    run(accelerate_cmd(2, [*base, "train.max_steps=2"], config_file=profile), env=env)
+    assert (run_dir / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl").is_file()
+    run(accelerate_cmd(2, [*base, "--resume", "latest"], config_file=profile), env=env)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["weights_agree"]  # the raw weights and the EMA, on both ranks
+    latest = run_dir / (run_dir / "latest").read_text().strip()
+    assert (latest / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()  # really sharded
+    exported = load_file(str(run_dir / "final" / "model.safetensors"))
+    ema = torch.load(latest / "custom_checkpoint_0.pkl", weights_only=True)
+    raw = get_fp32_state_dict_from_zero_checkpoint(str(latest))
+    assert exported.keys() == ema.keys()
+    assert all(torch.equal(exported[k], ema[k].float()) for k in exported), "the export is the EMA"
+    assert any(not torch.equal(exported[k], raw[k]) for k in raw), "not DeepSpeed's raw weights"
+    _reembed_matches_validation(run_dir, synth_shards, tmp_path)
+
+
 def _export_equals_zero_checkpoint(export: Path, checkpoint: Path) -> None:
     """The exported weights are exactly DeepSpeed's own fp32 consolidation of the ZeRO checkpoint."""
     import torch

@@ -39,17 +39,21 @@ fewer; a class with no decodable image is replaced by the first spare pool class
 random numbers, so later batches stay put.
 
 The loaders neither draw from nor reseed the global torch RNG (own DataLoader generator, per-batch
-seeding inside ``fork_rng``), so a resumed trainer's RNG stream matches an uninterrupted one.
+seeding inside ``fork_rng``), so a resumed trainer's RNG stream matches an uninterrupted one. Python's ``random``
+and NumPy's global generator (timm's crop, RandAugment and random erasing draw from them) are seeded per batch
+and restored the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -96,6 +100,23 @@ def _one_thread():
 
 def _seed_int(*words: int) -> int:
     return int(seed_seq(*words).generate_state(1, dtype="uint64")[0] >> 1)
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int):
+    """Every global generator an augmentation may draw from (torch CPU, Python ``random``, NumPy), seeded with
+    ``seed`` and restored after: the batch is a function of the seed, and in-process loading leaves the trainer's
+    generators (saved in its checkpoints) as they were. Not torch.manual_seed: it would reseed CUDA too (~1 ms)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _decode(sample: Sample, min_side: int, counter: SkipCounter):
@@ -183,10 +204,8 @@ class _TrainStream(IterableDataset):
         K = self.data.images_per_class
         spares = iter(plan.spares)
         out: list[tuple] = []
-        # torchvision draws from the global CPU generator: seed it per batch, restore it after (in-process loading
-        # must not disturb the trainer's RNG). Not torch.manual_seed: it would reseed CUDA too, and costs ~1 ms.
-        with torch.random.fork_rng(devices=[]), _one_thread():
-            torch.random.default_generator.manual_seed(_seed_int(TAG_AUG, self.data.seed, self.epoch, self.rank, step))
+        seed = _seed_int(TAG_AUG, self.data.seed, self.epoch, self.rank, step)
+        with _seeded_rngs(seed), _one_thread():
             for group, chosen in plan.classes:
                 imgs = self._images(group, chosen, counter)
                 while imgs is None:  # no image of this class decodes: a spare class stands in

@@ -8,6 +8,12 @@ JPEG decoding uses ``Image.draft``: libjpeg can decode at 1/2, 1/4 or 1/8 scale 
 smaller image. The loader asks for the smallest shorter side the transform still needs at full
 quality, so draft only kicks in when the stored image is at least twice that (large sources, small
 ``img_size``); it never lowers the resolution the crop sees.
+
+With ``data.rand_augment`` or ``data.random_erasing`` set, the train transform is timm's own
+(``transforms_imagenet_train``: RandomResizedCrop with the same scale/ratio/filter, flip, RandAugment, ToTensor,
+Normalize, RandomErasing), so a recipe reads as timm users know it; ``data.color_jitter`` > 0 still applies then
+(timm would drop it under RandAugment). timm's crop and RandAugment draw from Python's ``random`` and NumPy's global
+generator, not torch's: the loader seeds those per batch too (see :mod:`retrieval.data.loader`).
 """
 
 from __future__ import annotations
@@ -54,7 +60,10 @@ def eval_min_side(img_size: int, crop_pct: float) -> int:
 
 
 def train_transform(spec: InputSpec, data: DataConfig) -> Transform:
-    """RandomResizedCrop(scale=data.scale) + horizontal flip(data.hflip) [+ ColorJitter] + ToTensor + Normalize."""
+    """RandomResizedCrop(scale=data.scale) + horizontal flip(data.hflip) [+ ColorJitter] + ToTensor + Normalize;
+    timm's train transform when RandAugment or random erasing is on."""
+    if data.rand_augment or data.random_erasing > 0:
+        return _timm_train_transform(spec, data)
     steps: list = [
         T.RandomResizedCrop(spec.size, scale=tuple(data.scale), interpolation=_INTERPOLATION[spec.interpolation]),
     ]
@@ -65,6 +74,26 @@ def train_transform(spec: InputSpec, data: DataConfig) -> Transform:
         steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
     steps += [T.ToTensor(), T.Normalize(mean=list(spec.mean), std=list(spec.std))]
     return T.Compose(steps)
+
+
+def _timm_train_transform(spec: InputSpec, data: DataConfig) -> Transform:
+    from timm.data.transforms_factory import transforms_imagenet_train  # only runs that ask for it pay the import
+
+    return transforms_imagenet_train(
+        img_size=spec.size,
+        scale=tuple(data.scale),
+        ratio=(3 / 4, 4 / 3),  # torchvision's RandomResizedCrop default, as on the plain path
+        hflip=data.hflip,
+        color_jitter=data.color_jitter or None,  # None, not 0: a no-op ColorJitter would still draw random numbers
+        force_color_jitter=data.color_jitter > 0,
+        auto_augment=data.rand_augment,
+        interpolation=spec.interpolation,
+        mean=spec.mean,
+        std=spec.std,
+        re_prob=data.random_erasing,
+        re_mode=data.random_erasing_mode,
+        re_count=1,
+    )
 
 
 def eval_transform(spec: InputSpec) -> Transform:
