@@ -25,6 +25,7 @@ import torch
 from retrieval import dist
 from retrieval.config_io import load_config
 from retrieval.metrics import print_table
+from retrieval.runs import RunFolder
 
 DEMO_OVERRIDES = ["train.eval_every=1", "train.log_every=25", "log.wandb=offline"]
 
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     _baseline(demo)
     _train_and_embed(demo)
     _search(demo)
-    rows = _results(args.config, demo.base, demo.emb)
+    rows = _results(args.config, demo.base, demo.emb, RunFolder(demo.run).read_config().loss.name)
     (demo.out / "results.json").write_text(json.dumps(rows, indent=1))
     shutil.copy(demo.out / "results.json", demo.run / "results.json")
     report = ["report", str(demo.run), "--embeddings", str(demo.emb), "--embeddings", str(demo.base)]
@@ -133,12 +134,14 @@ def _search(demo: Demo) -> None:
     )
 
 
-def _results(config: str, untrained: Path, finetuned: Path) -> list[dict]:
+def _results(config: str, untrained: Path, finetuned: Path, loss: str) -> list[dict]:
     arch = load_config(config).model.name
     rows = []
     for training, folder in (("untrained", untrained), ("finetuned", finetuned)):
         metrics = json.loads((folder / "metrics.json").read_text())
-        rows.append({"architecture": arch, "training": training, "loss": "triplet", **metrics})
+        rows.append(
+            {"architecture": arch, "training": training, "loss": loss if training == "finetuned" else "-", **metrics}
+        )
     return rows
 
 
