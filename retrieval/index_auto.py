@@ -212,6 +212,8 @@ def auto_index(es: EmbeddingSet, target: Target, gpus: list[int], shard: bool, t
     exact = {"seconds": round(probe.exact_seconds, 3), "qps": round(len(probe.x) / max(probe.exact_seconds, 1e-9), 1)}
     tried, best = [], None
     for cand in cands:
+        if cand.param is None and best is not None and not best[3]:
+            best = None  # exact Flat meets any target and wins over every miss: free the best miss before filling it
         index, timing = _build_candidate(es, cand, train_rows, gpus)
         floor = 0.0 if cand.param is None else exact["qps"]
         chosen, trials, met = tune(place(index, gpus, shard), cand, probe, target.k, target.recall, floor)
