@@ -1,6 +1,6 @@
 # The two commands of the README's quick start:
 #   make demo   the whole product in miniature on synthetic SOP-format data (CPU ok, GPU if present)
-#   make demo-long   the same, trained ~22 min on 2 CPU cores: long enough for search to find the product
+#   make demo-long   the same, trained ~25 min on 2 CPU cores: long enough for search to find the product
 #   make faults   kill/resume campaign (not in the default suite)
 #   make test   install into .venv and run the default test suite
 #   make bench-scale   the catalogue-scale benchmark (100k and 1M x 256 embeddings; about 15 min on 2 cores)
