@@ -21,12 +21,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from pathlib import Path
 
 from bench import common
 from bench.loader import MEAN, SIZES, SOURCE_PX, STD, loader_rate
+from bench.serve import wait_until_served
 from retrieval.config import DataConfig
 from retrieval.models import InputSpec
 from retrieval.util import free_port
@@ -40,23 +39,11 @@ def serve(folder: Path):
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/"
-        _wait_until_served(url + "stats.json", server)
+        wait_until_served(url + "stats.json", server, seconds=20)
         yield url
     finally:
         server.terminate()
         server.wait(timeout=10)
-
-
-def _wait_until_served(url: str, server: subprocess.Popen, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"http.server did not serve {url}") from None
-            time.sleep(0.1)
 
 
 def one_shard(shards: Path, out: Path) -> Path:

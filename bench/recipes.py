@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,8 +26,10 @@ from bench import common
 
 # name -> dotted overrides on top of the config. The demo trains from scratch: batch_hard mining collapses there
 # (README), so the triplet recipe is batch-all and the memory goes with the pair losses.
+# Every recipe names its loss: the config's own (the demo's is multi_similarity) must not stand in for the baseline.
+TRIPLET = ["loss.name=triplet", "loss.miner=all", "loss.margin=0.2"]  # the demo's recipe before this comparison
 RECIPES: dict[str, list[str]] = {
-    "triplet": [],
+    "triplet": TRIPLET,
     "multi_similarity": ["loss.name=multi_similarity"],
     "supcon": ["loss.name=supcon", "loss.temperature=0.1"],
     "contrastive": ["loss.name=contrastive"],
@@ -38,7 +38,7 @@ RECIPES: dict[str, list[str]] = {
     "ms_ema": ["loss.name=multi_similarity", "train.ema_decay=0.99"],
     "ms_randaug": ["loss.name=multi_similarity", "data.rand_augment=rand-m7-mstd0.5", "data.random_erasing=0.25"],
 }
-TINY = {"triplet": [], "multi_similarity": ["loss.name=multi_similarity"]}
+TINY = {"triplet": TRIPLET, "multi_similarity": ["loss.name=multi_similarity"]}
 # level -> (classes, images per class, image side, extra overrides)
 DATA = {
     "tiny": (24, "3-5", 64, ["data.steps_per_epoch=3", "train.epochs=1", "data.classes_per_batch=4"]),
@@ -47,22 +47,13 @@ DATA = {
 }
 
 
-def retrieval(*args: str, procs: int = 0) -> None:
-    cmd = [sys.executable, "-m", "retrieval", *args]
-    if procs > 1:
-        cmd = [sys.executable, "-m", "retrieval", "launch", "--processes", str(procs), *args]
-    proc = subprocess.run(cmd, env=common.child_env(), capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-
-
 def catalogue(work: Path, level: str) -> tuple[Path, int]:
     """The demo's synthetic catalogue as shards (built once per work folder); returns it and the class count."""
     classes, per_class, size, _ = DATA[level]
     sop, shards = work / f"recipes-sop-{level}", work / f"recipes-shards-{level}"
     if not (shards / "stats.json").is_file():
-        retrieval("synth-sop", str(sop), "--classes", str(classes), "--images-per-class", per_class, "--seed", "0", "--size", str(size), "--force")  # fmt: skip
-        retrieval("shards", "build", "--sop-root", str(sop), "--out", str(shards), "--shard-size", "300", "--val-classes", "0.15", "--max-side", str(size))  # fmt: skip
+        common.retrieval("synth-sop", sop, "--classes", classes, "--images-per-class", per_class, "--seed", 0, "--size", size, "--force")  # fmt: skip
+        common.retrieval("shards", "build", "--sop-root", sop, "--out", shards, "--shard-size", 300, "--val-classes", 0.15, "--max-side", size)  # fmt: skip
     return shards, classes
 
 
@@ -70,11 +61,13 @@ def train_and_score(config: str, shards: Path, run: Path, overrides: list[str], 
     """Train (the demo's protocol: validate every epoch, keep the best), embed the test split, score it."""
     shutil.rmtree(run, ignore_errors=True)  # every recipe trains afresh
     start = time.perf_counter()
-    retrieval("train", "--config", config, "--shards", str(shards), "--run-dir", str(run), "train.eval_every=1", "log.wandb=disabled", *overrides, procs=procs)  # fmt: skip
+    # one torch thread per process on CPU, as `retrieval demo` launches it (the ranks share the cores)
+    launch = [f"data.shards={shards}", "train.eval_every=1", "log.wandb=disabled", *overrides]
+    common.launch_train(procs, Path(config), run, launch, one_thread=not common.cuda())
     seconds = time.perf_counter() - start
     emb = run / "emb-test"
-    retrieval("embed", "--model", str(run), "--shards", str(shards), "--split", "test", "--out", str(emb), "--num-workers", "1")  # fmt: skip
-    retrieval("eval", "--embeddings", str(emb))
+    common.retrieval("embed", "--model", run, "--shards", shards, "--split", "test", "--out", emb, "--num-workers", 1)
+    common.retrieval("eval", "--embeddings", emb)
     metrics = json.loads((emb / "metrics.json").read_text())
     return {"recall@1": metrics["recall@1"], "recall@10": metrics["recall@10"], "map@r": metrics["map@r"], "train_s": seconds}  # fmt: skip
 

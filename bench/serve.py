@@ -99,7 +99,7 @@ def served(index: Path, images: list[Path], requests: int, port: int) -> dict:
     proc = subprocess.Popen(cmd, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url, proc)
+        wait_until_served(f"{url}/healthz", proc)
         data = [p.read_bytes() for p in images]
         client = httpx.Client(timeout=120)
         post = lambda i: client.post(f"{url}/search?k=10", content=data[i % len(data)]).raise_for_status()  # noqa: E731
@@ -125,17 +125,19 @@ def served(index: Path, images: list[Path], requests: int, port: int) -> dict:
         proc.wait(timeout=30)
 
 
-def _wait(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+def wait_until_served(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Poll ``url`` until it answers 200; fail if the server process ``proc`` exits or ``seconds`` pass first."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("retrieval serve exited")
+            raise RuntimeError(f"the server behind {url} exited")
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
-            time.sleep(0.3)
-    raise RuntimeError(f"retrieval serve did not answer within {seconds} s")
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {seconds} s")
 
 
 def main() -> int:

@@ -42,8 +42,9 @@ def prepare(cfg: Config, run: RunFolder) -> tuple:
     _check_memory(cfg, d)
     groups = param_groups(model, cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay, cfg.optim.layer_decay)
     groups += losses.param_groups(criterion, cfg.optim.lr)
-    if losses.trainable(criterion) is not None:  # after the model's groups: the proxies are in the loss's only
-        model.add_module(LOSS_MODULE, losses.trainable(criterion))  # see retrieval.losses.trainable
+    proxies = losses.trainable(criterion)
+    if proxies is not None:  # after the model's groups: the proxies are in the loss's only
+        model.add_module(LOSS_MODULE, proxies)  # see retrieval.losses.trainable
     optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(d.total_optimizer_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)

@@ -19,6 +19,7 @@ import pytest
 from bench import common
 from retrieval.cli import main
 from retrieval.embedding import EmbeddingSet
+from retrieval.runs import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 STAT_KEYS = {"median", "min", "max", "p10", "p90", "mean", "repeats", "warmup", "unit"}
@@ -121,6 +122,18 @@ def test_embed_tiny(tmp_path, work):
     meta = EmbeddingSet.load(meta_file.parent, vectors=False).meta
     assert meta["seconds"] > 0 and meta["images_per_s"] == pytest.approx(meta["count"] / meta["seconds"], rel=0.01)
     assert case["embed"]["images_per_pass"] == meta["count"] > 0
+
+
+def test_recipes_tiny_each_row_trains_its_own_loss(tmp_path, work):
+    """Each recipe's row is the loss it names, whatever the config's own (the demo's is multi_similarity): the
+    triplet baseline once silently trained the config's loss. Two 2-process runs, a few steps each."""
+    payload = run_topic("recipes", tmp_path, work)
+    assert payload["bench"] == "recipes" and payload["ratios"]["multi_similarity/triplet"] > 0  # one run: no spread
+    assert set(payload["results"]) == {"triplet", "multi_similarity"}
+    assert all(0 < r["median"] <= 100 and r["unit"] == "R@1 %" for r in payload["results"].values())
+    for name in payload["results"]:
+        cfg = RunFolder(work / f"recipe-{name}").read_config()
+        assert cfg.loss.name == name and (name != "triplet" or cfg.loss.miner == "all"), (name, cfg.loss)
 
 
 @pytest.mark.slow  # ~50 s on 2 shared cores: three trainer processes (default run stays under ~90 s)
