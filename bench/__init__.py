@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import common
-
 TOPICS = {
     "loader": "retrieval's streaming train loader, 0..2 workers, vs raw JPEG decode of the same bytes",
     "loader-sources": "the train loader from a local HTTP server and split inside one shard, vs the local folder",
@@ -54,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bench import common  # here, not at the top: `bench.scale`'s steps import `bench` without torch
+
     level = "tiny" if args.tiny else "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(args.work or tmp)
@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_all(args: argparse.Namespace, work: Path) -> int:
     """Every topic in a process of its own (the trainer and accelerate leave state behind), sharing ``work``."""
+    from bench import common
+
     start, payloads, failed = time.perf_counter(), {}, []
     flags = [f for f, on in (("--quick", args.quick), ("--tiny", args.tiny)) if on]
     flags += ["--config", args.config] if args.config else []

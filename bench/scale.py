@@ -4,10 +4,11 @@
     python -m bench.scale --sizes 100000 --out /tmp/scale   # one size
     make bench-scale
 
-Synthetic clustered embeddings (N / 50 classes, each a random centre plus noise of the same norm, L2-normalised:
-neighbours are mostly but not only of the query's class, so recall means something) are written through the
-library's part writer as two ranks would, then every step runs in its own process, so its peak RSS (VmHWM) is its
-own:
+Synthetic embeddings (:mod:`bench.synthetic`; ``--data trained``, the default: 5 images per product, products
+around 12 categories in a 24-dimensional subspace, matched to the demo's trained model on six neighbourhood
+statistics that ``--compare EMB_DIR`` prints; ``--data isotropic``: N / 50 classes in all 256 dimensions, the worst
+case) are written through the library's part writer as two ranks would, then every step runs in its own process,
+so its peak RSS (VmHWM) is its own:
 
 - ``write``: two writers streaming the rows into parts (what each rank of ``retrieval embed`` does after the model).
 - ``read``: ``EmbeddingSet.load`` of the parts, one float32 copy (``vectors32``) and a pass over ``blocks()``.
@@ -33,46 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.synthetic import D, centres, clustered, compare, family
+
 REPO = Path(__file__).resolve().parents[1]
-D, ROWS_PER_PART = 256, 65536
-# per-class spread range; `--spread LO HI` sets it for every step through the environment (steps are processes)
-SPREAD = tuple(float(v) for v in os.environ.get("BENCH_SCALE_SPREAD", "1.0,1.4").split(","))
-# `--latent L`: centres and spread in a random L-dimensional subspace plus a little isotropic noise (ISO of the
-# spread's norm): data of intrinsic dimension ~L, as trained embeddings are (they use a fraction of their d; the
-# demo's multi-similarity model puts 90 % of its variance in 33 of 64 dimensions). 0 = isotropic clusters in all
-# d dimensions, the hardest case for IVF and HNSW (every class a near-orthogonal ball).
-LATENT = int(os.environ.get("BENCH_SCALE_LATENT", "0"))
-ISO = 0.2
+ROWS_PER_PART = 65536
 TUNE, SEARCH_QUERIES, EVAL_QUERIES = 1000, 1000, 10_000
 
 
 # --------------------------------------------------------------------------------------------- data
-def centres(n: int, d: int = D) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """N / 50 class centres, each class's spread (noise norm / centre norm, uniform in ``SPREAD``) and, with
-    ``LATENT``, the orthonormal basis of the subspace they live in."""
-    rng = np.random.default_rng([n, 0])
-    classes = max(n // 50, 10)
-    spread = rng.uniform(*SPREAD, classes).astype(np.float32)
-    if not LATENT:
-        return rng.standard_normal((classes, d)).astype(np.float32), spread, None
-    basis = np.linalg.qr(rng.standard_normal((d, LATENT)))[0].astype(np.float32)  # d x L, orthonormal columns
-    return rng.standard_normal((classes, LATENT)).astype(np.float32) @ basis.T, spread, basis
-
-
-def clustered(c: tuple, rows: int, seed: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    centre, spread, basis = c
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, len(centre), rows)
-    d = centre.shape[1]
-    if basis is None:
-        noise = rng.standard_normal((rows, d), dtype=np.float32)
-    else:  # the same norm as isotropic noise of the latent dimension, a fraction ISO of it outside the subspace
-        noise = rng.standard_normal((rows, LATENT), dtype=np.float32) @ basis.T
-        noise += ISO * np.sqrt(LATENT / d) * rng.standard_normal((rows, d), dtype=np.float32)
-    x = centre[labels] + spread[labels, None] * noise
-    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
-
-
 def write_set(folder: Path, n: int, classes_of: int, seed: int, world: int = 2) -> None:
     """``n`` rows of the classes of size ``classes_of``, written as parts by ``world`` writers (ranks), block by
     block."""
@@ -234,8 +203,11 @@ def _growth(first: dict, last: dict, key: tuple[str, str], target: int = 10_000_
 
 
 def report(results: list[dict]) -> str:
-    family = f"latent dimension {LATENT} (+{ISO} isotropic)" if LATENT else "isotropic clusters"
-    lines = [f"scale benchmark: d = {D}, {family}, {os.cpu_count()} cores, spread {SPREAD}, {len(results)} size(s)"]
+    f = family()
+    lines = [
+        f"scale benchmark: d = {D}, data {f.name} ({f.per_class} per class, spread {f.spread}, latent dimension "
+        f"{f.latent or D}), {os.cpu_count()} cores, {len(results)} size(s)"
+    ]
     for r in results:
         i, s = r["index"], r["search"]
         e = r.get("eval") or {k: float("nan") for k in ("seconds", "search_seconds", "peak_rss_gb", "recall@1")}
@@ -285,16 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--out", type=Path, default=Path("/tmp/retrieval-bench-scale"))
-    p.add_argument("--spread", type=float, nargs=2, metavar=("LO", "HI"), help=f"per-class spread range {SPREAD}")
-    p.add_argument("--latent", type=int, help="intrinsic dimension of the data (0: isotropic clusters, the default)")
+    p.add_argument("--data", choices=("trained", "isotropic"), default="trained", help="synthetic family")
+    p.add_argument("--spread", type=float, nargs=2, metavar=("LO", "HI"), help="per-class spread range (override)")
+    p.add_argument("--latent", type=int, help="dimension of the data's subspace (override; 0: all d)")
+    p.add_argument("--compare", metavar="EMB_DIR", help="print an embeddings folder's statistics beside the data's")
     p.add_argument("--no-eval", action="store_true", help="skip the query/gallery eval step")
     a = p.parse_args(argv)
+    os.environ["BENCH_SCALE_DATA"] = a.data
     if a.spread:
         os.environ["BENCH_SCALE_SPREAD"] = f"{a.spread[0]},{a.spread[1]}"
-        globals()["SPREAD"] = tuple(a.spread)
     if a.latent is not None:
         os.environ["BENCH_SCALE_LATENT"] = str(a.latent)
-        globals()["LATENT"] = a.latent
+    if a.compare:
+        print(compare(a.compare))
+        return 0
     results = []
     for n in a.sizes:
         results.append(bench_size(n, a.out, not a.no_eval))

@@ -161,3 +161,19 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert proc.stdout.index("== versions") < proc.stdout.index("== 1/") < proc.stdout.index("== summary")
     for name in ("search-gpu", "train", "embed"):
         assert (tmp_path / f"bench-{name}.json").is_file()
+
+
+def test_scale_data_families_differ_as_documented():
+    """bench.scale's default data has the low intrinsic dimension and mixed-class neighbourhoods of a trained
+    model's embeddings (the demo's: TwoNN 9, 70 % of the top 10 in class); the isotropic family is the worst case."""
+    from bench.synthetic import centres, clustered, describe, family
+
+    stats = {}
+    for name in ("trained", "isotropic"):
+        fam = family(name)
+        stats[name] = describe(*clustered(centres(300 * fam.per_class, fam), 1500, [0, 1]))  # 300 classes, as the demo
+    trained, iso = stats["trained"], stats["isotropic"]
+    assert trained["twonn_dimension"] < 16 < 30 < iso["twonn_dimension"]
+    assert trained["dims_90pct_variance"] <= 24 < 150 < iso["dims_90pct_variance"]
+    assert 0.6 < trained["top10_in_class"] < 0.9 and iso["top10_in_class"] > 0.99
+    assert trained["nearest_other_class_cos"] > trained["within_class_cos"] - 0.05

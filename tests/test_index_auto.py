@@ -11,7 +11,7 @@ import pytest
 from retrieval.cli import main
 from retrieval.embedding import EmbeddingSet
 from retrieval.index import IndexFolder
-from retrieval.index_auto import candidates, parse_bytes, split_rows
+from retrieval.index_auto import candidates, ladder, parse_bytes, split_rows
 
 
 def _clustered(n: int, d: int, classes: int, seed: int, centres: np.ndarray | None = None):
@@ -56,7 +56,8 @@ def test_auto_meets_its_target_on_new_queries(auto_index):
     assert info["factory"].startswith("IVF") and info["factory"].endswith(",Flat") and auto["met"]
     assert info["count"] == len(x) and auto["chosen"]["recall@10"] >= 0.95
     trials = auto["tried"][0]["trials"]
-    assert [t["nprobe"] for t in trials] == [2**i for i in range(len(trials))]  # doubling, stopped at the target
+    assert [t["nprobe"] for t in trials] == list(ladder(1024)[: len(trials)])  # climbing, stopped at the target
+    assert trials[-1]["recall@10"] >= 0.96 > max(t["recall@10"] for t in trials[:-1])
     assert all({"recall@10", "ms_per_query", "qps"} <= set(t) for t in trials)
     assert info["search_params"] == {"nprobe": auto["chosen"]["nprobe"]}
     assert auto["chosen"]["qps"] > auto["exact_streamed"]["qps"]
@@ -83,3 +84,24 @@ def test_choice_follows_size_and_budget():
 def test_tuning_queries_never_trained_the_index():
     queries, train = split_rows(1000, 1000, 100_000, seed=0)  # the sample would take every row: queries come first
     assert len(queries) == 100 and len(train) == 900 and not set(queries.tolist()) & set(train.tolist())
+
+
+def test_the_fastest_candidate_that_meets_the_target_wins(auto_index, tmp_path, monkeypatch):
+    """With no candidate fast enough to stop the search, every one is built (the best so far waiting on disk) and
+    the fastest that meets the target is saved, holding every row."""
+    from retrieval import index_auto
+
+    monkeypatch.setattr(index_auto, "MIN_SPEEDUP", 1e12)
+    out, x, ids, _ = auto_index
+    args = ["index", "build", "--embeddings", str(out.parent / "emb"), "--out", str(tmp_path / "i"), "--gpu", "none"]
+    assert main([*args, "--factory", "auto", "--k", "10", "--train-sample", "40000"]) == 0
+    info = json.loads((tmp_path / "i" / "index.json").read_text())
+    tried = info["auto"]["tried"]
+    assert [t["factory"] for t in tried] == ["IVF1024,Flat", "HNSW32", "Flat"]
+    met = [t["trials"][-1] for t in tried if t["met"]]
+    assert info["auto"]["chosen"]["qps"] == max(t["qps"] for t in met) and info["factory"] != "Flat"
+    assert (
+        info["count"] == len(x) and sorted(p.name for p in (tmp_path / "i").iterdir() if p.name.startswith(".")) == []
+    )
+    index = IndexFolder.load(tmp_path / "i")
+    assert set(index.search(x[:50], 1)[1][:, 0]) == set(ids[:50])  # every row is in it, held-out ones too

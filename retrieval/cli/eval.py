@@ -67,7 +67,7 @@ def _query_gallery(args: argparse.Namespace) -> int:
         raise UserError(f"need at least one query and one gallery image, got {len(queries)} and {len(gallery)}")
     log.info("eval: %d queries against a gallery of %d (dimension %d)", len(queries), len(gallery), gallery.dim)
     metrics = query_gallery_metrics(
-        queries.vectors32(), queries.labels, gallery.vectors32(), gallery.labels, chunk=args.chunk, device=args.device
+        queries.vectors32(), queries.labels, gallery.embeddings, gallery.labels, chunk=args.chunk, device=args.device
     )
     metrics.update(queries=str(args.queries), gallery=str(args.gallery))
     _write(metrics, args.out or args.queries, f"{args.queries.name} -> {args.gallery.name}", QG_TABLE)

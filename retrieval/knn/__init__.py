@@ -61,6 +61,7 @@ __all__ = [
     "search",
     "symmetric_self_search",
     "torch_search",
+    "torch_search_blocks",
 ]
 
 
@@ -73,6 +74,12 @@ def symmetric_self_search(*args, **kwargs):
 
 def torch_search(*args, **kwargs):
     from retrieval.knn._torch import torch_search as impl
+
+    return impl(*args, **kwargs)
+
+
+def torch_search_blocks(*args, **kwargs):
+    from retrieval.knn._torch import torch_search_blocks as impl
 
     return impl(*args, **kwargs)
 

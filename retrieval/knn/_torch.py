@@ -143,3 +143,30 @@ def torch_search(
             scores[q0 : q0 + len(q)] = val
             ids[q0 : q0 + len(q)] = idx
     return (scores.numpy(), ids.numpy()) if to_host else (scores, ids)
+
+
+def torch_search_blocks(queries: np.ndarray, blocks, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of ``queries`` over a database seen only as ``(rows, block)`` pairs (CPU).
+
+    ``blocks`` yields each database block once with the database row of each of its rows (e.g. the parts of an
+    embeddings set): memory is one block, a ``chunk x block`` score matrix and the ``queries x k`` running best,
+    never the database. Each block's top-k is merged into the running best with a stable sort, so equal scores
+    keep the order in which rows were seen."""
+    q32 = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32))
+    best_s = torch.full((len(q32), 0), -math.inf)
+    best_i = torch.zeros((len(q32), 0), dtype=torch.int64)
+    for rows, block in blocks:
+        xt = torch.as_tensor(np.ascontiguousarray(block, dtype=np.float32)).T
+        rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        kb = min(k, xt.shape[1])
+        parts_s, parts_i = [], []
+        for q0 in range(0, len(q32), chunk):
+            val, idx = torch.topk(q32[q0 : q0 + chunk] @ xt, kb, dim=1)
+            parts_s.append(val)
+            parts_i.append(rows_t[idx])
+        s, i = torch.cat([best_s, *[torch.cat(parts_s)]], 1), torch.cat([best_i, torch.cat(parts_i)], 1)
+        s, order = torch.sort(s, dim=1, descending=True, stable=True)
+        best_s, best_i = s[:, :k].contiguous(), torch.gather(i, 1, order[:, :k]).contiguous()
+    if best_i.shape[1] < k:
+        raise ValueError(f"k={k}: the database has only {best_i.shape[1]} rows")
+    return best_s.numpy(), best_i.numpy()
