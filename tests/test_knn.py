@@ -142,3 +142,21 @@ def test_torch_results_on_device_equal_host_and_bf16x3_is_fp32_on_cpu():
     assert isinstance(i, torch.Tensor) and np.array_equal(i.numpy(), want_i) and np.allclose(s.numpy(), want_s)
     s3, i3 = knn.torch_search(x, None, 15, exclude=np.arange(700), chunk=256, dtype="bf16x3")
     assert np.array_equal(i3, want_i) and np.array_equal(s3, want_s)  # no bf16 tensor cores on CPU: plain fp32
+
+
+@pytest.mark.parametrize("impl", ["stream_topk", "torch_search_blocks"])
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_block_streamed_search_matches_brute_force(impl, k):
+    """The streamed searches (the index tuner's numpy one, eval's torch one) over uneven blocks with ids that are
+    not row numbers: the same ids and scores as the full float64 ranking; an exact duplicate of a query ranks first
+    whichever block holds it, and ties keep the order rows were seen in."""
+    xb, q = _unit(2000, 24, 0), _unit(120, 24, 1)
+    xb[1500], xb[1700] = q[3], q[3]  # two exact duplicates of one query, in later blocks
+    ids = np.arange(2000) * 7 + 5
+    bounds = [0, 13, 400, 1000, 1001, 1600, 2000]
+    blocks = [(ids[a:b], xb[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    kw = {"score_bytes": 4 * 600 * 37} if impl == "stream_topk" else {"chunk": 37}
+    scores, found = getattr(knn, impl)(q, blocks, k, **kw)
+    ref_s, ref_rows, s_full = _brute(q, xb, k, "ip", None)
+    _check((scores, (found - 5) // 7), (ref_s, ref_rows, s_full), s_full, k, "ip")
+    assert list(found[3, :2]) == [ids[1500], ids[1700]][:k]

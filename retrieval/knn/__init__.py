@@ -46,6 +46,7 @@ from retrieval.knn._base import (
     faiss_to_gpu,
     make_flat,
 )
+from retrieval.knn._stream import stream_topk
 
 __all__ = [
     "BACKENDS",
@@ -61,6 +62,7 @@ __all__ = [
     "search",
     "symmetric_self_search",
     "torch_search",
+    "stream_topk",
     "torch_search_blocks",
 ]
 
