@@ -1,6 +1,7 @@
 """Scale benchmark: a catalogue after training, from embedding parts to a tuned index and a query/gallery eval.
 
     python -m bench.scale                                   # 100k and 1M rows, d = 256 (about 10 min on 2 cores)
+    python -m bench.scale --compare runs/x/emb-test         # a trained model's embeddings beside the synthetic data
     python -m bench.scale --sizes 100000 --out /tmp/scale   # one size
     make bench-scale
 
@@ -14,7 +15,8 @@ so its peak RSS (VmHWM) is its own:
 - ``read``: ``EmbeddingSet.load`` of the parts, one float32 copy (``vectors32``) and a pass over ``blocks()``.
 - ``index``: ``retrieval index build --factory auto --target-recall 0.95 --k 10 --gpu none`` (the real command).
 - ``search``: 1,000 new queries of the same classes: recall@10 of the auto index against an exact search run here
-  (Faiss' blocked brute force on the same cores, the raw baseline), and queries/s of both.
+  (the raw baselines on the same cores, the faster counts: Faiss' blocked brute force, torch matmul + top-k), and
+  queries/s of both (medians of 7 and 3 repeats).
 - ``eval``: ``retrieval eval --queries Q --gallery G`` with 10,000 new queries against the N-row gallery.
 
 The report prints every figure, how it grows from the first size to the last (the exponent b of t ~ N^b) and the
@@ -39,6 +41,7 @@ from bench.synthetic import D, centres, clustered, compare, family
 REPO = Path(__file__).resolve().parents[1]
 ROWS_PER_PART = 65536
 TUNE, SEARCH_QUERIES, EVAL_QUERIES = 1000, 1000, 10_000
+EXACT_REPEATS, AUTO_REPEATS = 3, 7  # the search step's timings are medians of these
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -81,30 +84,17 @@ def step_read(a: argparse.Namespace) -> dict:
 
 
 def step_search(a: argparse.Namespace) -> dict:
-    import faiss
-    import torch
 
     from retrieval.embedding import EmbeddingSet
     from retrieval.index import IndexFolder
 
     q, _ = clustered(centres(a.n), SEARCH_QUERIES, [7, 7])
-    x = EmbeddingSet.load(a.folder).vectors32()
-    ids = EmbeddingSet.load(a.folder, vectors=False).ids
-    t0 = time.perf_counter()
-    _, rows = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
-    faiss_s = time.perf_counter() - t0
-    t0 = time.perf_counter()  # the raw baseline's other form: torch matmul + top-k in blocks of 256 queries
-    qt, xt = torch.from_numpy(q), torch.from_numpy(x)
-    rows_t = torch.cat([torch.topk(qt[i : i + 256] @ xt.T, 10).indices for i in range(0, len(q), 256)]).numpy()
-    torch_s = time.perf_counter() - t0
-    same = float((rows_t[:, :, None] == rows[:, None, :]).any(2).mean())
+    faiss_s, torch_s, rows, same = _exact_timings(q, a.folder)
     exact_s = min(faiss_s, torch_s)  # the faster exact search is the baseline
-    del x, xt
+    ids = EmbeddingSet.load(a.folder, vectors=False).ids
     index = IndexFolder.load(a.index)
     index.search(q[:100], 10)  # warm
-    t0 = time.perf_counter()
-    _, found = index.search(q, 10)
-    auto_s = time.perf_counter() - t0
+    auto_s, (_, found) = _median_time(lambda: index.search(q, 10), AUTO_REPEATS)
     truth = ids[rows]
     recall = float((found[:, :, None] == truth[:, None, :]).any(2).mean())
     return {
@@ -114,7 +104,37 @@ def step_search(a: argparse.Namespace) -> dict:
         "exact_torch_qps": len(q) / torch_s,
         "exact_agree": same,
         "auto_qps": len(q) / auto_s,
+        "repeats": {"exact": EXACT_REPEATS, "auto": AUTO_REPEATS},
     }
+
+
+def _exact_timings(q: np.ndarray, folder: str) -> tuple[float, float, np.ndarray, float]:
+    """Median seconds of the two raw exact searches over the whole set in memory (Faiss' blocked brute force;
+    torch matmul + top-k in blocks of 256 queries), Faiss' top-10 rows and the two's agreement."""
+    import faiss
+    import torch
+
+    from retrieval.embedding import EmbeddingSet
+
+    x = EmbeddingSet.load(folder).vectors32()
+    qt, xt = torch.from_numpy(q), torch.from_numpy(x)
+    faiss_s, (_, rows) = _median_time(lambda: faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT), EXACT_REPEATS)
+    torch_s, rows_t = _median_time(
+        lambda: torch.cat([torch.topk(qt[i : i + 256] @ xt.T, 10).indices for i in range(0, len(q), 256)]).numpy(),
+        EXACT_REPEATS,
+    )
+    return faiss_s, torch_s, rows, float((rows_t[:, :, None] == rows[:, None, :]).any(2).mean())
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls (one process on a shared machine: single timings swing 2x), and the
+    last result."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
 
 
 def step_run(a: argparse.Namespace) -> dict:
@@ -223,7 +243,7 @@ def report(results: list[dict]) -> str:
             f"  index build auto -> {i['factory']} {i['params']}  {i['seconds']:7.1f} s   "
             f"peak RSS {i['peak_rss_gb']:.2f} GiB   tried {i['tried']}",
             f"    tuned on {TUNE} held-out rows: {i['chosen']}",
-            f"  search {SEARCH_QUERIES} new queries: recall@10 {s['recall@10']:.4f} vs exact; "
+            f"  search {SEARCH_QUERIES} new queries (medians of {AUTO_REPEATS} / {EXACT_REPEATS}): recall@10 {s['recall@10']:.4f} vs exact; "
             f"{s['auto_qps']:,.0f} q/s vs exact {s['exact_qps']:,.0f} q/s (x{s['auto_qps'] / s['exact_qps']:.1f}; "
             f"exact: faiss {s['exact_faiss_qps']:,.0f}, torch {s['exact_torch_qps']:,.0f} q/s)",
             f"  eval {EVAL_QUERIES} queries x gallery {r['n']:,}: {e['seconds']:.1f} s (search {e['search_seconds']} s)"

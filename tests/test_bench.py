@@ -177,3 +177,15 @@ def test_scale_data_families_differ_as_documented():
     assert trained["dims_90pct_variance"] <= 24 < 150 < iso["dims_90pct_variance"]
     assert 0.6 < trained["top10_in_class"] < 0.9 and iso["top10_in_class"] > 0.99
     assert trained["nearest_other_class_cos"] > trained["within_class_cos"] - 0.05
+
+
+def test_scale_tiny_auto_index_keeps_its_recall_on_new_queries(tmp_path):
+    """`python -m bench.scale` at 25k rows: every step runs and reports its peak RSS, and the auto index meets its
+    recall@10 target on 1,000 new images against the benchmark's own exact search."""
+    cmd = [sys.executable, "-m", "bench.scale", "--sizes", "25000", "--no-eval", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads((tmp_path / "scale.json").read_text())
+    assert r["search"]["recall@10"] >= 0.95 and r["search"]["exact_agree"] > 0.99
+    assert all(r[step]["peak_rss_gb"] > 0 for step in ("write", "read", "index", "search"))
+    assert r["index"]["chosen"]["recall@10"] >= 0.96 and "data trained" in proc.stdout
