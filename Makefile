@@ -3,7 +3,7 @@
 #   make demo-long   the same, trained ~25 min on 2 CPU cores: long enough for search to find the product
 #   make faults   kill/resume campaign (not in the default suite)
 #   make test   install into .venv and run the default test suite
-#   make bench-scale   the catalogue-scale benchmark (100k and 1M x 256 embeddings; about 15 min on 2 cores)
+#   make bench-scale   the catalogue-scale benchmark (100k and 1M x 256 embeddings; about 10 min on 2 cores)
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
