@@ -249,7 +249,13 @@ def _unspill(held: faiss.Index | Path) -> faiss.Index:
 
 
 def auto_index(
-    es: EmbeddingSet, target: Target, gpus: list[int], shard: bool, train_sample: int, seed: int = 0, spill=None
+    es: EmbeddingSet,
+    target: Target,
+    gpus: list[int],
+    shard: bool,
+    train_sample: int,
+    seed: int = 0,
+    spill: Path | None = None,
 ):
     """Build, tune and choose (module docstring); returns the CPU index, its search params and the ``auto`` record.
     ``spill``: a folder where the best candidate waits on disk while the next one is built."""

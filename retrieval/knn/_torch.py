@@ -164,7 +164,8 @@ def torch_search_blocks(queries: np.ndarray, blocks, k: int, chunk: int = 1024) 
             val, idx = torch.topk(q32[q0 : q0 + chunk] @ xt, kb, dim=1)
             parts_s.append(val)
             parts_i.append(rows_t[idx])
-        s, i = torch.cat([best_s, *[torch.cat(parts_s)]], 1), torch.cat([best_i, torch.cat(parts_i)], 1)
+        s = torch.cat([best_s, torch.cat(parts_s)], 1)  # parts: query chunks of this block, in row order
+        i = torch.cat([best_i, torch.cat(parts_i)], 1)
         s, order = torch.sort(s, dim=1, descending=True, stable=True)
         best_s, best_i = s[:, :k].contiguous(), torch.gather(i, 1, order[:, :k]).contiguous()
     if best_i.shape[1] < k:
