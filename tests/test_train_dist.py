@@ -177,3 +177,32 @@ def test_elastic_resume_two_one_two_finishes_the_schedule(synth_shards, tmp_path
     steps = [b - a for a, b in zip(lrs, lrs[1:], strict=False)]
     assert all(x <= 1e-12 for x in steps), "cosine without warmup: the lr never rises, also across resumes"
     assert max(-x for x in steps) <= 3 * sorted(-x for x in steps)[len(steps) // 2] + 1e-9, "no jump at a resume"
+
+
+def test_elastic_resume_carries_the_memory_and_the_ema(synth_shards, tmp_path):
+    """XBM and EMA on, 2 processes for 2 steps, resumed on 1 for one more: the gathered queue of the 2-process run is
+    in the memory the 1-process run continues (its 128 rows unchanged, one 1-process batch added after them), and the
+    EMA it continues is the 2-process run's (the new EMA = 0.6 x the carried one + 0.4 x the new weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "elastic-xbm"
+    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run_dir), *COMMON[:3]]
+    argv += ["train.epochs=2", "train.eval_every=0", "loss.name=multi_similarity", "loss.xbm_size=256"]
+    argv += ["train.ema_decay=0.6"]
+    run(accelerate_cmd(2, [*argv, "train.max_steps=2"]))
+    # 1 process: step 2 of 2 processes is step 4 of 1 (the same samples), then one more
+    assert main([*argv, "train.max_steps=5", "--resume", "latest"]) == 0
+    ckpt = {2: run_dir / "checkpoints" / "step_2", 3: run_dir / (run_dir / "latest").read_text().strip()}
+    state = json.loads((ckpt[3] / "trainer_state.json").read_text())
+    assert (state["world_size"], state["global_step"]) == (1, 5)
+    mem = {s: torch.load(ckpt[s] / "custom_checkpoint_0.pkl", weights_only=False) for s in (2, 3)}
+    assert mem[2]["_extra_state"] == {"queue_idx": 128, "has_been_filled": False}  # 2 steps x 2 ranks x 32
+    assert mem[3]["_extra_state"] == {"queue_idx": 160, "has_been_filled": False}  # + one batch of 32 on 1 process
+    for key in ("embedding_memory", "label_memory"):
+        assert torch.equal(mem[3][key][:128], mem[2][key][:128]), f"{key}: the 2-process queue was not carried"
+    assert mem[3]["embedding_memory"][128:160].abs().sum() > 0
+    ema = {s: torch.load(ckpt[s] / "custom_checkpoint_1.pkl", weights_only=True) for s in (2, 3)}
+    raw3 = load_file(str(ckpt[3] / "model.safetensors"))
+    for k, v in raw3.items():
+        torch.testing.assert_close(ema[3][k], 0.6 * ema[2][k] + 0.4 * v, rtol=1e-5, atol=1e-6, msg=k)
