@@ -84,7 +84,7 @@ def step_read(a: argparse.Namespace) -> dict:
 
 
 def step_search(a: argparse.Namespace) -> dict:
-
+    from bench.common import Repeats, time_calls
     from retrieval.embedding import EmbeddingSet
     from retrieval.index import IndexFolder
 
@@ -94,7 +94,8 @@ def step_search(a: argparse.Namespace) -> dict:
     ids = EmbeddingSet.load(a.folder, vectors=False).ids
     index = IndexFolder.load(a.index)
     index.search(q[:100], 10)  # warm
-    auto_s, (_, found) = _median_time(lambda: index.search(q, 10), AUTO_REPEATS)
+    auto, (_, found) = time_calls(lambda: index.search(q, 10), Repeats(0, AUTO_REPEATS))
+    auto_s = auto["median"]
     truth = ids[rows]
     recall = float((found[:, :, None] == truth[:, None, :]).any(2).mean())
     return {
@@ -114,27 +115,18 @@ def _exact_timings(q: np.ndarray, folder: str) -> tuple[float, float, np.ndarray
     import faiss
     import torch
 
+    from bench.common import Repeats, time_calls
     from retrieval.embedding import EmbeddingSet
 
     x = EmbeddingSet.load(folder).vectors32()
     qt, xt = torch.from_numpy(q), torch.from_numpy(x)
-    faiss_s, (_, rows) = _median_time(lambda: faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT), EXACT_REPEATS)
-    torch_s, rows_t = _median_time(
+    reps = Repeats(0, EXACT_REPEATS)
+    f, (_, rows) = time_calls(lambda: faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT), reps)
+    t, rows_t = time_calls(
         lambda: torch.cat([torch.topk(qt[i : i + 256] @ xt.T, 10).indices for i in range(0, len(q), 256)]).numpy(),
-        EXACT_REPEATS,
+        reps,
     )
-    return faiss_s, torch_s, rows, float((rows_t[:, :, None] == rows[:, None, :]).any(2).mean())
-
-
-def _median_time(fn, repeats: int) -> tuple[float, object]:
-    """Median seconds of ``repeats`` calls (one process on a shared machine: single timings swing 2x), and the
-    last result."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), out
+    return f["median"], t["median"], rows, float((rows_t[:, :, None] == rows[:, None, :]).any(2).mean())
 
 
 def step_run(a: argparse.Namespace) -> dict:

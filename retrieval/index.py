@@ -116,14 +116,23 @@ def sample_rows(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
 
 
+def blocks_without(es: EmbeddingSet, skip: np.ndarray | None = None):
+    """``es.blocks()`` without the rows whose image id is in ``skip`` (sorted, unique)."""
+    for ids, block in es.blocks():
+        if skip is None:
+            yield ids, block
+            continue
+        keep = ~np.isin(ids, skip, assume_unique=True)
+        yield ids[keep], np.ascontiguousarray(block[keep])
+
+
 def fill(base: faiss.Index, es: EmbeddingSet, skip: np.ndarray | None = None) -> faiss.Index:
     """``IndexIDMap2(base)`` with the rows of ``es`` added block by block (never all vectors twice), but those whose
-    image id is in ``skip`` (sorted)."""
+    image id is in ``skip`` (:func:`blocks_without`)."""
     index = faiss.IndexIDMap2(base)
     log.info("index: adding %d vectors of dimension %d", len(es) - (0 if skip is None else len(skip)), es.dim)
-    for ids, block in es.blocks():
-        keep = slice(None) if skip is None else ~np.isin(ids, skip, assume_unique=True)
-        index.add_with_ids(np.ascontiguousarray(block[keep]), np.ascontiguousarray(ids[keep], dtype=np.int64))
+    for ids, block in blocks_without(es, skip):
+        index.add_with_ids(block, np.ascontiguousarray(ids, dtype=np.int64))
     return index
 
 

@@ -38,6 +38,7 @@ from retrieval import knn
 from retrieval.embedding import EmbeddingSet
 from retrieval.errors import UserError
 from retrieval.index import (
+    blocks_without,
     fill,
     load_embeddings,
     make_base,
@@ -133,13 +134,7 @@ def exact_topk(es: EmbeddingSet, q: np.ndarray, skip: np.ndarray, k: int) -> np.
     """Exact top-k image ids among the rows whose id is not in ``skip`` (sorted), streaming the set's blocks
     through :func:`knn.stream_topk` (numpy matmul + thresholded selection: 2x Faiss' flat scan here, and the
     index build stays free of torch): memory O(block + queries x k)."""
-
-    def kept():
-        for ids, block in es.blocks():
-            keep = ~np.isin(ids, skip, assume_unique=True)
-            yield ids[keep], block[keep]
-
-    return knn.stream_topk(q, kept(), k, score_bytes=64 << 20)[1]
+    return knn.stream_topk(q, blocks_without(es, skip), k, score_bytes=64 << 20)[1]
 
 
 def split_rows(n: int, queries: int, train_sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
