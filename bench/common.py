@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from retrieval.cli import main as retrieval_main
-from retrieval.runs import RunFolder
+from retrieval.run_folder import RunFolder
 from retrieval.util import free_port, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def trainer_figures(run_dir: Path, warm: int) -> dict[str, Any]:
 def experiments(opts: Options) -> list[tuple[str, dict]]:
     """(config file, resolved dict) for the chosen config (default configs/tiny.yaml) and, on CUDA, both SwinV2-B
     recipes from scratch; each written resolved into ``opts.work`` so that every command reads the same file."""
-    from retrieval.config_io import load_config, save_config, to_dict
+    from retrieval.config.io import load_config, save_config, to_dict
 
     chosen = [] if cuda() and not opts.config else [(Path(opts.config or CONFIGS / "tiny.yaml"), list(opts.overrides))]
     if cuda():

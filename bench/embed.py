@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench import common
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
 
 SIZES = {"tiny": (1, 2), "quick": (1, 3), "full": (1, 5)}  # level -> (warm-up passes, timed passes)
 

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from retrieval import dist  # noqa: E402
-from retrieval.runs import RunFolder  # noqa: E402
+from retrieval.run_folder import RunFolder  # noqa: E402
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 RUN = [

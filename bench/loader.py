@@ -18,9 +18,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from bench import common
-from retrieval.config import DataConfig
+from retrieval.config.schema import DataConfig
+from retrieval.data.input_spec import InputSpec
 from retrieval.data.loader import EpochSpan, Reader, train_loader
-from retrieval.models import InputSpec
 
 # level -> (img_size, P, K, batches per repeat, repeats, most workers)
 SIZES = {"tiny": (64, 4, 2, 6, 2, 1), "quick": (224, 8, 4, 14, 3, 2), "full": (224, 16, 4, 40, 5, 8)}

@@ -26,8 +26,8 @@ from pathlib import Path
 from bench import common
 from bench.loader import MEAN, SIZES, SOURCE_PX, STD, loader_rate
 from bench.serve import wait_until_served
-from retrieval.config import DataConfig
-from retrieval.models import InputSpec
+from retrieval.config.schema import DataConfig
+from retrieval.data.input_spec import InputSpec
 from retrieval.util import free_port
 
 

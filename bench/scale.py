@@ -48,7 +48,7 @@ EXACT_REPEATS, AUTO_REPEATS = 3, 7  # the search step's timings are medians of t
 def write_set(folder: Path, n: int, classes_of: int, seed: int, world: int = 2) -> None:
     """``n`` rows of the classes of size ``classes_of``, written as parts by ``world`` writers (ranks), block by
     block."""
-    from retrieval.embedding import EmbeddingSet
+    from retrieval.embed.embeddings import EmbeddingSet
 
     c = centres(classes_of)
     writers = [EmbeddingSet.writer(folder, r, ROWS_PER_PART) for r in range(world)]
@@ -71,7 +71,7 @@ def step_write(a: argparse.Namespace) -> dict:
 
 
 def step_read(a: argparse.Namespace) -> dict:
-    from retrieval.embedding import EmbeddingSet
+    from retrieval.embed.embeddings import EmbeddingSet
 
     t0 = time.perf_counter()
     es = EmbeddingSet.load(a.folder)
@@ -85,8 +85,8 @@ def step_read(a: argparse.Namespace) -> dict:
 
 def step_search(a: argparse.Namespace) -> dict:
     from bench.common import Repeats, time_calls
-    from retrieval.embedding import EmbeddingSet
-    from retrieval.index import IndexFolder
+    from retrieval.embed.embeddings import EmbeddingSet
+    from retrieval.index.folder import IndexFolder
 
     q, _ = clustered(centres(a.n), SEARCH_QUERIES, [7, 7])
     faiss_s, torch_s, rows, same = _exact_timings(q, a.folder)
@@ -116,7 +116,7 @@ def _exact_timings(q: np.ndarray, folder: str) -> tuple[float, float, np.ndarray
     import torch
 
     from bench.common import Repeats, time_calls
-    from retrieval.embedding import EmbeddingSet
+    from retrieval.embed.embeddings import EmbeddingSet
 
     x = EmbeddingSet.load(folder).vectors32()
     qt, xt = torch.from_numpy(q), torch.from_numpy(x)
@@ -141,7 +141,9 @@ def step_run(a: argparse.Namespace) -> dict:
 
 def step_baseline(a: argparse.Namespace) -> dict:
     """A process that only imports what the commands import (torch, timm, faiss): the RSS floor of every step."""
-    from retrieval import embedding, index, metrics  # noqa: F401
+    from retrieval import metrics  # noqa: F401
+    from retrieval.embed import embeddings  # noqa: F401
+    from retrieval.index import folder  # noqa: F401
 
     return {}
 

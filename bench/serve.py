@@ -32,12 +32,13 @@ def tiny_index(root: Path, n: int = 200) -> tuple[Path, list[Path]]:
     """configs/tiny.yaml at seeded random weights, ``n`` random images, their index."""
     import torch
 
-    from retrieval.config_io import load_config
-    from retrieval.embedder import Embedder
-    from retrieval.embedding import EmbeddingSet
-    from retrieval.export import export_model
-    from retrieval.index import build_folder
-    from retrieval.models import InputSpec, build_model
+    from retrieval.config.io import load_config
+    from retrieval.data.input_spec import InputSpec
+    from retrieval.embed.embedder import Embedder
+    from retrieval.embed.embeddings import EmbeddingSet
+    from retrieval.index.folder import build_folder
+    from retrieval.model.files import export_model
+    from retrieval.model.network import build_model
 
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     torch.manual_seed(0)
@@ -81,7 +82,7 @@ def _timed(fn, items: list, workers: int = 1) -> tuple[list[float], float]:
 
 
 def in_process(index: Path, images: list[Path], requests: int) -> dict:
-    from retrieval.search import Searcher
+    from retrieval.search.searcher import Searcher
 
     searcher = Searcher(index, batch_size=16)
     searcher.search(images[:16], 10)  # warm-up

@@ -119,7 +119,7 @@ def describe(x: np.ndarray, labels: np.ndarray, k: int = 10) -> dict[str, float]
 
 def compare(folder: str, fam: Family | None = None) -> str:
     """The statistics of an embeddings folder beside the synthetic family's at the same size and class count."""
-    from retrieval.embedding import EmbeddingSet
+    from retrieval.embed.embeddings import EmbeddingSet
 
     es = EmbeddingSet.load(folder)
     rows = np.sort(np.random.default_rng(0).permutation(len(es))[:4000])

@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute)
 _API = {
-    "Embedder": ("retrieval.embedder", "Embedder"),
-    "Index": ("retrieval.index", "IndexFolder"),
-    "Searcher": ("retrieval.search", "Searcher"),
+    "Embedder": ("retrieval.embed.embedder", "Embedder"),
+    "Index": ("retrieval.index.folder", "IndexFolder"),
+    "Searcher": ("retrieval.search.searcher", "Searcher"),
 }
 __all__ = ["Embedder", "Index", "Searcher", "__version__"]
 

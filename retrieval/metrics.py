@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from retrieval import knn
-from retrieval.config import metric_label, metric_names
+from retrieval.config.schema import metric_label, metric_names
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.config_io import load_config
-from retrieval.embedder import Embedder
-from retrieval.embedding import EmbeddingSet
-from retrieval.export import export_model
-from retrieval.index import build_folder
-from retrieval.models import InputSpec, build_model
+from retrieval.config.io import load_config
+from retrieval.data.input_spec import InputSpec
+from retrieval.embed.embedder import Embedder
+from retrieval.embed.embeddings import EmbeddingSet
+from retrieval.index.folder import build_folder
+from retrieval.model.files import export_model
+from retrieval.model.network import build_model
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 CLASSES, PER_CLASS = 6, 3

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from retrieval import dist
-from retrieval.config import LossConfig
+from retrieval.config.schema import LossConfig
 from retrieval.losses import build_loss, trainable
 
 MARGIN = 0.5
@@ -67,16 +67,11 @@ def make_model(kind: str) -> nn.Module:
     if kind == "linear":
         return LinearEmbedder().double()
     import timm
+    from conftest import tiny_model, tiny_timm_kwargs  # configs/tiny.yaml's SwinV2
 
     backbone = timm.create_model(
-        "swinv2_tiny_window8_256",
-        pretrained=False,
-        img_size=64,
-        window_size=4,
-        embed_dim=24,
-        depths=(1, 1, 1, 1),
-        num_heads=(1, 1, 1, 1),
-        num_classes=0,
+        tiny_model()["name"],
+        **tiny_timm_kwargs(),
         drop_path_rate=0.0,
     )  # timm's SwinV2 default is 0.1: random in train mode
     return backbone.double()
@@ -122,7 +117,9 @@ def run_loss(name: str, rank: int = 0, world: int = 1) -> dict:
     model = make_model("linear")
     criterion = build_loss(LOSSES[name], seed=5, embedding_size=5).double()
     if trainable(criterion) is not None:
-        model.add_module("loss", trainable(criterion))  # as retrieval.setup does: DDP reduces the proxies' gradient
+        model.add_module(
+            "loss", trainable(criterion)
+        )  # as retrieval.train.build does: DDP reduces the proxies' gradient
     ddp = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     steps = []

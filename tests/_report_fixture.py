@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
 
 GROUPS = 4  # pairs of "sister" classes
 PER_CLASS = 3  # so every image has exactly 2 same-class neighbours

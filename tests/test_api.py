@@ -31,7 +31,7 @@ def test_import_retrieval_stays_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip() == "[]"
     import retrieval
-    from retrieval.index import IndexFolder
+    from retrieval.index.folder import IndexFolder
 
     assert retrieval.Index is IndexFolder and {"Embedder", "Index", "Searcher"} <= set(dir(retrieval))
     with pytest.raises(AttributeError):

@@ -18,14 +18,14 @@ import pytest
 
 from bench import common
 from retrieval.cli import main
-from retrieval.embedding import EmbeddingSet
-from retrieval.runs import RunFolder
+from retrieval.embed.embeddings import EmbeddingSet
+from retrieval.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 STAT_KEYS = {"median", "min", "max", "p10", "p90", "mean", "repeats", "warmup", "unit"}
 ENVELOPE = {"bench", "level", "created", "machine", "versions", "device", "config", "results", "ratios", "notes"}
 # what bench/ may import of the product: its commands and public library API, never trainer internals
-PUBLIC = {"retrieval", "retrieval.cli", "retrieval.config", "retrieval.config_io", "retrieval.data.loader", "retrieval.dist", "retrieval.embedder", "retrieval.embedding", "retrieval.export", "retrieval.index", "retrieval.knn", "retrieval.models", "retrieval.runs", "retrieval.search", "retrieval.util"}  # fmt: skip
+PUBLIC = {"retrieval", "retrieval.cli", "retrieval.config.schema", "retrieval.config.io", "retrieval.data.input_spec", "retrieval.data.loader", "retrieval.dist", "retrieval.embed", "retrieval.embed.embedder", "retrieval.embed.embeddings", "retrieval.model.files", "retrieval.model.network", "retrieval.index", "retrieval.index.folder", "retrieval.knn", "retrieval.run_folder", "retrieval.search.searcher", "retrieval.util"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import TINY, embed_args
 from PIL import Image
 
 from retrieval.cli import main
-from retrieval.config import DataConfig
+from retrieval.config.schema import DataConfig
+from retrieval.data.input_spec import InputSpec
 from retrieval.data.loader import EpochSpan, Reader, train_loader
-from retrieval.embedding import EmbeddingSet
-from retrieval.models import InputSpec
+from retrieval.embed.embeddings import EmbeddingSet
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
@@ -86,7 +86,7 @@ def test_img2dataset_corpus_trains_embeds_and_evaluates(corpus, tmp_path):
     val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
     assert len(val) == 1 and 0 <= val[0]["recall@1"] <= 1
     out = tmp_path / "emb"
-    argv = ["embed", "--model", str(run), "--shards", str(corpus), "--split", "val", "--out", str(out)]
+    argv = embed_args(run, corpus, out, split="val")
     assert main(argv + ["--num-workers", "0"]) == 0
     assert main(["eval", "--embeddings", str(out)]) == 0
     emb = EmbeddingSet.load(out)

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _launch import REPO, accelerate_cmd, run
+from _launch import accelerate_cmd, run
+from conftest import TINY, embed_args
 
 from retrieval.cli import main
-from retrieval.embedding import EmbeddingSet
-
-TINY = str(REPO / "configs" / "tiny.yaml")
+from retrieval.embed.embeddings import EmbeddingSet
 
 
 def _test_ids(shards: Path) -> set[int]:
@@ -32,25 +31,7 @@ def _test_ids(shards: Path) -> set[int]:
 def untrained_single(synth_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("emb1")
     assert (
-        main(
-            [
-                "embed",
-                "--model",
-                TINY,
-                "--untrained",
-                "--shards",
-                str(synth_shards),
-                "--split",
-                "test",
-                "--out",
-                str(out),
-                "--num-workers",
-                "2",
-                "--batch-size",
-                "16",
-                "--merge",
-            ]
-        )
+        main(embed_args(TINY, synth_shards, out, "--num-workers", "2", "--batch-size", "16", "--merge", untrained=True))
         == 0
     )
     return out
@@ -76,24 +57,9 @@ def test_two_ranks_parts_read_back_as_the_merged_arrays(untrained_single, synth_
     run(
         accelerate_cmd(
             2,
-            [
-                "embed",
-                "--model",
-                TINY,
-                "--untrained",
-                "--shards",
-                str(synth_shards),
-                "--split",
-                "test",
-                "--out",
-                str(out),
-                "--num-workers",
-                "1",
-                "--batch-size",
-                "16",
-                "--part-rows",
-                "16",
-            ],
+            embed_args(
+                TINY, synth_shards, out, "--num-workers", "1", "--batch-size", "16", "--part-rows", "16", untrained=True
+            ),
         )
     )
     two, one = EmbeddingSet.load(out), EmbeddingSet.load(untrained_single)
@@ -112,48 +78,17 @@ def test_float16_output_and_unknown_split(synth_shards, tmp_path, capsys):
     out = tmp_path / "half"
     assert (
         main(
-            [
-                "embed",
-                "--model",
-                TINY,
-                "--untrained",
-                "--shards",
-                str(synth_shards),
-                "--split",
-                "val",
-                "--out",
-                str(out),
-                "--num-workers",
-                "0",
-                "--dtype",
-                "float16",
-            ]
+            embed_args(TINY, synth_shards, out, "--num-workers", "0", "--dtype", "float16", split="val", untrained=True)
         )
         == 0
     )
     assert EmbeddingSet.load(out).embeddings.dtype == np.float16
-    assert (
-        main(
-            [
-                "embed",
-                "--model",
-                TINY,
-                "--untrained",
-                "--shards",
-                str(synth_shards),
-                "--split",
-                "nope",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
+    assert main(embed_args(TINY, synth_shards, tmp_path / "x", split="nope", untrained=True)) == 2
     assert "no split 'nope'" in capsys.readouterr().err
 
 
 def test_config_without_untrained_is_refused(synth_shards, tmp_path, capsys):
-    assert main(["embed", "--model", TINY, "--shards", str(synth_shards), "--out", str(tmp_path / "x")]) == 2
+    assert main(embed_args(TINY, synth_shards, tmp_path / "x")) == 2
     assert "--untrained" in capsys.readouterr().err
 
 
@@ -163,15 +98,15 @@ def test_a_bilinear_run_is_embedded_with_bilinear(synth_shards, tmp_path):
     import torch
 
     from retrieval.data.transforms import eval_transform
-    from retrieval.embedding_model import load_model
-    from retrieval.export import read_input_spec
+    from retrieval.model.files import read_input_spec
+    from retrieval.model.loading import load_model
 
     run_dir, out = tmp_path / "run", tmp_path / "emb"
     train = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run_dir)]
     overrides = ["data.interpolation=bilinear", "train.max_steps=2", "data.num_workers=0", "log.wandb=disabled"]
     assert main([*train, *overrides, "train.eval_every=0"]) == 0
     assert read_input_spec(run_dir / "model.safetensors").interpolation == "bilinear"
-    embed = ["embed", "--model", str(run_dir), "--shards", str(synth_shards), "--split", "test", "--out", str(out)]
+    embed = embed_args(run_dir, synth_shards, out)
     assert main([*embed, "--num-workers", "0"]) == 0
     es = EmbeddingSet.load(out)
     assert es.meta["input"]["interpolation"] == "bilinear"

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _launch import REPO, accelerate_cmd, cpu_env
+from _launch import accelerate_cmd, cpu_env
+from conftest import TINY, embed_args
 from safetensors.numpy import load_file
 
 from retrieval.cli import main
-from retrieval.runs import RunFolder
+from retrieval.run_folder import RunFolder
 
-TINY = str(REPO / "configs" / "tiny.yaml")
 FAST = ["log.wandb=disabled", "data.num_workers=0", "train.deterministic=true"]
 
 
@@ -93,9 +93,9 @@ def test_divergence_stops_with_the_step_and_saves_nothing_non_finite(synth_shard
 def test_embed_refuses_non_finite_weights(synth_shards, tmp_path, capsys):
     import torch
 
-    from retrieval.config_io import load_config
-    from retrieval.export import export_model
-    from retrieval.models import initial_model
+    from retrieval.config.io import load_config
+    from retrieval.model.files import export_model
+    from retrieval.model.network import initial_model
 
     cfg = load_config(TINY)
     model = initial_model(cfg)
@@ -199,9 +199,9 @@ def test_resume_refuses_identity_changes_and_keeps_each_attempts_config(synth_sh
 
 
 def test_exports_of_the_same_weights_are_byte_identical(tmp_path):
-    from retrieval.config_io import load_config
-    from retrieval.export import export_model, load_exported
-    from retrieval.models import initial_model
+    from retrieval.config.io import load_config
+    from retrieval.model.files import export_model, load_exported
+    from retrieval.model.network import initial_model
 
     cfg = load_config(TINY)
     model = initial_model(cfg)
@@ -231,7 +231,7 @@ def test_missing_or_truncated_shards_are_refused(synth_shards, tmp_path, capsys)
     test_shard = shards / "test-000002.tar"
     test_shard.write_bytes(test_shard.read_bytes()[: test_shard.stat().st_size // 2])
     out = tmp_path / "emb"
-    argv = ["embed", "--model", TINY, "--untrained", "--shards", str(shards), "--split", "test", "--out", str(out)]
+    argv = embed_args(TINY, shards, out, untrained=True)
     assert main([*argv, "--num-workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "split 'test' is incomplete" in err and "Traceback" not in err and not (out / "parts").exists()
@@ -242,7 +242,7 @@ def test_skipped_samples_are_counted_and_capped(tmp_path, capsys, caplog):
 
     from _shardkit import write_split
 
-    caplog.set_level(logging.INFO, logger="retrieval.trainer")
+    caplog.set_level(logging.INFO, logger="retrieval.train.trainer")
 
     shards = tmp_path / "shards"
     write_split(shards, "train", [[(c, 6) for c in range(8)], [(c, 6) for c in range(8, 16)]], corrupt={3, 9, 20, 50})
@@ -320,9 +320,9 @@ def test_non_utf8_list_file_is_one_line_naming_file_and_line(tmp_path, capsys):
 
 
 def test_search_refuses_a_model_the_index_was_not_built_with(synth_shards, tmp_path, capsys):
-    from retrieval.config_io import load_config
-    from retrieval.export import export_model
-    from retrieval.models import initial_model
+    from retrieval.config.io import load_config
+    from retrieval.model.files import export_model
+    from retrieval.model.network import initial_model
 
     for name, seed in (("a", 1), ("b", 2)):  # same architecture and dimension, other weights
         cfg = load_config(TINY, [f"train.seed={seed}"])

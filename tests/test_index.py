@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from retrieval import index as rindex
 from retrieval import knn
 from retrieval.cli import main
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
+from retrieval.index import folder as rindex
 
 
 def _catalogue(folder, n: int = 2000, d: int = 32, classes: int = 100, seed: int = 0):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from retrieval.cli import main
-from retrieval.embedding import EmbeddingSet
-from retrieval.index import IndexFolder
-from retrieval.index_auto import candidates, ladder, parse_bytes, split_rows
+from retrieval.embed.embeddings import EmbeddingSet
+from retrieval.index.auto import candidates, ladder, parse_bytes, split_rows
+from retrieval.index.folder import IndexFolder
 
 
 def _clustered(n: int, d: int, classes: int, seed: int, centres: np.ndarray | None = None):
@@ -89,7 +89,7 @@ def test_tuning_queries_never_trained_the_index():
 def test_the_fastest_candidate_that_meets_the_target_wins(auto_index, tmp_path, monkeypatch):
     """With no candidate fast enough to stop the search, every one is built (the best so far waiting on disk) and
     the fastest that meets the target is saved, holding every row."""
-    from retrieval import index_auto
+    from retrieval.index import auto as index_auto
 
     monkeypatch.setattr(index_auto, "MIN_SPEEDUP", 1e12)
     out, x, ids, _ = auto_index

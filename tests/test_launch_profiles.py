@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retrieval.config import Config, derived
-from retrieval.config_io import load_config
+from retrieval.config.io import load_config
+from retrieval.config.schema import Config, derived
 from retrieval.util import free_port
 
 REPO = Path(__file__).resolve().parents[1]

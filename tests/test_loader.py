@@ -10,11 +10,11 @@ import _shardkit as sk
 import pytest
 import torch
 
-from retrieval.config import DataConfig
+from retrieval.config.schema import DataConfig
 from retrieval.data import loader as L
 from retrieval.data import transforms as tfm
+from retrieval.data.input_spec import InputSpec
 from retrieval.errors import UserError
-from retrieval.models import InputSpec
 
 # tests run more workers than this machine's 2 cores on purpose (worker splitting), torch warns about it
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")

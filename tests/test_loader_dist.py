@@ -9,9 +9,9 @@ import _shardkit as sk
 import pytest
 from _launch import ACCELERATE, cpu_env, free_port, run
 
-from retrieval.config import DataConfig
+from retrieval.config.schema import DataConfig
+from retrieval.data.input_spec import InputSpec
 from retrieval.data.loader import EpochSpan, Reader, train_loader
-from retrieval.models import InputSpec
 
 SPEC = InputSpec(32, (0.5,) * 3, (0.5,) * 3, 0.875)
 
@@ -28,9 +28,9 @@ WORKER = textwrap.dedent(
     import torch
     import torch.distributed as td
     from retrieval import dist
-    from retrieval.config import DataConfig
+    from retrieval.config.schema import DataConfig
     from retrieval.data.loader import EpochSpan, eval_loader, train_loader
-    from retrieval.models import InputSpec
+    from retrieval.data.input_spec import InputSpec
 
     shards, out, cfg = sys.argv[1], sys.argv[2], DataConfig(**json.loads(sys.argv[3]))
     td.init_process_group("gloo")
@@ -93,9 +93,9 @@ ONE_SHARD_WORKER = textwrap.dedent(
     import torch
     import torch.distributed as td
     from retrieval import dist
-    from retrieval.config import DataConfig
+    from retrieval.config.schema import DataConfig
     from retrieval.data.loader import EpochSpan, eval_loader, train_loader
-    from retrieval.models import InputSpec
+    from retrieval.data.input_spec import InputSpec
 
     shards, out, cfg = sys.argv[1], sys.argv[2], DataConfig(**json.loads(sys.argv[3]))
     td.init_process_group("gloo")

@@ -9,7 +9,7 @@ import torch
 from pytorch_metric_learning.miners import TripletMarginMiner
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from retrieval.config import LossConfig
+from retrieval.config.schema import LossConfig
 from retrieval.losses import all_triplets, build_loss, mine, seed_triplets
 
 MARGIN = 0.5
@@ -211,7 +211,7 @@ def test_float32_under_autocast_mines_in_float32() -> None:
 
 
 def test_proxy_anchor_equals_pml_in_float64() -> None:
-    """Our ProxyAnchor (proxies cast differentiably, see retrieval.losses.criterion) == pml's ProxyAnchorLoss:
+    """Our ProxyAnchor (proxies cast differentiably, see retrieval.losses.global_criterion) == pml's ProxyAnchorLoss:
     loss, embedding gradient and proxy gradient."""
     from pytorch_metric_learning.losses import ProxyAnchorLoss
 
@@ -256,7 +256,7 @@ def test_memory_state_round_trips_and_continues_identically() -> None:
     ],
 )
 def test_loss_config_errors_name_the_field(values: dict, field: str) -> None:
-    from retrieval.config import ConfigError
+    from retrieval.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=field):
         LossConfig(**values)

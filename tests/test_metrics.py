@@ -9,7 +9,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from retrieval import metrics as evaluate
 from retrieval.cli import main
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
 
 
 def _random(n: int = 600, d: int = 16, classes: int = 120, seed: int = 0):

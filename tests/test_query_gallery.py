@@ -12,7 +12,7 @@ from PIL import Image
 from retrieval import metrics
 from retrieval.cli import main
 from retrieval.data.inshop import load_inshop
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 

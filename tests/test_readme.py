@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.config_reference import reference_markdown
+from retrieval.config.reference import reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

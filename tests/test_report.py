@@ -17,9 +17,9 @@ from _report_fixture import half_right_embeddings, make_run, metric_values
 from PIL import Image
 
 from retrieval.cli import main
-from retrieval.embedding import EmbeddingSet
-from retrieval.report import build_report, top_k
-from retrieval.report_html import METRICS
+from retrieval.embed.embeddings import EmbeddingSet
+from retrieval.report.build import build_report, top_k
+from retrieval.report.html import METRICS
 
 FIGURE = re.compile(r'<figure class="(query|hit|miss)" data-id="(\d+)" data-label="(\d+)"')
 CHROMIUM = "/usr/bin/chromium"
@@ -288,7 +288,7 @@ def test_report_explains_failures_recall_super_classes_scores(tmp_path: Path) ->
 
 
 def test_analysis_against_brute_force(tmp_path: Path) -> None:
-    from retrieval.report_analysis import analyse
+    from retrieval.report.analysis import analyse
 
     run, emb, labels, _ = _relabelled_run(tmp_path)
     a = analyse(EmbeddingSet.load(run / "emb-test"))
@@ -320,7 +320,7 @@ def test_wandb_link_offline_and_online(run_dir: Path) -> None:
 def test_a_single_validation_point_is_a_point_on_a_sane_axis() -> None:
     from matplotlib.figure import Figure
 
-    from retrieval.report_plots import draw_validation
+    from retrieval.report.plots import draw_validation
 
     ax = Figure().subplots()
     draw_validation(ax, [{"kind": "val", "step": 40, "recall@1": 0.25}], [METRICS[0]])

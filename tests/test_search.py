@@ -6,37 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY, embed_args
 
 from retrieval.cli import main
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
 def index_dir(synth_shards, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("search")
     emb, index = work / "emb", work / "index"
-    assert (
-        main(
-            [
-                "embed",
-                "--model",
-                TINY,
-                "--untrained",
-                "--shards",
-                str(synth_shards),
-                "--split",
-                "test",
-                "--out",
-                str(emb),
-                "--num-workers",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert main(embed_args(TINY, synth_shards, emb, "--num-workers", "0", untrained=True)) == 0
     assert main(["index", "build", "--embeddings", str(emb), "--out", str(index)]) == 0
     return index
 

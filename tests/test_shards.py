@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import shards_build_args
 from PIL import Image
 
 from retrieval.cli import main
@@ -39,23 +40,7 @@ def reference(sop, tmp_path_factory) -> Path:
 
 
 def _build(sop: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "shards",
-            "build",
-            "--sop-root",
-            str(sop),
-            "--out",
-            str(out),
-            "--shard-size",
-            "12",
-            "--val-classes",
-            "4",
-            "--seed",
-            "5",
-            *extra,
-        ]
-    )
+    return main(shards_build_args(sop, out, "--shard-size", "12", "--val-classes", "4", "--seed", "5", *extra))
 
 
 def tars(out: Path) -> dict[str, bytes]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "slurm" / "train.sbatch"

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, embed_args
 from safetensors.numpy import load_file
 
 from retrieval.cli import main
 from retrieval.data import source
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
 from retrieval.errors import UserError
 from retrieval.util import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
 FAST = ["log.wandb=disabled", "data.num_workers=0", "train.deterministic=true", "train.eval_every=0"]
 FAST += ["train.epochs=1", "data.steps_per_epoch=2"]
 
@@ -67,7 +67,7 @@ def _pipe_source(folder: Path) -> str:
 
 
 def _embed(model: Path, shards: str, out: Path) -> EmbeddingSet:
-    argv = ["embed", "--model", str(model), "--shards", shards, "--split", "test", "--out", str(out)]
+    argv = embed_args(model, shards, out)
     assert main(argv + ["--num-workers", "1", "--batch-size", "32"]) == 0
     return EmbeddingSet.load(out)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_model, tiny_timm_kwargs
 from PIL import Image
 
 from retrieval.cli import main
@@ -160,14 +161,8 @@ def test_random_tiny_swinv2_does_not_solve_it(hard_set):
     x, labels = _test_pixels(hard_set, 64)
     torch.manual_seed(0)
     model = timm.create_model(
-        "swinv2_tiny_window8_256",
-        pretrained=False,
-        img_size=64,
-        window_size=4,
-        embed_dim=24,
-        depths=(1, 1, 1, 1),
-        num_heads=(1, 1, 1, 1),
-        num_classes=0,
+        tiny_model()["name"],
+        **tiny_timm_kwargs(),
     ).eval()
     t = (torch.from_numpy(x).permute(0, 3, 1, 2) - 0.45) / 0.225
     with torch.no_grad():

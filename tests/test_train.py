@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY, embed_args
 from safetensors.numpy import load_file
 
 from retrieval.cli import main
-from retrieval.runs import RunFolder
+from retrieval.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
 FAST = ["log.wandb=disabled", "data.num_workers=0", "train.log_every=1", "train.deterministic=true"]
 
 
@@ -101,24 +101,7 @@ def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     val = [r for r in RunFolder(resumed).read_metrics() if r["kind"] == "val"]
     assert [r["step"] for r in val] == [3] and (resumed / "best").read_text().strip() == "checkpoints/step_3"
     emb = tmp_path / "emb"
-    assert (
-        main(
-            [
-                "embed",
-                "--model",
-                str(resumed),
-                "--shards",
-                str(synth_shards),
-                "--split",
-                "val",
-                "--out",
-                str(emb),
-                "--num-workers",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert main(embed_args(resumed, synth_shards, emb, "--num-workers", "0", split="val")) == 0
     assert main(["eval", "--embeddings", str(emb)]) == 0
     metrics = json.loads((emb / "metrics.json").read_text())
     assert all(metrics[k] == pytest.approx(val[0][k], abs=1e-6) for k in ("recall@1", "map@r", "r_precision"))
@@ -194,8 +177,8 @@ def test_fresh_run_into_an_existing_run_is_refused(synth_shards, tmp_path, capsy
 
 
 def test_epochs_hold_whole_optimizer_steps():
-    from retrieval.config import ConfigError, derived
-    from retrieval.config_io import load_config
+    from retrieval.config.io import load_config
+    from retrieval.config.schema import ConfigError, derived
 
     cfg = load_config(TINY, ["optim.grad_accum=4", "data.steps_per_epoch=10", "train.epochs=3"])
     d = derived(cfg, 2, None)
@@ -206,7 +189,7 @@ def test_epochs_hold_whole_optimizer_steps():
 
 def test_dangling_latest_pointer_is_an_error_not_a_fresh_start(tmp_path):
     from retrieval.errors import UserError
-    from retrieval.runs import RunFolder
+    from retrieval.run_folder import RunFolder
 
     (tmp_path / "latest").write_text("checkpoints/step_9")
     with pytest.raises(UserError, match="does not exist"):
@@ -229,7 +212,7 @@ def test_one_wandb_run_per_training_run(synth_shards, tmp_path, monkeypatch):
 
 
 def test_progress_line_reads_step_total_epoch_rate_eta():
-    from retrieval import runlog
+    from retrieval.train import log as runlog
 
     record = {"kind": "train", "step": 30, "epoch": 1, "samples": 960, "loss": 0.1, "images_per_s": 64.0}
     record.update(total_steps=120, epochs=4, eta_s=3725.0)

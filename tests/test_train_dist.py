@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from _launch import REPO, accelerate_cmd, cpu_env, run
+from conftest import TINY, embed_args
 
 from retrieval.cli import main
 
 pytestmark = pytest.mark.dist
-TINY = str(REPO / "configs" / "tiny.yaml")
 COMMON = ["log.wandb=disabled", "data.num_workers=0", "train.log_every=1", "train.epochs=2", "data.steps_per_epoch=2"]
 
 
@@ -26,24 +26,7 @@ def _lines(run_dir: Path, kind: str) -> list[dict]:
 def _reembed_matches_validation(run_dir: Path, shards: Path, tmp_path: Path) -> None:
     """model.safetensors (the best checkpoint's export) embedded in a plain process == the val line it won with."""
     out = tmp_path / f"{run_dir.name}-val"
-    assert (
-        main(
-            [
-                "embed",
-                "--model",
-                str(run_dir),
-                "--shards",
-                str(shards),
-                "--split",
-                "val",
-                "--out",
-                str(out),
-                "--num-workers",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert main(embed_args(run_dir, shards, out, "--num-workers", "0", split="val")) == 0
     assert main(["eval", "--embeddings", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -134,7 +117,7 @@ def _export_equals_zero_checkpoint(export: Path, checkpoint: Path) -> None:
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from retrieval.export import load_exported
+    from retrieval.model.files import load_exported
 
     model, _ = load_exported(export / "model.safetensors")
     reference, _ = load_exported(export / "model.safetensors")

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from _launch import REPO, accelerate_cmd, cpu_env, run
+from conftest import TINY
 from safetensors.numpy import load_file
 
 from retrieval.cli import main
-from retrieval.export import load_exported, read_loss_state
+from retrieval.model.files import load_exported, read_loss_state
 
-TINY = str(REPO / "configs" / "tiny.yaml")
 FAST = ["log.wandb=disabled", "data.num_workers=0", "train.log_every=1", "train.deterministic=true"]
 XBM = ["loss.name=multi_similarity", "loss.xbm_size=80", "loss.xbm_start_step=1"]  # 32 a step: wraps at step 3
 PROXY = ["loss.name=proxy_anchor", "loss.num_classes=81"]  # synthetic class ids lie in 1..80

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from retrieval import metrics as evaluate
 from retrieval.cli import main
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
 DEMO_LONG = [  # `make demo-long`
     *("--config", str(REPO / "configs" / "demo_long.yaml")),
     *("--classes", "2700", "--train-classes", "2400", "--query-views", "2"),

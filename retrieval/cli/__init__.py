@@ -38,7 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "retrieval.cli.shards",
         "build / verify / index WebDataset shards (SOP, a manifest, an image folder; foreign corpora)",
     ),
-    "train": ("retrieval.cli.train", "fine-tune a timm backbone with triplet loss (DDP / DeepSpeed via accelerate)"),
+    "train": (
+        "retrieval.cli.train",
+        "fine-tune a timm backbone with a metric-learning loss (DDP / DeepSpeed via accelerate)",
+    ),
     "launch": ("retrieval.cli.launch", "run a command on N processes (accelerate launch), its one-line error last"),
     "embed": ("retrieval.cli.embed", "embed a split rank-sharded and merge the parts"),
     "eval": ("retrieval.cli.eval", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from retrieval import dist
-from retrieval.config_io import load_config
+from retrieval.config.io import load_config
 from retrieval.metrics import print_table
-from retrieval.runs import RunFolder
+from retrieval.run_folder import RunFolder
 
 DEMO_OVERRIDES = ["train.eval_every=1", "train.log_every=25", "log.wandb=offline"]
 

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from retrieval import knn
-from retrieval.embedding import EmbeddingSet
+from retrieval.embed.embeddings import EmbeddingSet
 from retrieval.errors import UserError
 from retrieval.metrics import QG_TABLE, print_table, query_gallery_metrics, retrieval_metrics
 from retrieval.util import peak_rss_gb, write_atomic

@@ -4,14 +4,14 @@
     retrieval export runs/sop --format onnx --out exports/sop-onnx   # model.onnx (dynamic batch) + input.json
 
 ``RUN`` is a run folder (its best model), an export folder or a ``model.safetensors``. The timm folder is in
-timm's hub format: ``timm.models.push_to_hub`` publishes it as is. See :mod:`retrieval.formats`.
+timm's hub format: ``timm.models.push_to_hub`` publishes it as is. See :mod:`retrieval.model.formats`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from retrieval.formats import FORMATS, export
+from retrieval.model.formats import FORMATS, export
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ retrieval index build --embeddings DIR --out DIR --gpu all --shard              
 retrieval index build --embeddings DIR --out DIR --factory auto --target-recall 0.95 --k 10 --max-memory 8G
 
 ``--factory auto`` chooses among Flat, IVF-Flat, IVF-PQ and HNSW and tunes nprobe / efSearch against exact
-search (:mod:`retrieval.index_auto`); index.json records every setting it tried.
+search (:mod:`retrieval.index.auto`); index.json records every setting it tried.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 
 from retrieval.errors import UserError
-from retrieval.index import build_folder
-from retrieval.index_auto import Target, build_auto_folder, parse_bytes
+from retrieval.index.auto import Target, build_auto_folder, parse_bytes
+from retrieval.index.folder import build_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

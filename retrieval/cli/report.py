@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from retrieval.report import build_report
+from retrieval.report.build import build_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

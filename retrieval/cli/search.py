@@ -17,7 +17,7 @@ import argparse
 import json
 
 from retrieval.errors import UserError
-from retrieval.search import Searcher, read_queries, same_class_summary
+from retrieval.search.searcher import Searcher, read_queries, same_class_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@
     curl -H 'Content-Type: application/json' -d '{"path": "/data/queries/q.jpg", "k": 5}' http://127.0.0.1:8080/search
     curl http://127.0.0.1:8080/healthz
 
-One process, one model: concurrent requests are grouped into one forward pass (:mod:`retrieval.serve`).
+One process, one model: concurrent requests are grouped into one forward pass (:mod:`retrieval.search.serve`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import argparse
 import logging
 
 from retrieval.errors import UserError
-from retrieval.search import Searcher
-from retrieval.serve import ServeOptions, create_app
+from retrieval.search.searcher import Searcher
+from retrieval.search.serve import ServeOptions, create_app
 
 log = logging.getLogger(__name__)
 

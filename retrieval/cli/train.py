@@ -1,4 +1,4 @@
-"""``retrieval train``: fine-tune a timm backbone for retrieval with triplet loss over the global batch.
+"""``retrieval train``: fine-tune a timm backbone for retrieval with a metric-learning loss over the global batch.
 
 The same code path runs on one CPU, one GPU, eight GPUs or many nodes; the launcher decides::
 
@@ -20,12 +20,12 @@ On SIGUSR1/SIGTERM the trainer finishes the step, checkpoints, writes ``<run>/pr
 exits with code 3 (``--resume auto`` continues from there, at the same position in the data stream).
 One trainer per run folder: rank 0 holds an exclusive lock on it (a second trainer is refused; the OS drops the
 lock when the trainer dies), and workers exit when their launcher dies. A resume must use the run's config: only
-budgets, logging, checkpoint cadence and execution settings may change (:data:`retrieval.resume.MAY_CHANGE`); a
+budgets, logging, checkpoint cadence and execution settings may change (:data:`retrieval.train.resume.MAY_CHANGE`); a
 changed model, data, loss or optimizer setting is refused listing the keys (the optimizer and lr schedule come back
 from the checkpoint, so a new ``optim.lr`` would otherwise be silently ignored). Each attempt's resolved config is
 kept in ``<run>/configs/attempt-N.yaml``. A non-finite loss, gradient norm or weight stops every rank with an error
 naming the step; nothing non-finite is ever checkpointed or exported.
-The loop itself is :mod:`retrieval.trainer`; the run folder's layout is :class:`retrieval.runs.RunFolder`.
+The loop itself is :mod:`retrieval.train.trainer`; the run folder's layout is :class:`retrieval.run_folder.RunFolder`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrieval.config_io import load_config
-from retrieval.trainer import train
+from retrieval.config.io import load_config
+from retrieval.train.trainer import train
 
 PREEMPTED_EXIT = 3  # checkpointed and marked preempted: resume it (slurm/train.sbatch requeues)
 

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from retrieval.config import DataConfig
+from retrieval.config.schema import DataConfig
 from retrieval.data.pk import TAG_SHARDS, Share, Stream, rng_for
 
 log = logging.getLogger(__name__)

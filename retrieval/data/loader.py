@@ -58,7 +58,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from retrieval import dist
-from retrieval.config import DataConfig
+from retrieval.config.schema import DataConfig
 from retrieval.data import transforms as tfm
 from retrieval.data.layout import Layout, split_readers, train_layout
 from retrieval.data.pk import TAG_AUG, PKPlanner, Plan, Sample, SkipCounter, Stream, read_samples, seed_seq
@@ -68,7 +68,7 @@ from retrieval.errors import UserError
 __all__ = ["EpochSpan", "Reader", "eval_loader", "read_stats", "shard_urls", "train_loader"]
 
 if TYPE_CHECKING:
-    from retrieval.models import InputSpec
+    from retrieval.data.input_spec import InputSpec
 
 log = logging.getLogger(__name__)
 

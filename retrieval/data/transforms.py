@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from retrieval.config import DataConfig
+from retrieval.config.schema import DataConfig
 
 if TYPE_CHECKING:  # the data layer only reads the spec's fields; it never builds a model
-    from retrieval.models import InputSpec
+    from retrieval.data.input_spec import InputSpec
 
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 

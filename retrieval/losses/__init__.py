@@ -12,7 +12,7 @@
   positives pulled up to ``pos_margin=1``, negatives pushed below ``neg_margin=0.5``, the XBM paper's setting).
 - ``supcon``: pml ``SupConLoss(temperature=loss.temperature)``, cosine similarity.
 - ``proxy_anchor``: Proxy Anchor (``loss.pa_margin``, ``loss.pa_alpha``), one learned proxy per label in
-  ``[0, loss.num_classes)``. The proxies are parameters: :mod:`retrieval.setup` puts them (:func:`trainable`) inside the model
+  ``[0, loss.num_classes)``. The proxies are parameters: :mod:`retrieval.train.build` puts them (:func:`trainable`) inside the model
   accelerate prepares (DDP reduces their gradient, DeepSpeed ZeRO shards their optimizer state, checkpoints hold them), in
   their own AdamW group at ``optim.lr * loss.proxy_lr_mult`` without weight decay (:func:`param_groups`); the
   export writes them to ``loss.safetensors`` beside ``model.safetensors`` (which stays the embedding model only).
@@ -43,10 +43,12 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.miners import BatchHardMiner
 from torch import nn
 
-from retrieval.config import LossConfig
-from retrieval.losses.criterion import GlobalCriterion, PmlCriterion, ProxyAnchorCriterion, pml_loss
+from retrieval.config.schema import LossConfig
+from retrieval.losses.cross_batch_memory import GlobalMemory
+from retrieval.losses.global_criterion import GlobalCriterion
+from retrieval.losses.pml_criterion import PmlCriterion, pml_loss
+from retrieval.losses.proxy_anchor import ProxyAnchorCriterion
 from retrieval.losses.triplet import TripletCriterion, all_triplets, make_distance, mine, seed_triplets
-from retrieval.losses.xbm import GlobalMemory
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def _memory(cfg: LossConfig, embedding_size: int) -> GlobalMemory:
 
 def trainable(criterion: GlobalCriterion) -> nn.Module | None:
     """The module holding the loss's parameters (ProxyAnchor's proxies), None for a loss without any. The trainer
-    puts it inside the model before ``accelerator.prepare`` (as ``export.LOSS_MODULE``), so that DDP reduces the
+    puts it inside the model before ``accelerator.prepare`` (as ``model.files.LOSS_MODULE``), so that DDP reduces the
     proxies' gradient, DeepSpeed ZeRO shards their optimizer state and checkpoints save them with the model."""
     return criterion.params if isinstance(criterion, ProxyAnchorCriterion) else None
 

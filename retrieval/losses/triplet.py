@@ -28,8 +28,8 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.miners import BatchHardMiner
 from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer
 
-from retrieval.config import LossConfig
-from retrieval.losses.criterion import GlobalCriterion
+from retrieval.config.schema import LossConfig
+from retrieval.losses.global_criterion import GlobalCriterion
 
 log = logging.getLogger(__name__)
 

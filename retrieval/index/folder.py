@@ -1,0 +1,261 @@
+"""One Faiss index (with image ids) over an embeddings set: build, save, load, search.
+
+Built by ``retrieval index build`` (:mod:`retrieval.cli.index`); loaded by search and the service.
+
+The index is ``IndexIDMap2`` over ``faiss.index_factory(d, FACTORY, inner product)``: searches return
+image ids, not row numbers. Factories that need training (IVF, PQ) are trained on a random sample
+(``--train-sample``). ``--gpu`` places the index with Faiss' GPU cloner: one GPU, or several as
+shards (``--shard``: each GPU holds a slice, results merged like ``IndexShards``; for catalogues beyond
+one GPU's memory) or replicas (the default: each GPU holds everything, queries are split; throughput).
+On a Faiss without GPU support (faiss-cpu) everything runs on CPU and the log says so. Training runs
+on the GPUs when placed there; the saved ``index.faiss`` is always the CPU form (``write_index``).
+
+The output folder holds ``index.faiss``, ``index.json`` (dim, metric, count, factory, created, source
+embeddings, model from the embeddings' ``meta.json``, search parameters) and the embeddings set's catalogue
+columns without the vectors (ids, labels, super labels, paths, meta), so searches can name what they find.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retrieval import knn
+from retrieval.embed.embeddings import EmbeddingSet
+from retrieval.errors import UserError
+from retrieval.util import atomic_path, write_atomic
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE, INFO_FILE = "index.faiss", "index.json"
+
+
+# ------------------------------------------------------------------------------------------- placement
+def parse_gpus(spec: str) -> list[int]:
+    """``auto`` (all GPUs Faiss sees) | ``none`` | ``all`` | ``0,1,...`` -> GPU ids; [] when CPU."""
+    spec = spec.strip().lower()
+    if spec == "none":
+        return []
+    have = knn.faiss_has_gpu()
+    if spec in ("auto", "all"):
+        if not have:
+            log.info("index: Faiss has no GPU support or sees no GPU (faiss-cpu): building and searching on CPU")
+            return []
+        return list(range(faiss.get_num_gpus()))
+    try:
+        gpus = [int(g) for g in spec.split(",") if g != ""]
+    except ValueError:
+        raise UserError(f"--gpu: expected auto, none, all or a list like 0,1 — got {spec!r}") from None
+    if not have:
+        log.warning("index: --gpu %s asked, but this Faiss has no GPU support (faiss-cpu): using CPU", spec)
+        return []
+    return gpus
+
+
+def place(index: faiss.Index, gpus: list[int], shard: bool) -> faiss.Index:
+    """CPU index -> GPU(s) via the cloner (shards or replicas); unsupported types stay on CPU (logged)."""
+    if not gpus:
+        return index
+    try:
+        return knn.faiss_to_gpu(index, gpus, shard=shard)
+    except RuntimeError as e:  # e.g. HNSW has no GPU implementation
+        log.warning("index: cannot place this index on GPU (%s); staying on CPU", str(e).splitlines()[0])
+        return index
+
+
+# ------------------------------------------------------------------------------------------------ build
+def set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
+    """IVF ``nprobe`` (capped at nlist) and HNSW ``efSearch`` of a CPU index (IDMap-wrapped or not) or its GPU form."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None and nprobe:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+    elif nprobe and hasattr(faiss, "GpuParameterSpace"):  # placed on GPU(s): the GPU parameter space reaches it
+        with contextlib.suppress(RuntimeError):
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    if isinstance(inner, faiss.IndexHNSW) and ef_search:
+        inner.hnsw.efSearch = ef_search
+
+
+def make_base(d: int, factory: str) -> faiss.Index:
+    try:
+        return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UserError(f"--factory {factory!r}: not a Faiss factory string ({str(e).splitlines()[0]})") from None
+
+
+def train_base(base: faiss.Index, sample: np.ndarray, factory: str, gpus: list[int] | None = None) -> faiss.Index:
+    """Train ``base`` on ``sample`` when it needs training (IVF, PQ); on GPU when placed there. Returns the CPU form."""
+    if base.is_trained:
+        return base
+    t0 = time.perf_counter()
+    log.info("index: training %s on %d vectors", factory, len(sample))
+    placed = place(base, gpus or [], shard=False)  # training wants the whole sample on one device
+    try:
+        placed.train(np.ascontiguousarray(sample, dtype=np.float32))
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        raise UserError(f"--factory {factory!r}: training on {len(sample)} vectors failed ({msg})") from None
+    if placed is not base:
+        base = faiss.index_gpu_to_cpu(placed)
+    log.info("index: trained %s on %d vectors in %.1f s", factory, len(sample), time.perf_counter() - t0)
+    return base
+
+
+def sample_rows(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``size`` distinct rows of ``n``, sorted (a sorted gather reads memory-mapped parts in order)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
+
+
+def blocks_without(es: EmbeddingSet, skip: np.ndarray | None = None):
+    """``es.blocks()`` without the rows whose image id is in ``skip`` (sorted, unique)."""
+    for ids, block in es.blocks():
+        if skip is None:
+            yield ids, block
+            continue
+        keep = ~np.isin(ids, skip, assume_unique=True)
+        yield ids[keep], np.ascontiguousarray(block[keep])
+
+
+def fill(base: faiss.Index, es: EmbeddingSet, skip: np.ndarray | None = None) -> faiss.Index:
+    """``IndexIDMap2(base)`` with the rows of ``es`` added block by block (never all vectors twice), but those whose
+    image id is in ``skip`` (:func:`blocks_without`)."""
+    index = faiss.IndexIDMap2(base)
+    log.info("index: adding %d vectors of dimension %d", len(es) - (0 if skip is None else len(skip)), es.dim)
+    for ids, block in blocks_without(es, skip):
+        index.add_with_ids(block, np.ascontiguousarray(ids, dtype=np.int64))
+    return index
+
+
+def build_index(es: EmbeddingSet, factory: str = "Flat", train_sample: int = 100_000, gpus=None, seed: int = 0):
+    """Train (on a sample) and fill ``IndexIDMap2(index_factory(d, FACTORY, IP))``; returns the CPU form."""
+    base = make_base(es.dim, factory)
+    if not base.is_trained:
+        base = train_base(base, es.embeddings[sample_rows(len(es), train_sample, seed)], factory, gpus)
+    return fill(base, es)
+
+
+def default_params(factory: str) -> dict[str, int]:
+    """Search parameters stored in index.json; searches may override them."""
+    params = {}
+    if "IVF" in factory.upper():
+        params["nprobe"] = 32
+    if "HNSW" in factory.upper():
+        params["ef_search"] = 128
+    return params
+
+
+def load_embeddings(embeddings_dir: Path) -> EmbeddingSet:
+    es = EmbeddingSet.load(embeddings_dir)
+    if len(np.unique(es.ids)) != len(es):
+        raise UserError(f"{embeddings_dir}/ids.npy: ids must be unique")
+    return es
+
+
+def save_folder(out: Path, index: faiss.Index, es: EmbeddingSet, info: dict[str, Any]) -> dict[str, Any]:
+    """``index.faiss``, the catalogue columns, then ``index.json`` (with provenance added to ``info``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / INDEX_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
+    es.save(out, vectors=False)
+    info = {
+        "dim": es.dim,
+        "metric": "inner_product",
+        "count": int(index.ntotal),
+        **info,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": es.meta.get("model"),
+        "untrained": bool(es.meta.get("untrained")),
+        "model_sha256": es.meta.get("model_sha256"),  # search refuses a model with other weights
+        "faiss_version": faiss.__version__,
+    }
+    write_atomic(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
+    log.info("index: %s over %d x %d written to %s", info["factory"], len(es), es.dim, out)
+    return info
+
+
+def build_folder(
+    embeddings_dir: Path,
+    out: Path,
+    factory: str = "Flat",
+    gpu: str = "auto",
+    shard: bool = False,
+    train_sample: int = 100_000,
+) -> dict[str, Any]:
+    """Build and save ``index.faiss`` + ``index.json`` with the catalogue columns; returns index.json's content."""
+    es = load_embeddings(embeddings_dir)
+    gpus = parse_gpus(gpu)
+    t0 = time.perf_counter()
+    index = build_index(es, factory, train_sample, gpus)
+    info = {
+        "factory": factory,
+        "embeddings": str(embeddings_dir),
+        "gpus": gpus,
+        "shard": shard,
+        "train_sample": min(train_sample, len(es)),
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "search_params": default_params(factory),
+    }
+    return save_folder(out, index, es, info)
+
+
+# ----------------------------------------------------------------------------------------- load/search
+@dataclass
+class IndexFolder:
+    """A loaded index folder: the Faiss index (placed per ``gpu``), ``index.json`` and the catalogue columns.
+
+    Load it once and keep it (a service, a batch of searches); nothing is cached behind the caller's back.
+    Image ids map to catalogue rows through one sorted array (no per-image Python objects).
+    """
+
+    path: Path
+    index: faiss.Index
+    info: dict[str, Any]
+    catalogue: EmbeddingSet
+
+    @classmethod
+    def load(cls, folder: str | Path, gpu: str = "none", shard: bool = False) -> IndexFolder:
+        folder = Path(folder)
+        for name in (INFO_FILE, INDEX_FILE):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder / name} not found: is {folder} a folder written by `retrieval index build`?")
+        info = json.loads((folder / INFO_FILE).read_text())
+        index = faiss.read_index(str(folder / INDEX_FILE))
+        params = info.get("search_params", {})
+        set_search_params(index, params.get("nprobe"), params.get("ef_search"))
+        return cls(folder, place(index, parse_gpus(gpu), shard), info, EmbeddingSet.load(folder, vectors=False))
+
+    def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Override the search parameters index.json holds (IVF ``nprobe``, HNSW ``efSearch``) for later searches."""
+        for name, value in (("--nprobe", nprobe), ("--ef", ef_search)):
+            if value is not None and value < 1:
+                raise UserError(f"{name}: expected a positive integer, got {value}")
+        set_search_params(self.index, nprobe, ef_search)
+
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ``(scores, image ids)`` of each query row; id -1 pads when the index holds fewer than k."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.info["dim"]:
+            raise UserError(f"queries have dimension {q.shape[1]}, the index in {self.path} has {self.info['dim']}")
+        if not np.isfinite(q).all():
+            raise UserError("queries contain NaN or inf: the model that embedded them is broken")
+        return self.index.search(q, k)
+
+    def rows(self, image_ids: np.ndarray) -> np.ndarray:
+        """Catalogue rows of ``image_ids`` (-1 where an id is not in the catalogue, e.g. the -1 padding)."""
+        ids = self.catalogue.ids
+        # an embeddings set keeps its rows ordered by id (both layouts): a binary search, no O(N log N) sort per call
+        ordered = bool(len(ids) < 2 or ids[0] < ids[-1]) and bool((ids[1:] > ids[:-1]).all())
+        order = None if ordered else np.argsort(ids, kind="stable")
+        pos = np.clip(np.searchsorted(ids, image_ids, sorter=order), 0, max(len(ids) - 1, 0))
+        rows = (pos if order is None else order[pos]) if len(ids) else np.full(np.shape(image_ids), -1)
+        return np.where(len(ids) and ids[rows] == image_ids, rows, -1)

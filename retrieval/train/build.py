@@ -1,0 +1,73 @@
+"""Everything a :class:`retrieval.train.trainer.Trainer` is built from, prepared in one place (:class:`TrainParts`).
+
+The shards are checked against ``stats.json``/``sizes.json`` first (a missing or truncated shard fails before any
+process group or GPU work), then the Accelerator, the model, its input spec, the batch arithmetic, AdamW over the
+parameter groups (layer-wise lr decay with ``optim.layer_decay``), the warmup + cosine schedule, DeepSpeed's
+batch settings, and the loss (built before the model is prepared: ProxyAnchor's proxies join the model and the
+optimizer; a cross-batch memory is checkpointed with the run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from retrieval import dist, losses
+from retrieval.config.schema import Config, Derived, derived
+from retrieval.data.check import check_split
+from retrieval.data.input_spec import InputSpec
+from retrieval.data.loader import read_stats
+from retrieval.errors import UserError
+from retrieval.losses.global_criterion import GlobalCriterion
+from retrieval.model.files import LOSS_MODULE
+from retrieval.model.network import initial_model, maybe_compile
+from retrieval.run_folder import RunFolder
+from retrieval.train.log import tracker_for
+from retrieval.train.optim import build_optimizer
+
+
+@dataclass
+class TrainParts:
+    """What one training run is made of, prepared by the accelerator (DDP / DeepSpeed wrapped, on the device)."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    criterion: GlobalCriterion
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    spec: InputSpec  # how the run's images are prepared (exported beside the weights)
+    derived: Derived  # the batch arithmetic: per-rank and global batch, steps per epoch and in all
+
+
+def prepare(cfg: Config, run: RunFolder) -> TrainParts:
+    """Check the shards, then build and prepare every part of the run."""
+    stats = read_stats(cfg.data.shards)  # bad input fails here, before any process group or GPU work
+    for split in (cfg.data.train_split, *([cfg.data.val_split] if cfg.train.eval_every else [])):
+        check_split(cfg.data.shards, split, stats, cfg.data.allow_incomplete)
+    train_samples = int(stats.get(cfg.data.train_split, {}).get("samples", 0))
+    if not train_samples:
+        raise UserError(f"{cfg.data.shards}/stats.json: split {cfg.data.train_split!r} has no samples")
+    accelerator = dist.make_accelerator(
+        cfg.train.precision, cfg.optim.grad_accum, str(run.path), tracker_for(cfg.log.wandb)
+    )
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    d = derived(cfg, accelerator.num_processes, train_samples)
+    model = initial_model(cfg)
+    spec = InputSpec.of(model, cfg.data)
+    criterion = losses.build_loss(cfg.loss, seed=cfg.train.seed, embedding_size=model.embed_dim)
+    loss_groups, proxies = losses.param_groups(criterion, cfg.optim.lr), losses.trainable(criterion)
+    optimizer, scheduler = build_optimizer(model, loss_groups, cfg.optim, d.total_optimizer_steps)
+    if proxies is not None:  # after the model's groups: the proxies are in the loss's only
+        model.add_module(LOSS_MODULE, proxies)  # see retrieval.losses.trainable
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dist.configure_deepspeed(accelerator, d.per_rank_batch, cfg.optim.grad_accum, cfg.optim.grad_clip)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model = maybe_compile(model, cfg.model)
+    criterion = criterion.to(accelerator.device)
+    if criterion.memory is not None:  # the queue is part of the run's state: a resume continues it bitwise
+        accelerator.register_for_checkpointing(criterion.memory)
+    return TrainParts(accelerator, model, criterion, optimizer, scheduler, spec, d)
