@@ -33,8 +33,9 @@ TOPICS = {
     "scaling": "`retrieval train` under accelerate launch, 1 vs 2 (.. N GPUs) processes: weak scaling",
     "search-gpu": "retrieval.knn.torch_search on one GPU, every precision, vs the chunked matmul + top-k floor",
     "recipes": "test Recall@1 / MAP@R of each training recipe (loss, memory, EMA, augmentation), same images",
+    "peer": "`retrieval train` vs pytorch-metric-learning's MetricLossOnly trainer: loop, command, test Recall@1",
 }
-NOT_IN_ALL = {"recipes"}  # trains a model per recipe: run it on its own
+NOT_IN_ALL = {"recipes", "peer"}  # train whole models: run them on their own
 LEVELS = {"tiny": "smallest (the tests)", "quick": "minutes on 2 CPU cores", "full": "real sizes"}
 
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAT_KEYS = {"median", "min", "max", "p10", "p90", "mean", "repeats", "warmup", "unit"}
 ENVELOPE = {"bench", "level", "created", "machine", "versions", "device", "config", "results", "ratios", "notes"}
 # what bench/ may import of the product: its commands and public library API, never trainer internals
-PUBLIC = {"retrieval", "retrieval.cli", "retrieval.config.schema", "retrieval.config.io", "retrieval.data.input_spec", "retrieval.data.loader", "retrieval.dist", "retrieval.embed", "retrieval.embed.embedder", "retrieval.embed.embeddings", "retrieval.model.files", "retrieval.model.network", "retrieval.index", "retrieval.index.folder", "retrieval.knn", "retrieval.run_folder", "retrieval.search.searcher", "retrieval.util"}  # fmt: skip
+PUBLIC = {"retrieval", "retrieval.cli", "retrieval.config.schema", "retrieval.config.io", "retrieval.data.input_spec", "retrieval.data.loader", "retrieval.data.transforms", "retrieval.dist", "retrieval.embed", "retrieval.embed.embedder", "retrieval.embed.embeddings", "retrieval.model.files", "retrieval.model.network", "retrieval.index", "retrieval.index.folder", "retrieval.knn", "retrieval.run_folder", "retrieval.search.searcher", "retrieval.util"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +189,18 @@ def test_scale_tiny_auto_index_keeps_its_recall_on_new_queries(tmp_path):
     assert r["search"]["recall@10"] >= 0.95 and r["search"]["exact_agree"] > 0.99
     assert all(r[step]["peak_rss_gb"] > 0 for step in ("write", "read", "index", "search"))
     assert r["index"]["chosen"]["recall@10"] >= 0.96 and "data trained" in proc.stdout
+
+
+def test_peer_tiny_both_trainers_train_and_are_scored_alike(tmp_path, work):
+    """Our trainer and pytorch-metric-learning's MetricLossOnly train on the same extracted JPEGs (a few steps),
+    each scored by `retrieval eval`; the peer's own AccuracyCalculator agrees with our eval on its embeddings."""
+    payload = run_topic("peer", tmp_path, work)
+    ours, pml = payload["results"]["ours/seed0"], payload["results"]["pml/seed0"]
+    assert ours["median"] > 0 and pml["median"] > 0 and ours["command_images_per_s"] > 0
+    assert 0 <= ours["recall_at_1"] <= 100 and 0 <= pml["recall_at_1"] <= 100
+    images = work / "peer-images-tiny"
+    train = {p.name for p in (images / "train").glob("*/*.jpg")}
+    stats = json.loads((work / "recipes-shards-tiny" / "stats.json").read_text())
+    assert len(train) == stats["train"]["samples"]  # every train image, once, under its label
+    peer = json.loads((work / "peer-pml-0.json").read_text())
+    assert peer["precision_at_1"] * 100 == pytest.approx(pml["recall_at_1"], abs=0.01)

@@ -1,0 +1,141 @@
+"""``bench peer``: ``retrieval train`` beside the plainest peer a user would otherwise pick, pytorch-metric-learning's
+own trainer (``bench/peer_loop.py``: ``MetricLossOnly`` + ``MPerClassSampler`` over a Dataset of JPEG files), on the
+demo's catalogue, 1 process each, one after the other on the same machine.
+
+Matched: the JPEG bytes and the train classes (the peer reads the train shards' images extracted to files), the
+tiny SwinV2 and its seeded starting weights (``initial_model``, post-norm gains set), multi-similarity loss with the
+config's alpha/beta/base, AdamW with the head/backbone lr split and no decay on 1-d parameters, linear warmup then
+cosine per step, gradient clipping at ``optim.grad_clip``, the train transform (``train_transform`` of the same
+input spec), P x K batches and steps, loader workers (``data.num_workers``), torch threads (the default of a fresh
+process, both).
+Not matched (what each does on its own): the data order (our shard stream's P x K planner vs pml's sampler), our
+per-epoch validation, checkpoints and exports (the peer has none: they are in our whole-command time), our
+divergence/stop checks; layer-wise no-decay names (our groups also exempt SwinV2's position tables and logit
+scales); the peer's test is pml's AccuracyCalculator on the test JPEGs, ours `retrieval embed` + `retrieval eval`
+of the run's default selection (both are Recall@1 with the query excluded; the peer's embeddings are scored by our
+eval too, as a cross-check).
+
+Figures: the training loop's images/s (medians of windows of 25 steps, the first window dropped: ours
+from the run's metrics.jsonl, the peer's from an iteration hook), the whole command's images/s (train images over
+the wall time of train + test), and test Recall@1 of both, per seed.
+
+    python -m bench peer --out bench-out                 # the demo's catalogue, 800 steps, seeds 0 1 2
+    python -m bench peer --quick                         # one seed
+    python -m bench peer --tiny                          # a few steps on a tiny catalogue (what the tests run)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import common
+from bench.recipes import catalogue
+from retrieval.config.io import load_config
+from retrieval.embed.embeddings import EmbeddingSet
+from retrieval.run_folder import RunFolder
+
+# level -> (seeds, steps per images/s window (ours: train.log_every), overrides of the demo config)
+LEVELS = {
+    "tiny": ((0,), 2, ["data.steps_per_epoch=6", "train.epochs=1", "data.classes_per_batch=4"]),
+    "quick": ((0,), 25, []),
+    "full": ((0, 1, 2), 25, []),
+}
+
+
+def extract(shards: Path, split: str, out: Path) -> Path:
+    """The split's images as ``out/split/<label>/<key>.jpg`` (the shards' own bytes), once."""
+    folder = out / split
+    if folder.is_dir():
+        return folder
+    tmp = out / f".{split}-tmp"
+    for tar in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(tar) as tf:
+            members: dict[str, dict[str, bytes]] = {}
+            for m in tf.getmembers():
+                key, _, ext = m.name.partition(".")
+                if ext in ("jpg", "cls"):
+                    members.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        for key, parts in members.items():
+            target = tmp / parts["cls"].decode().strip() / f"{key}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(parts["jpg"])
+    tmp.rename(folder)
+    return folder
+
+
+def ours(config: str, shards: Path, run: Path, overrides: list[str], seed: int) -> dict:
+    """`retrieval train` (1 process), then `retrieval embed` + `retrieval eval` of its default selection."""
+    start = time.perf_counter()
+    seeded = [f"data.shards={shards}", f"train.seed={seed}", f"data.seed={seed}", "log.wandb=disabled", *overrides]
+    common.launch_train(1, Path(config), run, seeded)
+    train_s = time.perf_counter() - start
+    emb = run / "emb-test"
+    common.retrieval("embed", "--model", run, "--shards", shards, "--split", "test", "--out", emb, "--num-workers", 1)
+    common.retrieval("eval", "--embeddings", emb)
+    seconds = time.perf_counter() - start
+    metrics = json.loads((emb / "metrics.json").read_text())
+    rates = [r["images_per_s"] for r in RunFolder(run).read_metrics() if r.get("kind") == "train"]
+    return {"rates": rates, "seconds": seconds, "train_s": train_s, "recall@1": metrics["recall@1"]}
+
+
+def peer(config: str, images: Path, out: Path, overrides: list[str], seed: int, window: int) -> dict:
+    """The peer script in its own process; its test embeddings scored by our eval as well (a cross-check)."""
+    cmd = [sys.executable, str(common.ROOT / "bench" / "peer_loop.py"), "--config", config, "--images", str(images)]
+    cmd += ["--seed", str(seed), "--window", str(window), "--out", str(out), *overrides]
+    proc = subprocess.run(cmd, env=common.child_env(), capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peer loop exit {proc.returncode}: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    result = json.loads(out.read_text())
+    emb, labels = np.load(out.with_suffix(".emb.npy")), np.load(out.with_suffix(".labels.npy"))
+    folder = out.with_suffix("")
+    EmbeddingSet(emb, np.arange(len(labels)), labels, labels, [], {"model": "peer"}).save(folder)
+    common.retrieval("eval", "--embeddings", folder)
+    result["recall@1"] = json.loads((folder / "metrics.json").read_text())["recall@1"]
+    return result
+
+
+def run(opts: common.Options) -> dict:
+    config = opts.config or str(common.ROOT / "configs" / "demo.yaml")
+    seeds, window, extra = LEVELS[opts.level]
+    overrides = [*extra, f"train.log_every={window}", *opts.overrides]
+    work = Path(opts.work)
+    shards, _ = catalogue(work, opts.level)
+    images = work / f"peer-images-{opts.level}"
+    for split in ("train", "test"):
+        extract(shards, split, images)
+    cfg = load_config(config, overrides)
+    per_step = cfg.data.classes_per_batch * cfg.data.images_per_class
+    steps = cfg.data.steps_per_epoch * cfg.train.epochs
+    rows, results, ratios = [], {}, {}
+    for seed in seeds:
+        a = ours(config, shards, work / f"peer-ours-{seed}", overrides, seed)
+        b = peer(config, images, work / f"peer-pml-{seed}.json", overrides, seed, window)
+        for name, r in (("ours", a), ("pml", b)):
+            rates = r["rates"][1:] or r["rates"]
+            results[f"{name}/seed{seed}"] = common.summarize(
+                rates, "images/s", len(r["rates"]) - len(rates),
+                command_images_per_s=round(steps * per_step / r["seconds"], 1),
+                seconds=round(r["seconds"], 1), recall_at_1=round(100 * r["recall@1"], 2),
+            )  # fmt: skip
+        o, p = results[f"ours/seed{seed}"], results[f"pml/seed{seed}"]
+        ratios[f"loop ours/pml seed{seed}"] = common.ratio(o, p)
+        ratios[f"command ours/pml seed{seed}"] = round(o["command_images_per_s"] / p["command_images_per_s"], 3)
+        rows.append((seed, o["median"], p["median"], o["command_images_per_s"], p["command_images_per_s"],
+                     o["recall_at_1"], p["recall_at_1"], round(100 * b["precision_at_1"], 2)))  # fmt: skip
+    print(common.table(("seed", "loop ours", "loop pml", "command ours", "command pml", "R@1 ours", "R@1 pml",
+                        "pml's own p@1"), rows), flush=True)  # fmt: skip
+    notes = [
+        f"{steps} steps of {cfg.data.classes_per_batch} x {cfg.data.images_per_class}, 1 process each, run one after "
+        "the other; loop = median images/s of windows of the training loop, command = train images / wall seconds "
+        "of train + test",
+        "R@1: test Recall@1 (%) by `retrieval eval`, ours of the run's default selection, pml's of its final weights",
+    ]
+    return common.publish("peer", opts, {"config": config, "overrides": overrides, "seeds": seeds}, results,
+                          ratios, notes)  # fmt: skip
