@@ -15,6 +15,10 @@ scales); the peer's test is pml's AccuracyCalculator on the test JPEGs, ours `re
 of the run's default selection (both are Recall@1 with the query excluded; the peer's embeddings are scored by our
 eval too, as a cross-check).
 
+Two peers: ``pml``, as a user writes it (torch's default AdamW, which on CPU loops over the tensors in Python), and
+``pml-foreach``, the same with the AdamW kernels our trainer picks on CPU (foreach), so that the loop itself is
+compared with the optimizer matched too.
+
 Figures: the training loop's images/s (medians of windows of 25 steps, the first window dropped: ours
 from the run's metrics.jsonl, the peer's from an iteration hook), the whole command's images/s (train images over
 the wall time of train + test), and test Recall@1 of both, per seed.
@@ -47,6 +51,9 @@ LEVELS = {
     "quick": ((0,), 25, []),
     "full": ((0, 1, 2), 25, []),
 }
+# the peer as a user writes it (torch's default AdamW: a Python loop over the tensors on CPU), and with the AdamW
+# kernels our trainer picks on CPU (foreach): the loop beside ours with the optimizer matched too
+PEERS = {"pml": [], "pml-foreach": ["--foreach"]}
 
 
 def extract(shards: Path, split: str, out: Path) -> Path:
@@ -85,10 +92,10 @@ def ours(config: str, shards: Path, run: Path, overrides: list[str], seed: int) 
     return {"rates": rates, "seconds": seconds, "train_s": train_s, "recall@1": metrics["recall@1"]}
 
 
-def peer(config: str, images: Path, out: Path, overrides: list[str], seed: int, window: int) -> dict:
+def peer(config: str, images: Path, out: Path, overrides: list[str], seed: int, window: int, flags: list[str]) -> dict:
     """The peer script in its own process; its test embeddings scored by our eval as well (a cross-check)."""
     cmd = [sys.executable, str(common.ROOT / "bench" / "peer_loop.py"), "--config", config, "--images", str(images)]
-    cmd += ["--seed", str(seed), "--window", str(window), "--out", str(out), *overrides]
+    cmd += ["--seed", str(seed), "--window", str(window), "--out", str(out), *flags, *overrides]
     proc = subprocess.run(cmd, env=common.child_env(), capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"peer loop exit {proc.returncode}: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
@@ -114,23 +121,27 @@ def run(opts: common.Options) -> dict:
     per_step = cfg.data.classes_per_batch * cfg.data.images_per_class
     steps = cfg.data.steps_per_epoch * cfg.train.epochs
     rows, results, ratios = [], {}, {}
+    peers = PEERS if opts.level != "tiny" else {"pml": []}
     for seed in seeds:
-        a = ours(config, shards, work / f"peer-ours-{seed}", overrides, seed)
-        b = peer(config, images, work / f"peer-pml-{seed}.json", overrides, seed, window)
-        for name, r in (("ours", a), ("pml", b)):
+        runs = {"ours": ours(config, shards, work / f"peer-ours-{seed}", overrides, seed)}
+        for name, flags in peers.items():
+            runs[name] = peer(config, images, work / f"peer-{name}-{seed}.json", overrides, seed, window, flags)
+        for name, r in runs.items():
             rates = r["rates"][1:] or r["rates"]
             results[f"{name}/seed{seed}"] = common.summarize(
                 rates, "images/s", len(r["rates"]) - len(rates),
                 command_images_per_s=round(steps * per_step / r["seconds"], 1),
                 seconds=round(r["seconds"], 1), recall_at_1=round(100 * r["recall@1"], 2),
             )  # fmt: skip
-        o, p = results[f"ours/seed{seed}"], results[f"pml/seed{seed}"]
-        ratios[f"loop ours/pml seed{seed}"] = common.ratio(o, p)
-        ratios[f"command ours/pml seed{seed}"] = round(o["command_images_per_s"] / p["command_images_per_s"], 3)
-        rows.append((seed, o["median"], p["median"], o["command_images_per_s"], p["command_images_per_s"],
-                     o["recall_at_1"], p["recall_at_1"], round(100 * b["precision_at_1"], 2)))  # fmt: skip
-    print(common.table(("seed", "loop ours", "loop pml", "command ours", "command pml", "R@1 ours", "R@1 pml",
-                        "pml's own p@1"), rows), flush=True)  # fmt: skip
+        o = results[f"ours/seed{seed}"]
+        for name in peers:
+            p = results[f"{name}/seed{seed}"]
+            ratios[f"loop ours/{name} seed{seed}"] = common.ratio(o, p)
+            ratios[f"command ours/{name} seed{seed}"] = round(o["command_images_per_s"] / p["command_images_per_s"], 3)
+            rows.append((seed, name, o["median"], p["median"], o["command_images_per_s"], p["command_images_per_s"],
+                         o["recall_at_1"], p["recall_at_1"]))  # fmt: skip
+    print(common.table(("seed", "peer", "loop ours", "loop peer", "command ours", "command peer", "R@1 ours",
+                        "R@1 peer"), rows), flush=True)  # fmt: skip
     notes = [
         f"{steps} steps of {cfg.data.classes_per_batch} x {cfg.data.images_per_class}, 1 process each, run one after "
         "the other; loop = median images/s of windows of the training loop, command = train images / wall seconds "

@@ -50,15 +50,16 @@ class JpegFolder(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")), self.labels[i]
 
 
-def optimizer_and_schedule(model: torch.nn.Module, cfg, total_steps: int):
+def optimizer_and_schedule(model: torch.nn.Module, cfg, total_steps: int, foreach: bool | None):
     """AdamW: the projection head at optim.lr, the backbone at optim.backbone_lr, no weight decay on 1-d parameters
-    (norms, biases); warmup then cosine to optim.min_lr_ratio, per iteration."""
+    (norms, biases); warmup then cosine to optim.min_lr_ratio, per iteration. ``foreach``: torch's keyword (None is
+    torch's default: a Python loop over the tensors on CPU, foreach on CUDA)."""
     groups = []
     for part, lr in (("backbone.", cfg.optim.backbone_lr), ("head.", cfg.optim.lr)):
         named = [(n, p) for n, p in model.named_parameters() if n.startswith(part)]
         groups.append({"params": [p for n, p in named if p.ndim > 1], "lr": lr, "weight_decay": cfg.optim.weight_decay})
         groups.append({"params": [p for n, p in named if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(cfg.optim.betas))
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(cfg.optim.betas), foreach=foreach)
     warmup, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
 
     def factor(step: int) -> float:
@@ -70,7 +71,7 @@ def optimizer_and_schedule(model: torch.nn.Module, cfg, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(cfg, images: Path, seed: int, window: int) -> tuple[torch.nn.Module, list[float]]:
+def train(cfg, images: Path, seed: int, window: int, foreach: bool | None) -> tuple[torch.nn.Module, list[float]]:
     from pytorch_metric_learning import losses, samplers, trainers
 
     model = initial_model(cfg)  # the same seeded starting weights as `retrieval train` (train.seed)
@@ -79,7 +80,7 @@ def train(cfg, images: Path, seed: int, window: int) -> tuple[torch.nn.Module, l
     p, k = cfg.data.classes_per_batch, cfg.data.images_per_class
     steps = cfg.data.steps_per_epoch
     sampler = samplers.MPerClassSampler(dataset.labels, m=k, batch_size=p * k, length_before_new_iter=steps * p * k)
-    optimizer, schedule = optimizer_and_schedule(model, cfg, steps * cfg.train.epochs)
+    optimizer, schedule = optimizer_and_schedule(model, cfg, steps * cfg.train.epochs, foreach)
     loss = losses.MultiSimilarityLoss(alpha=cfg.loss.ms_alpha, beta=cfg.loss.ms_beta, base=cfg.loss.ms_base)
     trunk, embedder = model.backbone, torch.nn.Sequential(model.head, Normalize())
     stamps: list[float] = []
@@ -137,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=25, help="iterations per images/s window")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) instead of torch's default")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     start = time.perf_counter()
     cfg = load_config(a.config, [*a.overrides, f"train.seed={a.seed}"])
-    model, rates = train(cfg, a.images, a.seed, a.window)
+    model, rates = train(cfg, a.images, a.seed, a.window, True if a.foreach else None)
     precision, emb, labels = test(model, cfg, a.images)
     seconds = time.perf_counter() - start
     np.save(a.out.with_suffix(".emb.npy"), emb)

@@ -59,7 +59,7 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     spec = InputSpec.of(model, cfg.data)
     criterion = losses.build_loss(cfg.loss, seed=cfg.train.seed, embedding_size=model.embed_dim)
     loss_groups, proxies = losses.param_groups(criterion, cfg.optim.lr), losses.trainable(criterion)
-    optimizer, scheduler = build_optimizer(model, loss_groups, cfg.optim, d.total_optimizer_steps)
+    optimizer, scheduler = build_optimizer(model, loss_groups, cfg.optim, d.total_optimizer_steps, accelerator.device)
     if proxies is not None:  # after the model's groups: the proxies are in the loss's only
         model.add_module(LOSS_MODULE, proxies)  # see retrieval.losses.trainable
     if cfg.model.channels_last:
