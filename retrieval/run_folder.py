@@ -27,7 +27,6 @@ checkpoint. Every small file is written through :func:`retrieval.util.write_atom
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -211,20 +210,13 @@ class RunFolder:
     def lock(self) -> None:
         """Take the run folder for this process (rank 0 of a trainer) until it exits: an exclusive ``flock`` on
         ``.lock``, released by the OS however the process ends, so a killed trainer never leaves a stale lock."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            self._lock_fd = util.lock(self.path / ".lock")
+        except util.Busy as e:
             raise UserError(
-                f"{self.path} is in use by another trainer (pid {holder}): one trainer per run folder; wait for it "
+                f"{self.path} is in use by another trainer (pid {e.holder}): one trainer per run folder; wait for it "
                 "to end or stop it, then --resume auto"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def unlock(self) -> None:
         fd = getattr(self, "_lock_fd", None)
