@@ -16,7 +16,6 @@ failures, found once.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.data.decode import decode_image
 from retrieval.embed.embeddings import EmbeddingSet
 
 log = logging.getLogger(__name__)
@@ -296,9 +296,6 @@ def read_thumbnails(
 
 
 def _thumbnail(data: bytes, size: int):
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size))
+    im = decode_image(data)  # upright, as the model saw it
+    im.thumbnail((size, size))
     return im
