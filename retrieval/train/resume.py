@@ -95,7 +95,7 @@ def open_run(run: RunFolder, accelerator, resume: str | None, cfg: Config, shape
         state, elastic = adapt(saved, shape, start, d, cfg.optim.grad_accum)
         opened = Opened(state, start, elastic)
     if accelerator.is_main_process:  # the log's numbering is the checkpoint's (an elastic resume renumbers steps)
-        run.begin(cfg, fresh=start is None, resumed_step=None if saved is None else saved.global_step)
+        run.begin(cfg, fresh=start is None, resumed=saved)
     accelerator.wait_for_everyone()
     return opened
 
