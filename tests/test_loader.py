@@ -254,3 +254,15 @@ def test_loading_leaves_the_global_rng_alone(shards, workers):
     _train(d, _cfg(num_workers=workers), steps=2)
     list(L.eval_loader(d, "test", SPEC, 8, workers))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_cls_that_is_no_integer_is_refused_not_hashed():
+    """Today `.cls` = "zq" is hashed into a label silently (only `shards verify` notices): now the sample is
+    malformed (skipped and counted, warned once); text labels are read with data.label_key=txt."""
+    from retrieval.data.pk import parse_sample, stable_int
+
+    raw = {"__key__": "000000001", "jpg": sk.jpeg_bytes(0), "cls": b"zq", "txt": b"zq"}
+    with pytest.raises(ValueError, match=r"its \.cls holds 'zq', expected an integer class id"):
+        parse_sample(raw, "cls")
+    assert parse_sample(raw, "txt").label == stable_int("zq")
+    assert parse_sample({**raw, "cls": b" 12\n"}, "cls").label == 12
