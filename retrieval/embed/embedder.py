@@ -24,6 +24,7 @@ from retrieval.data.decode import read_image, to_rgb
 from retrieval.data.transforms import eval_transform
 from retrieval.errors import UserError
 from retrieval.model.loading import LoadedModel, load_model
+from retrieval.util import progress_bar
 
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor
 
@@ -78,9 +79,15 @@ class Embedder:
         raise UserError(f"image: expected a path, a PIL image or a tensor, got {type(image).__name__}")
 
     @torch.no_grad()
-    def embed(self, images: ImageLike | Iterable[ImageLike]) -> np.ndarray:
-        """N x dim float32 embeddings of ``images`` (one image, a list, or an N x 3 x H x W tensor)."""
-        parts = [self.model(batch.to(self.device)).float().cpu().numpy() for batch in self._batches(images)]
+    def embed(self, images: ImageLike | Iterable[ImageLike], progress: bool = False) -> np.ndarray:
+        """N x dim float32 embeddings of ``images`` (one image, a list, or an N x 3 x H x W tensor); ``progress``
+        shows a bar in images (with a total when ``images`` has a length)."""
+        total = len(images) if progress and isinstance(images, (list, tuple)) else None
+        parts = []
+        with progress_bar(total, "embed queries", "img", disable=not progress) as bar:
+            for batch in self._batches(images):
+                parts.append(self.model(batch.to(self.device)).float().cpu().numpy())
+                bar.update(len(batch))
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
     def _batches(self, images: ImageLike | Iterable[ImageLike]) -> Iterator[torch.Tensor]:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from retrieval import dist, util
 from retrieval.data.input_spec import InputSpec
@@ -69,7 +68,7 @@ def _embedded_batches(
     is (split, images this rank expects) for the bar."""
     model.eval()
     split, total = progress
-    bar = tqdm(total=total, desc=f"embed {split} (this rank)", disable=not dist.is_main(), unit="img")
+    bar = util.progress_bar(total, f"embed {split} (this rank)", "img", disable=not dist.is_main())
     for batch in loader:
         counts["skipped"] += int(batch.get("skipped", 0))
         bar.update(len(batch["label"]) + int(batch.get("skipped", 0)))

@@ -46,6 +46,7 @@ from retrieval.util import atomic_path, write_atomic
 log = logging.getLogger(__name__)
 
 INDEX_FILE, INFO_FILE = "index.faiss", "index.json"
+SEARCH_FILE = "search-queries.json"  # the summary of the last `retrieval search --queries` against the index
 
 
 # ------------------------------------------------------------------------------------------- placement
@@ -322,6 +323,28 @@ class IndexFolder:
         params = info.get("search_params", {})
         set_search_params(index, params.get("nprobe"), params.get("ef_search"))
         return cls(folder, place(index, parse_gpus(gpu), shard), info, catalogue)
+
+    @staticmethod
+    def find(root: str | Path) -> list[Path]:
+        """Index folders at most two levels under ``root`` (``RUN/index``, ``RUN/indexes/ivf``)."""
+        root = Path(root)
+        return sorted(p.parent for pattern in ("*/" + INFO_FILE, "*/*/" + INFO_FILE) for p in root.glob(pattern))
+
+    def save_search_summary(self, summary: dict, queries: str, k: int) -> Path:
+        """What ``retrieval search --queries`` found, beside the index it searched (the report reads it); a rebuilt
+        index replaces its folder, and this summary of the old index goes with it."""
+        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        record = {"summary": {**summary, "k": k, "queries_file": queries, "created": created}}
+        return write_atomic(self.path / SEARCH_FILE, json.dumps(record, indent=1) + "\n")
+
+    @staticmethod
+    def read_search_summary(folder: str | Path) -> dict | None:
+        path = Path(folder) / SEARCH_FILE
+        try:
+            summary = json.loads(path.read_text())["summary"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+        return {**summary, "source": str(path)} if isinstance(summary, dict) else None
 
     def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Override the search parameters index.json holds (IVF ``nprobe``, HNSW ``efSearch``) for later searches."""
