@@ -39,6 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.faults import kill_after  # noqa: E402
 from retrieval import dist  # noqa: E402
 from retrieval.embed.embeddings import EmbeddingSet  # noqa: E402
 from retrieval.errors import UserError  # noqa: E402
@@ -88,22 +89,9 @@ def _killed(cmd: list[str], out: Path, when: tuple[str | None, float], log: Path
     event, delay = when
     with open(log, "a") as f:
         proc = subprocess.Popen(cmd, env=_env(), stdout=f, stderr=f, start_new_session=True)
-    start, seen, states = time.monotonic(), None, list(EVENTS.get(event, []))
-    while proc.poll() is None:
-        if event is None and time.monotonic() - start >= delay:
-            break
-        while states and states[0](out):
-            states.pop(0)
-            seen = time.monotonic() if not states else None
-        if seen is not None and time.monotonic() - seen >= delay:
-            break
-        time.sleep(0.002)
+    killed = kill_after(proc, [lambda state=state: state(out) for state in EVENTS.get(event, [])], delay, poll=0.002)
     where = f"{delay * 1000:.0f} ms after '{event}'" if event else f"at {delay:.2f} s"
-    if proc.poll() is not None:
-        return where + " (already ended)"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return where
+    return where if killed else where + " (already ended)"
 
 
 def index_outcome(out: Path, sets: dict[str, tuple[Path, str]]) -> str:

@@ -7,15 +7,12 @@ half scale) and the queries' full-size decode parted (70 of 80 images under 0.99
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from _launch import serving
 from conftest import TINY, embed_args, shards_build_args
 
 from retrieval.cli import main
@@ -23,7 +20,6 @@ from retrieval.data.sop import read_sop_file
 from retrieval.embed.embedder import Embedder
 from retrieval.embed.embeddings import EmbeddingSet
 from retrieval.search.searcher import Searcher
-from retrieval.util import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COSINE = 0.9999
@@ -80,34 +76,11 @@ def test_retrieval_search_finds_every_image_first(catalogue, capsys):
 
 def test_the_service_finds_every_image_first(catalogue):
     ids, paths = _ids_and_paths(catalogue)
-    port = free_port()
-    cmd = [sys.executable, "-m", "retrieval", "serve", "--index", str(catalogue["index"]), "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(proc, url)
-        tops = []
+    tops = []
+    with serving(catalogue["index"]) as (url, _):
         for start in range(0, len(paths), 8):  # the images' bytes, as a client uploads them, 8 per request
             files = [("image", (Path(p).name, Path(p).read_bytes(), "image/jpeg")) for p in paths[start : start + 8]]
             answer = httpx.post(f"{url}/search", files=files, params={"k": 3}, timeout=60)
             assert answer.status_code == 200, answer.text
             tops += [q["results"][0] for q in answer.json()["queries"]]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     _assert_found_first(ids, [t["image_id"] for t in tops], [t["score"] for t in tops], "the service")
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, f"server exited: {proc.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "server did not answer /healthz within 120 s"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.3)
