@@ -347,3 +347,16 @@ def test_a_build_shows_progress_with_a_total_also_in_a_log_file(sop, tmp_path, c
     err = capsys.readouterr().err  # captured: not a terminal
     total = sum(json.loads((tmp_path / "shards" / "stats.json").read_text())[s]["samples"] for s in SPLITS)
     assert "to write)" in err and f"{total}/{total}" in err
+
+
+def test_shards_follow_the_umask(sop, tmp_path):
+    """Shards were chmod-ed 0644 whatever the umask; a group-writable team setting (002) gives 0664."""
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        assert _build(sop, tmp_path / "shards", "--workers", "1") == 0
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "shards").rglob("*") if p.is_file()]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o664} and len(files) > 5

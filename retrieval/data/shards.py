@@ -24,8 +24,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -38,7 +36,7 @@ from retrieval.data.inshop import load_inshop
 from retrieval.data.shard_writer import ShardJob, read_json, sidecar_path, write_shard
 from retrieval.data.sop import ALL_SPLITS, EVAL_SPLITS, Catalogue, Record, load_catalogue
 from retrieval.errors import UserError
-from retrieval.util import progress_bar
+from retrieval.util import progress_bar, write_atomic
 
 # spawn, not fork: a fork of a process that already runs torch/OpenMP threads can hang in the child.
 _SPAWN = multiprocessing.get_context("spawn")
@@ -109,13 +107,8 @@ def plan_jobs(cat: Catalogue, out_dir: Path, options: dict) -> tuple[list[ShardJ
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    """Atomic write (unique temp name: several array tasks may write the same file at once)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be read by every user of the shards
-    os.replace(tmp, path)
+    """Atomic write (unique temp name: several array tasks may write the same file at once), the umask's mode."""
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _claim_out_dir(out: Path, plan: dict) -> None:
