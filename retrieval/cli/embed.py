@@ -9,7 +9,10 @@ Each rank embeds its own shards (every image exactly once across ranks) and writ
 ``OUT/parts/`` (a part every ``--part-rows`` rows: memory stays one part, whatever the split's size); rank 0 then
 checks against ``stats.json`` that no image is missing or duplicated and writes the manifest and ``meta.json``
 (:mod:`retrieval.embed.sharded`; the set is :class:`retrieval.embed.embeddings.EmbeddingSet`: every reader
-memory-maps the parts, ordered by image id).
+memory-maps the parts, ordered by image id). ``OUT`` is replaced as one unit once the new set is complete (a second
+``embed`` into it, or one while ``eval``/``index build`` read it, is refused before any work); what was derived from
+the old set (``eval``'s ``metrics.json``) goes with it. ``--num-workers`` defaults to the CPUs per rank less one, at
+most 4 (:func:`retrieval.dist.cpu_share`).
 """
 
 from __future__ import annotations
