@@ -162,12 +162,15 @@ def rescale(state: TrainerState, world: int, d: Derived, grad_accum: int) -> Tra
     step = state.step_in_epoch * state.world_size // world
     step = min(step - step % grad_accum, d.steps_per_epoch)
     samples = state.samples_seen or state.global_step * state.per_rank_batch * state.world_size * grad_accum
+    global_step = state.epoch * d.optimizer_steps_per_epoch + step // grad_accum
     new = replace(
         state,
         step_in_epoch=step,
-        global_step=state.epoch * d.optimizer_steps_per_epoch + step // grad_accum,
+        global_step=global_step,
         world_size=world,
         samples_seen=samples,
+        # the checkpoint's own validation keeps naming it in the new numbering (a stop there is not validated twice)
+        last_step=global_step if state.last_step == state.global_step else None,
     )
     log.warning(
         "elastic resume: checkpoint of %d process(es) at epoch %d, step %d in epoch (optimizer step %d) continues on "
