@@ -1,7 +1,7 @@
 # The two commands of the README's quick start:
 #   make demo   the whole product in miniature on synthetic SOP-format data (CPU ok, GPU if present)
 #   make demo-long   the same, trained ~25 min on 2 CPU cores: long enough for search to find the product
-#   make faults   kill/resume campaign (not in the default suite)
+#   make faults   kill/resume campaigns: training, index build, concurrent embeds (not in the default suite)
 #   make test   install into .venv and run the default test suite
 #   make bench-scale   the catalogue-scale benchmark (100k and 1M x 256 embeddings; about 10 min on 2 cores)
 SHELL := /bin/bash
@@ -37,9 +37,11 @@ test-all: install
 lint: install
 	$(BIN)/ruff check retrieval tests && $(BIN)/ruff format --check retrieval tests
 
-# fault campaign (~15 min on 2 CPU cores): SIGKILL a 2-process tiny run at 20 instants, resume, compare
+# fault campaigns (~15 min each on 2 CPU cores): SIGKILL a 2-process tiny run at 20 instants, resume, compare;
+# SIGKILL index builds (plain, auto) at 20 instants each and race two embeds into one folder, read what is left
 faults: install
 	$(BIN)/python bench/faults.py --trials 20
+	$(BIN)/python bench/faults_folders.py --trials 20 --embed-trials 10
 
 demo: install
 	$(BIN)/python -m retrieval demo

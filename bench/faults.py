@@ -85,6 +85,22 @@ def _run(shards: Path, run_dir: Path, resume: bool = False, log: Path | None = N
         return subprocess.run(_cmd(shards, run_dir, resume), env=_env(), stdout=f, stderr=f).returncode
 
 
+def kill_after(proc: subprocess.Popen, states: list, delay: float, poll: float = 0.005) -> bool:
+    """SIGKILL ``proc``'s process group ``delay`` seconds after each of ``states`` (predicates, in order) held once,
+    or after its start when there are none; False if it ended first. Shared by the fault campaigns."""
+    states, since = list(states), time.monotonic()
+    while proc.poll() is None:
+        while states and states[0]():
+            states.pop(0)
+            since = time.monotonic()
+        if not states and time.monotonic() - since >= delay:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(poll)
+    return False
+
+
 def _killed_run(shards: Path, run_dir: Path, rng: random.Random, duration: float, log: Path) -> str:
     """Start the run and SIGKILL its whole process group at a random instant; returns where it was killed."""
     run = RunFolder(run_dir)
@@ -92,20 +108,9 @@ def _killed_run(shards: Path, run_dir: Path, rng: random.Random, duration: float
     delay = rng.uniform(0, 0.05) if event else rng.uniform(0.1, 1.0) * duration
     with open(log, "a") as f:
         proc = subprocess.Popen(_cmd(shards, run_dir, False), env=_env(), stdout=f, stderr=f, start_new_session=True)
-    start = time.monotonic()
-    while proc.poll() is None:
-        if event is None and time.monotonic() - start >= delay:
-            break
-        if event is not None and EVENTS[event](run):
-            time.sleep(delay)
-            break
-        time.sleep(0.005)
+    killed = kill_after(proc, [lambda: EVENTS[event](run)] if event else [], delay)
     where = f"after '{event}' +{delay * 1000:.0f} ms" if event else f"at {delay:.1f} s"
-    if proc.poll() is not None:
-        return where + " (the run had already ended)"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return where
+    return where if killed else where + " (the run had already ended)"
 
 
 def _best_consistent(run: RunFolder, reference_best: int | None) -> bool:

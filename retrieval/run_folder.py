@@ -27,7 +27,6 @@ checkpoint. Every small file is written through :func:`retrieval.util.write_atom
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -70,10 +69,15 @@ class TrainerState:
     skipped: int = 0  # training samples the loader skipped so far (all ranks)
     samples_read: int = 0  # training samples read so far, skipped included (all ranks)
     samples_seen: int = 0  # training images consumed, all ranks: an elastic resume keeps it (issue 14)
+    last_metric: float | None = None  # the latest validation's selection metric, and its step
+    last_step: int | None = None
+    val_queries: int = 0  # queries the latest validation scored (the metric's standard error)
 
-    def record_eval(self, value: float) -> bool:
-        """A validation's selection metric at ``global_step``: True if it is the best so far (then remembered)."""
-        improved = self.best_metric is None or value > self.best_metric
+    def record_eval(self, value: float, queries: int = 0, select_last: bool = False) -> bool:
+        """A validation's selection metric at ``global_step``: True if it is the best so far (then remembered);
+        with ``select_last`` every validation is the best (``train.select_metric: last``)."""
+        self.last_metric, self.last_step, self.val_queries = value, self.global_step, queries
+        improved = select_last or self.best_metric is None or value > self.best_metric
         if improved:
             self.best_metric, self.best_step, self.evals_since_best = value, self.global_step, 0
         else:
@@ -176,24 +180,33 @@ class RunFolder:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def begin(self, cfg: Config, fresh: bool, resumed_step: int | None = None) -> None:
+    def begin(self, cfg: Config, fresh: bool, resumed: TrainerState | None = None) -> None:
         """Create the folder, write the resolved config (and keep a copy per attempt under ``configs/``), clear a
         preemption mark. A fresh run drops the log lines of an earlier attempt that never checkpointed; a resume
-        from step N drops the lines past N (the steps it is about to run again). Main process only."""
+        from a checkpoint drops the lines past it (the steps it is about to run again). Main process only."""
         self.write_config(cfg)
         self._keep_attempt_config()
         self.preempted_path.unlink(missing_ok=True)
         if fresh:
             self.metrics_path.unlink(missing_ok=True)
             self.wandb_id_path.unlink(missing_ok=True)  # a fresh start is a new wandb run too
-        elif resumed_step is not None:
-            self.truncate_metrics(resumed_step)
+        elif resumed is not None:
+            self.truncate_metrics(resumed.global_step, resumed.samples_seen)
 
-    def truncate_metrics(self, step: int) -> None:
-        """Keep the records up to ``step`` (and drop a line a kill cut short): a resume logs the rest again."""
+    def truncate_metrics(self, step: int, samples: int = 0) -> None:
+        """Keep the records up to the checkpoint (and drop a line a kill cut short): a resume logs the rest again.
+
+        By ``samples`` (images seen) where the records and the checkpoint carry it: an elastic resume renumbers the
+        steps (1 process at step 100 is 2 processes at step 50), so cutting by step would keep 51-100 twice."""
         if not self.metrics_path.is_file():
             return
-        kept = [r for r in self.read_metrics() if int(r.get("step", 0)) <= step]
+
+        def before(r: dict) -> bool:
+            if samples and isinstance(r.get("samples"), int):
+                return r["samples"] <= samples
+            return int(r.get("step", 0)) <= step
+
+        kept = [r for r in self.read_metrics() if before(r)]
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     @property
@@ -211,20 +224,13 @@ class RunFolder:
     def lock(self) -> None:
         """Take the run folder for this process (rank 0 of a trainer) until it exits: an exclusive ``flock`` on
         ``.lock``, released by the OS however the process ends, so a killed trainer never leaves a stale lock."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            self._lock_fd = util.lock(self.path / ".lock")
+        except util.Busy as e:
             raise UserError(
-                f"{self.path} is in use by another trainer (pid {holder}): one trainer per run folder; wait for it "
+                f"{self.path} is in use by another trainer (pid {e.holder}): one trainer per run folder; wait for it "
                 "to end or stop it, then --resume auto"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def unlock(self) -> None:
         fd = getattr(self, "_lock_fd", None)

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAT_KEYS = {"median", "min", "max", "p10", "p90", "mean", "repeats", "warmup", "unit"}
 ENVELOPE = {"bench", "level", "created", "machine", "versions", "device", "config", "results", "ratios", "notes"}
 # what bench/ may import of the product: its commands and public library API, never trainer internals
-PUBLIC = {"retrieval", "retrieval.cli", "retrieval.config.schema", "retrieval.config.io", "retrieval.data.input_spec", "retrieval.data.loader", "retrieval.data.transforms", "retrieval.dist", "retrieval.embed", "retrieval.embed.embedder", "retrieval.embed.embeddings", "retrieval.model.files", "retrieval.model.network", "retrieval.index", "retrieval.index.folder", "retrieval.knn", "retrieval.run_folder", "retrieval.search.searcher", "retrieval.util"}  # fmt: skip
+PUBLIC = {"retrieval", "retrieval.cli", "retrieval.config.schema", "retrieval.config.io", "retrieval.data.input_spec", "retrieval.data.loader", "retrieval.data.sop", "retrieval.data.transforms", "retrieval.errors", "retrieval.dist", "retrieval.embed", "retrieval.embed.embedder", "retrieval.embed.embeddings", "retrieval.model.files", "retrieval.model.network", "retrieval.index", "retrieval.index.folder", "retrieval.knn", "retrieval.run_folder", "retrieval.search.searcher", "retrieval.util"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -329,3 +329,81 @@ def test_a_single_validation_point_is_a_point_on_a_sane_axis() -> None:
     line = ax.get_lines()[0]
     assert line.get_marker() == "o" and list(line.get_xdata()) == [40]
     assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 29: what the page says about where its numbers come from
+
+
+def test_the_loss_curve_is_named_after_the_run_loss(run_dir: Path, monkeypatch) -> None:
+    """Today every loss is plotted as "triplet loss"."""
+    from retrieval.report import build, plots
+
+    (run_dir / "config.yaml").write_text("loss:\n  name: multi_similarity\n")
+    seen = []
+    monkeypatch.setattr(build, "curve_images", lambda *a: seen.append(a) or plots.curve_images(*a))
+    build_report(run_dir)
+    assert seen[0][2] == "multi_similarity"
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    monkeypatch.setattr(plots, "figure_png", lambda draw: draw(ax))
+    plots.curve_images([{"kind": "train", "step": 1, "samples": 32, "loss": 0.5}], [], "multi_similarity")
+    assert ax.get_ylabel() == "multi similarity loss" and ax.get_xlabel() == "images seen"
+
+
+def test_the_sample_behind_the_curve_and_failures_is_said(run_dir: Path, monkeypatch) -> None:
+    """Today the Recall@K curve and the worst failures come from a 2,000-query sample without a word."""
+    from retrieval.report import analysis, build
+
+    page = build_report(run_dir).read_text()
+    assert "Every one of the 24 images of emb-test searched as a query" in page
+    real = analysis.analyse
+    monkeypatch.setattr(build, "analyse", lambda es, seed=0: real(es, max_queries=10, seed=seed))
+    page = build_report(run_dir).read_text()
+    assert "A seeded sample of 10 of the 24 images of emb-test searched as queries" in page
+
+
+def test_search_summary_saved_by_search_queries_is_found(run_dir: Path) -> None:
+    """Today: "No search-queries.json" although `retrieval search --queries` ran (only the demo saved one)."""
+    from retrieval.index.folder import IndexFolder
+
+    index = run_dir / "index"
+    index.mkdir()
+    (index / "index.json").write_text("{}")
+    assert "No search summary" in _section(build_report(run_dir).read_text(), "Search with new photos")
+    summary = {"queries": 11, "top1_same_class": 0.25, "topk_any_same_class": 0.5}
+    IndexFolder(index, None, {}, None).save_search_summary(summary, "q.txt", 10)
+    section = _section(build_report(run_dir).read_text(), "Search with new photos")
+    assert '<td class="num">11</td>' in section and "25.00" in section and "search-queries.json" in section
+
+
+def test_every_wandb_folder_of_the_run_is_named(run_dir: Path) -> None:
+    """Each invocation (fresh start, resumes) writes its own offline folder; today only the newest was named."""
+    names = ["offline-run-20260101_000000-abc123", "offline-run-20260102_000000-abc123"]
+    for name in names:
+        (run_dir / "wandb" / name / "logs").mkdir(parents=True)
+    section = _section(build_report(run_dir).read_text(), "Tracking")
+    assert "2 folder(s)" in section and all(section.count(n) == 2 for n in names)  # listed and in `wandb sync`
+
+
+def test_the_selection_shows_best_and_last(run_dir: Path) -> None:
+    summary = {"select_metric": "recall@1", "metric": "recall@1", "best_metric": 0.146, "best_step": 40}
+    summary.update(last_metric=0.208, last_step=55, val_queries=300, metric_se=0.0234)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    page = build_report(run_dir).read_text()
+    assert "the best validation: recall@1 0.1460 at step 40; the last validation: recall@1 0.2080 at step 55" in page
+    assert "± 0.0459 at 95 % on 300 val queries" in page
+
+
+def test_a_shards_folder_is_no_run_folder(tmp_path: Path, capsys) -> None:
+    """Today `retrieval report SHARDS` writes report.html into the shards folder."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "stats.json").write_text("{}")
+    (shards / "train-000000.tar").write_bytes(b"")
+    assert main(["report", str(shards)]) == 2
+    assert "a shards folder (stats.json, *.tar), not a run folder" in capsys.readouterr().err
+    assert not (shards / "report.html").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2 and not (tmp_path / "empty" / "report.html").exists()

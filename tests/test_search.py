@@ -64,3 +64,15 @@ def test_table_output_and_bad_image(index_dir, synth_shards, tmp_path, capsys):
     listed.write_text("id class path\n")
     assert main(["search", "--index", str(index_dir), "--queries", str(listed)]) == 2
     assert "queries.txt:1: expected the header" in capsys.readouterr().err
+
+
+def test_search_queries_shows_progress_and_saves_its_summary_for_the_report(index_dir, synth_shards, capsys):
+    """Today `search --queries` (199 s for 11k queries) prints nothing while it works, and leaves no summary the
+    report could show."""
+    queries = _sop_root(synth_shards) / "Ebay_test.txt"
+    n = len(queries.read_text().splitlines()) - 1
+    assert main(["search", "--index", str(index_dir), "--queries", str(queries), "--k", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "embed queries" in captured.err and f"{n}/{n}" in captured.err
+    saved = json.loads((index_dir / "search-queries.json").read_text())["summary"]
+    assert saved["queries"] == n and saved["k"] == 5 and f"{n} queries: the top hit" in captured.out

@@ -5,9 +5,6 @@ groups concurrent queries into one forward pass."""
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 from _api_fixture import World, make_world
+from _launch import serving
 from PIL import Image
 
 from retrieval.search.searcher import Searcher
 from retrieval.search.serve import Batcher, ServeOptions
-from retrieval.util import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,29 +29,8 @@ def world(tmp_path_factory) -> World:
 @pytest.fixture(scope="module")
 def server(world: World):
     """`retrieval serve` in a child process; stopped (SIGTERM, then SIGKILL) whatever the test does."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "retrieval", "serve", "--index", str(world.index), "--port", str(port)]
-    cmd += ["--max-wait-ms", "20", "--max-batch", "16", "--path-root", str(world.model)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"server exited: {proc.communicate()[1][-3000:]}"
-            assert time.monotonic() < deadline, "server did not answer /healthz within 120 s"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        yield url, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+    with serving(world.index, "--max-wait-ms", "20", "--max-batch", "16", "--path-root", str(world.model)) as live:
+        yield live
 
 
 def _png(path: Path) -> bytes:

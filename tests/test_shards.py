@@ -339,3 +339,24 @@ def test_sbatch_array_then_dependent_merge(sop, reference, repo_root, tmp_path):
         time.sleep(1)
         logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
     assert f"verify: {out}: ok" in logs
+
+
+def test_a_build_shows_progress_with_a_total_also_in_a_log_file(sop, tmp_path, capsys):
+    """Today a build whose stderr is not a terminal (Slurm, a log file) prints nothing while it works."""
+    assert _build(sop, tmp_path / "shards", "--workers", "1") == 0
+    err = capsys.readouterr().err  # captured: not a terminal
+    total = sum(json.loads((tmp_path / "shards" / "stats.json").read_text())[s]["samples"] for s in SPLITS)
+    assert "to write)" in err and f"{total}/{total}" in err
+
+
+def test_shards_follow_the_umask(sop, tmp_path):
+    """Shards were chmod-ed 0644 whatever the umask; a group-writable team setting (002) gives 0664."""
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        assert _build(sop, tmp_path / "shards", "--workers", "1") == 0
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "shards").rglob("*") if p.is_file()]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o664} and len(files) > 5

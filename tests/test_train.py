@@ -74,8 +74,9 @@ def test_resume_mid_epoch_is_bitwise_identical(synth_shards, tmp_path):
 def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     """train.ema_decay and a cross-batch memory on (with warmup, layer decay and RandAugment + erasing, the recipes'
     other options): 4 steps straight == 2, stop, resume for 2 more, for the raw weights (the checkpoint), the EMA
-    (the exports) and the losses logged (the memory's). The validation at step 3 scores the EMA: the best export is
-    the EMA of step 3, and embedding it gives the val line."""
+    (the exports) and the losses logged (the memory's). Validations score the EMA: the best export is the EMA of
+    the best step, and embedding it gives that val line. The capped invocation validates its last step (step 2,
+    issue 29): the same weights give the same val lines at steps 3 and 4 as the straight run's."""
     import torch
 
     common = ["train.epochs=2", "data.steps_per_epoch=3", "train.ema_decay=0.6", "train.ema_warmup=true"]
@@ -89,22 +90,30 @@ def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     assert _train(synth_shards, resumed, *common, "train.max_steps=4", resume="latest") == 0
     losses = [[r["loss"] for r in RunFolder(d).read_metrics() if r["kind"] == "train"] for d in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
-    for name in ("final/model.safetensors", "model.safetensors", "checkpoints/step_4/model.safetensors"):
+    for name in (
+        "final/model.safetensors",
+        "checkpoints/step_3/model.safetensors",
+        "checkpoints/step_4/model.safetensors",
+    ):
         a, b = _weights(straight / name), _weights(resumed / name)
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), f"{name} differs after resume"
-    for export, step in (("final", 4), (".", 3)):
+    vals = {d: [r for r in RunFolder(d).read_metrics() if r["kind"] == "val"] for d in (straight, resumed)}
+    assert [r["step"] for r in vals[straight]] == [3, 4] and [r["step"] for r in vals[resumed]] == [2, 3, 4]
+    assert all(a["recall@1"] == b["recall@1"] for a, b in zip(vals[straight], vals[resumed][1:], strict=True))
+    best = RunFolder(resumed).read_summary()["best_step"]
+    for export, step in (("final", 4), (".", best)):
         ema = torch.load(resumed / f"checkpoints/step_{step}/custom_checkpoint_1.pkl", weights_only=True)
         exported = _weights(resumed / export / "model.safetensors")
         raw = _weights(resumed / f"checkpoints/step_{step}/model.safetensors")
         assert all((ema[k].numpy() == exported[k]).all() for k in exported), f"the {export} export is the EMA"
         assert any((raw[k] != exported[k]).any() for k in exported if k.endswith("weight")), "not the raw weights"
-    val = [r for r in RunFolder(resumed).read_metrics() if r["kind"] == "val"]
-    assert [r["step"] for r in val] == [3] and (resumed / "best").read_text().strip() == "checkpoints/step_3"
+    val = next(r for r in vals[resumed] if r["step"] == best)
+    assert (resumed / "best").read_text().strip() == f"checkpoints/step_{best}"
     emb = tmp_path / "emb"
     assert main(embed_args(resumed, synth_shards, emb, "--num-workers", "0", split="val")) == 0
     assert main(["eval", "--embeddings", str(emb)]) == 0
     metrics = json.loads((emb / "metrics.json").read_text())
-    assert all(metrics[k] == pytest.approx(val[0][k], abs=1e-6) for k in ("recall@1", "map@r", "r_precision"))
+    assert all(metrics[k] == pytest.approx(val[k], abs=1e-6) for k in ("recall@1", "map@r", "r_precision"))
 
 
 def test_signal_checkpoints_marks_preempted_and_exits_3(synth_shards, tmp_path):

@@ -11,9 +11,10 @@ from retrieval.train.resume import rescale
 
 
 def test_rescale_keeps_the_fraction_of_epoch_and_run():
-    state = TrainerState(epoch=1, step_in_epoch=3, global_step=9, world_size=2, per_rank_batch=16)
+    state = TrainerState(epoch=1, step_in_epoch=3, global_step=9, world_size=2, per_rank_batch=16, last_step=9)
     on_one = rescale(state, 1, Derived(16, 16, 12, 12, 24, 24), 1)  # 1 process: epochs of 12 steps
     assert (on_one.epoch, on_one.step_in_epoch, on_one.global_step, on_one.world_size) == (1, 6, 18, 1)
+    assert on_one.last_step == 18  # validated at the checkpoint: named in the new numbering, not validated again
     assert on_one.samples_seen == 9 * 32
     back = rescale(on_one, 4, Derived(16, 128, 3, 1, 6, 6), 2)  # 4 processes, grad_accum 2: whole optimizer steps
     assert (back.step_in_epoch, back.global_step) == (0, 1)

@@ -19,6 +19,7 @@ from retrieval.config.io import load_config
 from retrieval.config.schema import ConfigError, DataConfig
 from retrieval.data import loader as L
 from retrieval.data import transforms as tfm
+from retrieval.data.decode import decode_image
 from retrieval.data.input_spec import InputSpec
 from retrieval.model.network import initial_model
 from retrieval.train.optim import lr_lambda, param_groups, seek_schedule
@@ -112,7 +113,7 @@ def test_recipe_config_errors_name_the_field():
 
 
 def _image():
-    return tfm.decode_image(sk.jpeg_bytes(3, size=96))
+    return decode_image(sk.jpeg_bytes(3, size=96))
 
 
 def test_augmentations_off_is_todays_transform():

@@ -12,6 +12,7 @@ Recall@K (K = 1, 10, 20, 30, 50, 100), MAP@R and GLDv2's mAP@100. Both are docum
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -43,8 +44,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--chunk: expected a positive integer, got {args.chunk}")
     if (args.embeddings is None) == (args.queries is None and args.gallery is None):
         raise UserError("give --embeddings DIR (self-retrieval), or --queries DIR --gallery DIR, not both")
-    if args.embeddings is None:
-        return _query_gallery(args)
+    folders = [args.embeddings] if args.embeddings is not None else [args.queries, args.gallery]
+    with contextlib.ExitStack() as held:  # no `retrieval embed` replaces a folder while it is scored
+        for folder in filter(None, folders):
+            held.enter_context(EmbeddingSet.reading(folder))
+        return _query_gallery(args) if args.embeddings is None else _self_retrieval(args)
+
+
+def _self_retrieval(args: argparse.Namespace) -> int:
     es = EmbeddingSet.load(args.embeddings)
     if len(es) < 2:
         raise UserError(f"{args.embeddings}: holds {len(es)} embedding(s); the protocol needs at least 2")

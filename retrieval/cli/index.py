@@ -8,6 +8,9 @@ retrieval index build --embeddings DIR --out DIR --factory auto --target-recall 
 
 ``--factory auto`` chooses among Flat, IVF-Flat, IVF-PQ and HNSW and tunes nprobe / efSearch against exact
 search (:mod:`retrieval.index.auto`); index.json records every setting it tried.
+
+``--out`` is written as one unit (:func:`retrieval.index.folder.building`): a second build into it is refused before
+any work, a killed build leaves the old folder or the new one, and a folder that is no index folder is never replaced.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
 ``--queries`` takes an SOP-format list (``image_id class_id super_class_id path``, paths relative to the
 list's folder; ``synth-sop --query-views N`` writes one of new photos of the test products). Its class ids
 are the truth: the command then also reports how often the top hit, and any of the top k, is of the query's
-class.
+class, shows a progress bar over the queries (on stderr) and saves that summary as ``INDEX/search-queries.json``,
+where ``retrieval report`` finds it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from retrieval import dist
 from retrieval.errors import UserError
 from retrieval.search.searcher import Searcher, read_queries, same_class_summary
 
@@ -38,14 +40,16 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.batch_size < 1:
         raise UserError(f"--k and --batch-size: expected positive integers, got {args.k} and {args.batch_size}")
     images, classes = read_queries(args.queries) if args.queries else (args.image, None)
+    dist.use_cpu_share(0, "search")  # torch threads from the CPUs this process has, not the host's cores
     searcher = Searcher(args.index, args.model, args.batch_size, force=args.force)
     searcher.index.set_params(nprobe=args.nprobe, ef_search=args.ef)
-    results = searcher.search(images, args.k)
+    results = searcher.search(images, args.k, progress=args.queries is not None)
     summary = None
     if classes is not None:
         for res, c in zip(results, classes, strict=True):
             res["query_class_id"] = c
         summary = same_class_summary(results, classes)
+        searcher.index.save_search_summary(summary, str(args.queries), args.k)  # for `retrieval report`
     if args.json:
         print(json.dumps(_payload(results, summary), indent=1))
         return 0

@@ -215,7 +215,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations (0 = never)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0 = end of epoch only)
     keep_checkpoints: int = 2  # newest step_N folders kept (best is always kept)
-    select_metric: str = "recall@1"  # metric in metrics.json used to pick `best`
+    select_metric: str = "recall@1"  # metric in metrics.json that picks `best`; last = the last validated weights
     early_stop_patience: int = 0  # evaluations without improvement before stopping (0 = off)
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps in all; the lr
     # schedule still spans train.epochs, so a capped run continues exactly when resumed with a higher cap
@@ -276,9 +276,16 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
-        known = metric_names(self.eval.ks)
+        known = [*metric_names(self.eval.ks), "last"]
         if self.train.select_metric not in known:
             raise ConfigError(f"train.select_metric: expected one of {known}, got {self.train.select_metric!r}")
+        if self.train.select_metric == "last" and self.train.early_stop_patience:
+            raise ConfigError("train.early_stop_patience: needs a metric to improve; train.select_metric=last has none")
+        if self.data.classes_per_batch < 2 and self.loss.name != "proxy_anchor":
+            raise ConfigError(
+                f"data.classes_per_batch: expected >= 2 for loss.name={self.loss.name} (a batch of one class has no "
+                "negative: the loss is 0 every step), got 1; proxy_anchor, whose proxies are the negatives, allows 1"
+            )
 
 
 def metric_names(ks: tuple[int, ...] | list[int]) -> list[str]:

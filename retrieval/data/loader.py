@@ -3,7 +3,8 @@
 Shards follow the contract of ``retrieval shards build`` (``DIR/{split}-NNNNNN.tar``, members
 ``jpg``/``cls``/``json``, ``stats.json``) or come from any source :mod:`retrieval.data.source` accepts
 (URL prefixes, brace patterns, ``http(s)://``, ``pipe:``; labels by ``data.label_key``). Both modes are ``torch.utils.data.DataLoader`` objects with
-``batch_size=None``: batches are formed inside the workers, which decode JPEGs with ``Image.draft``.
+``batch_size=None``: batches are formed inside the workers, which decode with :func:`retrieval.data.decode.decode_image` (full size: the
+same decode as a query's).
 
 Train (:func:`train_loader`): every rank yields exactly ``steps - start_step`` batches
 ``{"image": B×3×H×W float32, "label": int64 B, "image_id": int64 B, "skipped": int}``, B = P*K.
@@ -60,6 +61,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from retrieval import dist
 from retrieval.config.schema import DataConfig
 from retrieval.data import transforms as tfm
+from retrieval.data.decode import decode_image
 from retrieval.data.layout import Layout, split_readers, train_layout
 from retrieval.data.pk import TAG_AUG, PKPlanner, Plan, Sample, SkipCounter, Stream, read_samples, seed_seq
 from retrieval.data.source import read_stats, shard_urls, split_entry
@@ -119,11 +121,11 @@ def _seeded_rngs(seed: int):
         np.random.set_state(np_state)
 
 
-def _decode(sample: Sample, min_side: int, counter: SkipCounter):
+def _decode(sample: Sample, counter: SkipCounter):
     if (sample.url, sample.key) in counter.keys:
         return None
     try:
-        return tfm.decode_image(sample.jpg, min_side)
+        return decode_image(sample.jpg)
     except _DECODE_ERRORS as e:
         counter.add(sample.key, sample.url, e)
         return None
@@ -137,7 +139,6 @@ class _TrainStream(IterableDataset):
         urls: list[str],
         data: DataConfig,
         transform,
-        min_side: int,
         epoch: int,
         rank: int,
         workers: int,
@@ -145,7 +146,7 @@ class _TrainStream(IterableDataset):
         start_step: int,
         layout: Layout,
     ) -> None:
-        self.urls, self.data, self.transform, self.min_side = urls, data, transform, min_side
+        self.urls, self.data, self.transform = urls, data, transform
         self.epoch, self.rank, self.workers, self.steps, self.start_step = epoch, rank, workers, steps, start_step
         self.layout = layout
 
@@ -192,7 +193,7 @@ class _TrainStream(IterableDataset):
         for i in chosen:
             for j in range(len(group)):
                 sample = group[(i + j) % len(group)]
-                img = _decode(sample, self.min_side, counter)
+                img = _decode(sample, counter)
                 if img is not None:
                     out.append((self.transform(img), sample))
                     break
@@ -300,7 +301,6 @@ def train_loader(
         layout.urls,
         data_cfg,
         tfm.train_transform(spec, data_cfg),
-        tfm.train_min_side(spec.size, data_cfg.scale),
         span.epoch,
         rank,
         max(data_cfg.num_workers, 1),
@@ -314,11 +314,9 @@ def train_loader(
 class _EvalStream(IterableDataset):
     """One rank's eval shards, split across workers at shard granularity, batched in the worker."""
 
-    def __init__(
-        self, layout: Layout, workers: int, batch_size: int, transform, img_size: int, min_side: int, rank: int
-    ) -> None:
+    def __init__(self, layout: Layout, workers: int, batch_size: int, transform, img_size: int, rank: int) -> None:
         self.layout, self.workers, self.batch_size = layout, workers, batch_size
-        self.transform, self.img_size, self.min_side, self.rank = transform, img_size, min_side, rank
+        self.transform, self.img_size, self.rank = transform, img_size, rank
 
     def _samples(self, w: int, counter: SkipCounter):
         urls, stream = self.layout.worker(w, self.workers)
@@ -333,7 +331,7 @@ class _EvalStream(IterableDataset):
         counter = SkipCounter(f"rank {self.rank} eval worker {w}")
         batch: list[tuple] = []
         for s in self._samples(w, counter):
-            img = _decode(s, self.min_side, counter)
+            img = _decode(s, counter)
             if img is None:
                 continue
             batch.append((img, s))
@@ -378,6 +376,5 @@ def eval_loader(
     stream = Stream(label_key or entry.get("label_key", "cls"))
     layout = split_readers(shard_urls(shards_dir, split, entry), rank, world, num_workers, stream)
     workers = num_workers if layout.in_shard else min(num_workers, len(layout.urls))
-    min_side = tfm.eval_min_side(spec.size, spec.crop_pct)
-    dataset = _EvalStream(layout, max(workers, 1), batch_size, tfm.eval_transform(spec), spec.size, min_side, rank)
+    dataset = _EvalStream(layout, max(workers, 1), batch_size, tfm.eval_transform(spec), spec.size, rank)
     return _dataloader(dataset, workers, reader.pin_memory)

@@ -88,7 +88,9 @@ def _as_int(value: object) -> int:
 
 
 def _label(raw: dict, meta: dict, label_key: str) -> int:
-    """The label by ``data.label_key``: ``cls``, ``txt`` or ``json:FIELD``; a non-numeric value is hashed."""
+    """The label by ``data.label_key``: ``cls`` (an integer, as webdataset defines it), ``txt`` or ``json:FIELD``
+    (a non-numeric value is hashed). A ``.cls`` that is no integer is malformed: the sample is skipped and counted
+    (a text class hashed silently would be a label nobody chose)."""
     if label_key.startswith("json:"):
         field = label_key[5:]
         if field not in meta:
@@ -96,7 +98,12 @@ def _label(raw: dict, meta: dict, label_key: str) -> int:
         return _as_int(meta[field])
     if label_key not in raw:
         raise ValueError(f"no .{label_key} member (data.label_key={label_key})")
-    return _as_int(raw[label_key].decode("utf-8"))
+    text = raw[label_key].decode("utf-8")
+    if label_key == "cls" and not text.strip().lstrip("-").isdigit():
+        raise ValueError(
+            f"its .cls holds {text[:20]!r}, expected an integer class id (text labels: data.label_key=txt)"
+        )
+    return _as_int(text)
 
 
 def parse_sample(raw: dict, label_key: str = "cls") -> Sample:

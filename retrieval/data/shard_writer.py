@@ -163,10 +163,8 @@ def write_shard(job: ShardJob) -> dict:
             "seconds": round(time.perf_counter() - t0, 3),
             "digest": job.digest,
         }
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shards are meant to be read by every user
-        with atomic_path(sidecar_path(out_dir, job.name)) as side_tmp:
+        with atomic_path(sidecar_path(out_dir, job.name)) as side_tmp:  # both in the umask's mode (atomic_path)
             side_tmp.write_text(json.dumps(summary, indent=1))
-            os.chmod(side_tmp, 0o644)
     return summary
 
 

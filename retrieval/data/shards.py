@@ -24,8 +24,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,12 +31,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from retrieval.data.inshop import load_inshop
 from retrieval.data.shard_writer import ShardJob, read_json, sidecar_path, write_shard
 from retrieval.data.sop import ALL_SPLITS, EVAL_SPLITS, Catalogue, Record, load_catalogue
 from retrieval.errors import UserError
+from retrieval.util import progress_bar, write_atomic
 
 # spawn, not fork: a fork of a process that already runs torch/OpenMP threads can hang in the child.
 _SPAWN = multiprocessing.get_context("spawn")
@@ -109,13 +107,8 @@ def plan_jobs(cat: Catalogue, out_dir: Path, options: dict) -> tuple[list[ShardJ
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    """Atomic write (unique temp name: several array tasks may write the same file at once)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be read by every user of the shards
-    os.replace(tmp, path)
+    """Atomic write (unique temp name: several array tasks may write the same file at once), the umask's mode."""
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _claim_out_dir(out: Path, plan: dict) -> None:
@@ -139,20 +132,22 @@ def is_finished(job: ShardJob) -> bool:
 
 
 def _run_jobs(jobs: list[ShardJob], workers: int) -> None:
-    """Write the shards, in a process pool when ``workers > 1``; a tqdm bar counts finished shards."""
+    """Write the shards, in a process pool when ``workers > 1``; a bar counts the images of finished shards against
+    the build's total (also in a log file: a 124k-image build ran 133 s without a line)."""
     # Not routed through retrieval.dist.is_main(): the builder never runs under a distributed launcher (Slurm
     # array tasks are independent processes), and importing torch would cost seconds per command.
-    bar = tqdm(total=len(jobs), unit="shard", desc="shards", disable=None)
+    bar = progress_bar(sum(len(job.records) for job in jobs), f"shards ({len(jobs)} to write)", "img")
     try:
         if workers <= 1:
             for job in jobs:
                 write_shard(job)
-                bar.update()
+                bar.update(len(job.records))
         else:
             with ProcessPoolExecutor(max_workers=workers, mp_context=_SPAWN) as pool:
-                for fut in as_completed([pool.submit(write_shard, job) for job in jobs]):
+                futures = {pool.submit(write_shard, job): len(job.records) for job in jobs}
+                for fut in as_completed(futures):
                     fut.result()
-                    bar.update()
+                    bar.update(futures[fut])
     finally:
         bar.close()
 

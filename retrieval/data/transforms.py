@@ -1,13 +1,8 @@
-"""Image decoding and the train/eval transforms of the loader.
+"""The train/eval transforms of the loader, the embedder and the service (decoding is :mod:`retrieval.data.decode`).
 
 torchvision's v1 transforms are used: on PIL input (what the loader decodes to) they measured about
 10 % faster than v2 here (RandomResizedCrop + flip + ColorJitter + ToTensor + Normalize, one thread,
 64 and 224 px: 441 vs 519 and 1489 vs 1590 us/image).
-
-JPEG decoding uses ``Image.draft``: libjpeg can decode at 1/2, 1/4 or 1/8 scale for the cost of the
-smaller image. The loader asks for the smallest shorter side the transform still needs at full
-quality, so draft only kicks in when the stored image is at least twice that (large sources, small
-``img_size``); it never lowers the resolution the crop sees.
 
 With ``data.rand_augment`` or ``data.random_erasing`` set, the train transform is timm's own
 (``transforms_imagenet_train``: RandomResizedCrop with the same scale/ratio/filter, flip, RandAugment, ToTensor,
@@ -18,9 +13,7 @@ generator, not torch's: the loader seeds those per batch too (see :mod:`retrieva
 
 from __future__ import annotations
 
-import io
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,23 +28,6 @@ if TYPE_CHECKING:  # the data layer only reads the spec's fields; it never build
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 Transform = Callable[[Image.Image], torch.Tensor]
-
-
-def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
-    """Decode image bytes to RGB; JPEGs at the smallest libjpeg scale whose shorter side is >= ``min_side``.
-
-    Raises whatever PIL raises for corrupt or truncated data (``OSError``, ``SyntaxError``,
-    ``ValueError``...); the loader catches, counts and skips.
-    """
-    img = Image.open(io.BytesIO(data))
-    if min_side > 0 and img.format == "JPEG":
-        img.draft("RGB", (min_side, min_side))
-    return img.convert("RGB")  # forces the full decode here, so errors surface at this call
-
-
-def train_min_side(img_size: int, scale: Sequence[float]) -> int:
-    """Shorter side a source needs so that the smallest RandomResizedCrop still has ``img_size`` pixels."""
-    return math.ceil(img_size / math.sqrt(scale[0]))
 
 
 def eval_min_side(img_size: int, crop_pct: float) -> int:

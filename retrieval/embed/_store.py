@@ -58,6 +58,11 @@ def is_folder(folder: Path) -> bool:
     return (folder / META).is_file() and ((folder / "ids.npy").is_file() or (folder / MANIFEST).is_file())
 
 
+def is_set_folder(folder: Path) -> bool:
+    """Any trace of an embeddings set, complete or not (a folder a killed run left counts)."""
+    return any((folder / name).exists() for name in (META, MANIFEST, PARTS, "ids.npy", VECTORS))
+
+
 def has_vectors(folder: Path) -> bool:
     return is_folder(folder) and ((folder / VECTORS).is_file() or (folder / MANIFEST).is_file())
 
@@ -86,10 +91,18 @@ def check_vectors(path: Path, emb: np.ndarray, n: int, chunk: int = BLOCK_ROWS) 
     if not np.issubdtype(emb.dtype, np.floating):
         raise UserError(f"{path}: expected float32/float16 values, got {emb.dtype}")
     for start in range(0, n, chunk):  # chunked: a memory-mapped set is never read whole for this
-        bad = ~np.isfinite(emb[start : start + chunk]).all(1)
+        block = emb[start : start + chunk]
+        bad = ~np.isfinite(block).all(1)
         if bad.any():
             first = start + int(np.flatnonzero(bad)[0])
             raise UserError(f"{path}: rows contain NaN or inf (first: row {first}); the model that wrote them diverged")
+        zero = ~block.any(1)  # an all-zero row has no direction: every score against it is 0, a metric over it noise
+        if zero.any():
+            first = start + int(np.flatnonzero(zero)[0])
+            raise UserError(
+                f"{path}: {int(zero.sum())} rows are all zero (first: row {first}); the model that wrote them "
+                "collapsed or was never trained: re-embed with a working model"
+            )
     return emb
 
 

@@ -3,8 +3,10 @@
     embedder = Embedder.load("runs/sop")               # a run folder, an export folder, a timm export folder
     vectors = embedder.embed(["a.jpg", pil_image])     # N x embed_dim float32 numpy, unit rows when normalised
 
-Each image is prepared exactly as the model's catalogue was (its :class:`~retrieval.model.network.InputSpec`: size, crop,
-resize filter, mean/std), so a query embedded here is comparable with the index built by ``retrieval embed``.
+Each image is decoded and prepared exactly as the model's catalogue was (:mod:`retrieval.data.decode`, then its
+:class:`~retrieval.data.input_spec.InputSpec`: size, crop, resize filter, mean/std), so a catalogue image embedded
+here gets its stored vector back (cosine >= 0.9999) and any query is comparable with the index built by
+``retrieval embed``.
 Images may be paths, PIL images, or tensors already prepared by ``embedder.transform`` (C x H x W or a batch).
 """
 
@@ -16,22 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from retrieval.data.decode import read_image, to_rgb
 from retrieval.data.transforms import eval_transform
 from retrieval.errors import UserError
 from retrieval.model.loading import LoadedModel, load_model
+from retrieval.util import progress_bar
 
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """The image at ``path`` as RGB, or a UserError naming the file."""
+    """The image at ``path`` decoded as the catalogue's images were (:mod:`retrieval.data.decode`), or a UserError
+    naming the file."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise UserError(f"query {path}: cannot read the image ({e})") from None
+        return read_image(path)
+    except Exception as e:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError...)
+        raise UserError(f"query {path}: cannot read the image ({type(e).__name__}: {e})") from None
 
 
 class Embedder:
@@ -69,15 +73,21 @@ class Embedder:
                 )
             return image.float()
         if isinstance(image, Image.Image):
-            return self.transform(image.convert("RGB"))
+            return self.transform(to_rgb(image))
         if isinstance(image, (str, os.PathLike)):
             return self.transform(open_image(Path(image)))
         raise UserError(f"image: expected a path, a PIL image or a tensor, got {type(image).__name__}")
 
     @torch.no_grad()
-    def embed(self, images: ImageLike | Iterable[ImageLike]) -> np.ndarray:
-        """N x dim float32 embeddings of ``images`` (one image, a list, or an N x 3 x H x W tensor)."""
-        parts = [self.model(batch.to(self.device)).float().cpu().numpy() for batch in self._batches(images)]
+    def embed(self, images: ImageLike | Iterable[ImageLike], progress: bool = False) -> np.ndarray:
+        """N x dim float32 embeddings of ``images`` (one image, a list, or an N x 3 x H x W tensor); ``progress``
+        shows a bar in images (with a total when ``images`` has a length)."""
+        total = len(images) if progress and isinstance(images, (list, tuple)) else None
+        parts = []
+        with progress_bar(total, "embed queries", "img", disable=not progress) as bar:
+            for batch in self._batches(images):
+                parts.append(self.model(batch.to(self.device)).float().cpu().numpy())
+                bar.update(len(batch))
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
     def _batches(self, images: ImageLike | Iterable[ImageLike]) -> Iterator[torch.Tensor]:

@@ -21,6 +21,7 @@ vectors (``save(..., vectors=False)``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval import util
 from retrieval.embed import _store as store
 from retrieval.embed._store import PartedVectors, PartWriter  # noqa: F401  (PartWriter: re-exported for embed.sharded)
 from retrieval.errors import UserError
@@ -101,7 +103,34 @@ class EmbeddingSet:
     def drop_parts(folder: str | Path) -> None:
         store.drop_parts(Path(folder))
 
+    @staticmethod
+    def check_replaceable(folder: str | Path) -> None:
+        """``retrieval embed --out`` replaces the folder whole: refused when it holds something else than a set."""
+        folder = Path(folder)
+        if folder.is_dir() and any(folder.iterdir()) and not store.is_set_folder(folder):
+            raise UserError(
+                f"--out {folder}: a folder that is no embeddings set (no {store.META}, {store.MANIFEST} or ids.npy); "
+                "`retrieval embed` replaces its --out whole: choose a new folder or an embeddings folder"
+            )
+
     # ------------------------------------------------------------------------------------ read
+    @staticmethod
+    @contextlib.contextmanager
+    def reading(folder: str | Path) -> Iterator[None]:
+        """Hold ``folder`` against a new ``retrieval embed`` into it while it is read (its lock, shared: readers
+        go together, a writer waits for none of them and is refused). A parted set is read lazily, so an eval or
+        an index build holds it for its whole run; a folder this user may not lock beside is read without."""
+        try:
+            fd = util.lock(util.folder_lock_path(folder), shared=True)
+        except util.Busy as e:
+            raise UserError(
+                f"{folder} is being written by `retrieval embed` (pid {e.holder}): wait for it to end"
+            ) from None
+        try:
+            yield
+        finally:
+            util.unlock(fd)
+
     @staticmethod
     def is_folder(folder: str | Path) -> bool:
         return store.is_folder(Path(folder))

@@ -4,10 +4,15 @@
     local = embed_split(model, shards, "val", spec, 64, 2, device)     # in memory (the trainer's validation)
 
 ``retrieval embed`` and the trainer's validation both run :func:`embed_split`. With a part writer each rank streams
-its rows into ``OUT/parts/`` as they come (memory stays one part whatever the split's size); rank 0 then checks
+its rows into ``parts/`` as they come (memory stays one part whatever the split's size); rank 0 then checks
 against ``stats.json`` that no image is missing or duplicated and writes the manifest and ``meta.json`` last
 (:func:`finish_folder`), so a folder without ``meta.json`` is incomplete. The result is an
 :class:`~retrieval.embed.embeddings.EmbeddingSet`, which lives apart so that its readers never import torch.
+
+``OUT`` is written as one unit (:func:`new_set`): rank 0 holds its lock (a second ``embed`` into it is refused
+before any work) and the ranks write into a stage folder beside it, which replaces ``OUT`` with one rename once
+the set is complete and reads back whole. The set that was there stays complete until then, whatever fails or
+is killed; what was derived from it (``eval``'s ``metrics.json`` in the folder) goes with it.
 """
 
 from __future__ import annotations
@@ -15,15 +20,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from retrieval import dist
+from retrieval import dist, util
 from retrieval.data.input_spec import InputSpec
 from retrieval.data.loader import Reader, eval_loader
 from retrieval.data.source import split_entry
@@ -63,7 +68,7 @@ def _embedded_batches(
     is (split, images this rank expects) for the bar."""
     model.eval()
     split, total = progress
-    bar = tqdm(total=total, desc=f"embed {split} (this rank)", disable=not dist.is_main(), unit="img")
+    bar = util.progress_bar(total, f"embed {split} (this rank)", "img", disable=not dist.is_main())
     for batch in loader:
         counts["skipped"] += int(batch.get("skipped", 0))
         bar.update(len(batch["label"]) + int(batch.get("skipped", 0)))
@@ -130,59 +135,80 @@ def gather_embeddings(local: EmbeddingSet) -> EmbeddingSet | None:
     return EmbeddingSet.merge(parts) if parts is not None else None
 
 
+@contextlib.contextmanager
+def new_set(out: Path, main: bool) -> Iterator[Path]:
+    """The folder every rank writes the new set into. Rank 0 holds ``out``'s lock and a stage folder beside it
+    (:func:`retrieval.util.new_version`) that replaces ``out`` when the block completes, and is removed if it fails;
+    a refusal (``out`` in use, or not an embeddings folder) reaches every rank before any work."""
+    with contextlib.ExitStack() as stack:
+        stage, problem = None, None
+        if main:
+            try:
+                EmbeddingSet.check_replaceable(out)
+                stage = str(stack.enter_context(util.new_version(out)))
+            except util.Busy as e:
+                problem = f"{out} is being written or read by another process (pid {e.holder}): one `retrieval embed` "
+                problem += (
+                    "per folder, none while eval or index build read it; wait for it to end or choose another --out"
+                )
+            except UserError as e:
+                problem = str(e)
+        stage, problem = dist.broadcast_object((stage, problem))
+        if problem:
+            raise UserError(problem)
+        yield Path(stage)
+
+
 def embed_to_folder(accelerator, loaded: LoadedModel, spec: InputSpec, job: EmbedJob, stats: dict) -> None:
-    """Every rank: embed this rank's share of ``job.split`` into parts of ``job.out``; rank 0 then completes the set
-    (``stats``: the shards' ``stats.json``, checked against what was embedded)."""
+    """Every rank: embed this rank's share of ``job.split`` into parts of the new set; rank 0 then completes it
+    (``stats``: the shards' ``stats.json``, checked against what was embedded) and switches it in as ``job.out``."""
     model = loaded.model.to(accelerator.device)
-    writer = EmbeddingSet.writer(job.out, accelerator.process_index, job.part_rows, job.dtype)
-    local = embed_split(
-        model,
-        job.shards,
-        job.split,
-        spec,
-        job.batch_size,
-        job.num_workers,
-        accelerator.device,
-        accelerator.mixed_precision,
-        writer,
-        label_key=job.label_key,
-    )
-    count, seconds = local.meta["count"], local.meta["seconds"]
-    log.info(
-        "rank %d: %d images in %.1f s (%.1f images/s)",
-        accelerator.process_index,
-        count,
-        seconds,
-        count / max(seconds, 1e-9),
-    )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        dim = int(getattr(model, "embed_dim", 0))
-        finish_folder(job, loaded.provenance, spec, accelerator.num_processes, dim, stats[job.split])
-    accelerator.wait_for_everyone()
+    with new_set(job.out, accelerator.is_main_process) as stage:
+        writer = EmbeddingSet.writer(stage, accelerator.process_index, job.part_rows, job.dtype)
+        local = embed_split(
+            model,
+            job.shards,
+            job.split,
+            spec,
+            job.batch_size,
+            job.num_workers,
+            accelerator.device,
+            accelerator.mixed_precision,
+            writer,
+            label_key=job.label_key,
+        )
+        count, seconds = local.meta["count"], local.meta["seconds"]
+        rate = count / max(seconds, 1e-9)
+        log.info("rank %d: %d images in %.1f s (%.1f images/s)", accelerator.process_index, count, seconds, rate)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            dim = int(getattr(model, "embed_dim", 0))
+            finish_folder(job, stage, loaded.provenance, spec, (accelerator.num_processes, dim), stats[job.split])
+        accelerator.wait_for_everyone()
 
 
-def finish_folder(job: EmbedJob, provenance: dict, spec: InputSpec, world: int, dim: int, split_stats: dict) -> None:
-    """Rank 0: the manifest, completeness against stats.json, ``meta.json`` last (and the merge when asked)."""
+def finish_folder(job: EmbedJob, folder: Path, provenance: dict, spec: InputSpec, shape: tuple, split_stats: dict):
+    """Rank 0: the manifest, completeness against stats.json, ``meta.json`` last (and the merge when asked), then
+    the set read back as its readers will (every vector finite and non-zero) before it may replace ``job.out``.
+    ``shape``: (world size, dimension)."""
+    world, dim = shape
     meta = {**provenance, "shards": str(job.shards), "split": job.split, "img_size": spec.size}
     meta.update(input=spec.to_dict(), world_size=world, layout="merged" if job.merge else "parts")
-    summary = EmbeddingSet.finish_parts(job.out, world, dim, job.dtype)
-    try:
-        _check_complete(summary["count"], summary["skipped"], split_stats, job)
-    except UserError:
-        EmbeddingSet.drop_parts(job.out)  # no part a rerun could take for a good one
-        raise
+    summary = EmbeddingSet.finish_parts(folder, world, dim, job.dtype)
+    _check_complete(summary["count"], summary["skipped"], split_stats, job)
     meta.update(
+        set_id=uuid.uuid4().hex,  # which set a reader holds: a re-embed makes a new one
         skipped=summary["skipped"],
         seconds=round(summary["seconds"], 3),
         images_per_s=round(summary["count"] / max(summary["seconds"], 1e-9), 1),
     )
-    EmbeddingSet.write_meta(job.out, meta, summary["count"], dim, job.dtype)
+    EmbeddingSet.write_meta(folder, meta, summary["count"], dim, job.dtype)
     if job.merge:
-        merged = EmbeddingSet.load(job.out)
+        merged = EmbeddingSet.load(folder)
         merged.meta = meta
-        merged.save(job.out, dtype=job.dtype)
-        EmbeddingSet.drop_parts(job.out)
+        merged.save(folder, dtype=job.dtype)
+        EmbeddingSet.drop_parts(folder)
+    EmbeddingSet.load(folder)  # refuses NaN or all-zero vectors: such a set must not replace a good one
     log.info("wrote %d embeddings (dim %d) to %s (%s)", summary["count"], dim, job.out, meta["layout"])
 
 

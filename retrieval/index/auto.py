@@ -39,8 +39,8 @@ from retrieval.embed.embeddings import EmbeddingSet
 from retrieval.errors import UserError
 from retrieval.index.folder import (
     blocks_without,
+    building,
     fill,
-    load_embeddings,
     make_base,
     parse_gpus,
     place,
@@ -183,7 +183,9 @@ def tune(
         if recall >= min(1.0, target + MARGIN):
             return trial, trials, True
         if trial["qps"] < floor_qps:
-            log.info("index auto: %s slower than exact search at %s; not tuning it further", cand.factory, trial)
+            log.info(
+                "index auto: %s slower than the streamed exact scan at %s; not tuning it further", cand.factory, trial
+            )
             break
     return max(trials, key=lambda t: t[f"recall@{k}"]), trials, False
 
@@ -202,6 +204,19 @@ def _beaten_by_flat(rest: list[Candidate], chosen: dict, met: bool, exact: dict)
     """Exact ``Flat`` still to come meets any target at least at the streamed exact scan's speed: a candidate that
     misses the target, or meets it slower than that scan, would lose to it, so it is not kept as the best."""
     return any(c.param is None for c in rest) and (not met or chosen["qps"] <= exact["qps"])
+
+
+def _shortfall(cand: Candidate, chosen: dict, met: bool, target: Target, exact: dict) -> str:
+    """Why a candidate was not kept at once, with what it measured beside the target and the streamed exact scan."""
+    measured = f"recall@{target.k} {chosen[f'recall@{target.k}']:.4f}"
+    setting = f" at {cand.param} {chosen[cand.param]}" if cand.param else ""
+    if not met:
+        return f"{cand.factory} does not reach recall@{target.k} {target.recall:.3f} (best {measured}{setting})"
+    return (
+        f"{cand.factory} meets recall@{target.k} {target.recall:.3f} ({measured}{setting}) at {chosen['qps']:.0f} "
+        f"queries/s, {chosen['qps'] / max(exact['qps'], 1e-9):.1f}x the streamed exact scan ({exact['qps']:.0f}; "
+        f"under {MIN_SPEEDUP:.0f}x)"
+    )
 
 
 def _build_candidate(es: EmbeddingSet, cand: Candidate, train_rows: np.ndarray, gpus: list[int], skip) -> tuple:
@@ -269,8 +284,7 @@ def auto_index(
         del index  # only `best` holds a candidate's memory, and on disk while the next one fills
         if (met and chosen["qps"] >= MIN_SPEEDUP * exact["qps"]) or i + 1 == len(cands):
             break
-        why = "is not much faster than exact search there" if met else "does not reach it"
-        log.warning("index auto: %s %s (recall@%d %.3f); trying the next", cand.factory, why, target.k, target.recall)
+        log.warning("index auto: %s; trying the next", _shortfall(cand, chosen, met, target, exact))
         if best is not None:
             best = (_spill(best[0], spill), *best[1:])
         release_freed_memory()  # what `del index` and the spill freed, before the next candidate fills
@@ -299,23 +313,24 @@ def auto_index(
 def build_auto_folder(
     embeddings_dir: Path, out: Path, target: Target, gpu: str = "auto", shard: bool = False, train_sample: int = 100_000
 ) -> dict[str, Any]:
-    """``--factory auto``: choose, tune and save; index.json holds the chosen setting and every tried one."""
-    es = load_embeddings(embeddings_dir)
-    if len(es) < target.k + 2:
-        raise UserError(f"{embeddings_dir}: {len(es)} rows; --k {target.k} needs at least {target.k + 2}")
-    gpus = parse_gpus(gpu)
-    t0 = time.perf_counter()
-    index, factory, params, record = auto_index(es, target, gpus, shard, train_sample, spill=out)
-    if not record["met"]:
-        log.warning("index auto: no candidate reached the target; saved the best (%s)", record["chosen"])
-    info = {
-        "factory": factory,
-        "embeddings": str(embeddings_dir),
-        "gpus": gpus,
-        "shard": shard,
-        "train_sample": record["train_sample"],
-        "build_seconds": round(time.perf_counter() - t0, 3),
-        "search_params": params,
-        "auto": record,
-    }
-    return save_folder(out, index, es, info)
+    """``--factory auto``: choose, tune and save; index.json holds the chosen setting and every tried one. The
+    spilled candidate waits in the stage folder, so a killed build leaves nothing in ``out``."""
+    with building(out, embeddings_dir) as (stage, es):
+        if len(es) < target.k + 2:
+            raise UserError(f"{embeddings_dir}: {len(es)} rows; --k {target.k} needs at least {target.k + 2}")
+        gpus = parse_gpus(gpu)
+        t0 = time.perf_counter()
+        index, factory, params, record = auto_index(es, target, gpus, shard, train_sample, spill=stage)
+        if not record["met"]:
+            log.warning("index auto: no candidate reached the target; saved the best (%s)", record["chosen"])
+        info = {
+            "factory": factory,
+            "embeddings": str(embeddings_dir),
+            "gpus": gpus,
+            "shard": shard,
+            "train_sample": record["train_sample"],
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "search_params": params,
+            "auto": record,
+        }
+        return save_folder(stage, index, es, info, out)

@@ -11,8 +11,15 @@ On a Faiss without GPU support (faiss-cpu) everything runs on CPU and the log sa
 on the GPUs when placed there; the saved ``index.faiss`` is always the CPU form (``write_index``).
 
 The output folder holds ``index.faiss``, ``index.json`` (dim, metric, count, factory, created, source
-embeddings, model from the embeddings' ``meta.json``, search parameters) and the embeddings set's catalogue
-columns without the vectors (ids, labels, super labels, paths, meta), so searches can name what they find.
+embeddings, model from the embeddings' ``meta.json``, search parameters, a build id) and the embeddings set's
+catalogue columns without the vectors (ids, labels, super labels, paths, meta), so searches can name what they find.
+
+The folder is written as one unit (:func:`building`): under its lock (``.NAME.lock`` beside it: a second build
+into the same ``--out`` is refused before any work), into a new folder beside it that replaces the old one with
+one rename once complete (:func:`retrieval.util.new_version`); a kill leaves the old folder or the new one, and
+what it left beside them is removed by the next build. :meth:`IndexFolder.load` checks that the index,
+``index.json`` and the catalogue columns agree (count, dimension, build id, model sha256) and names the file at
+fault, so a folder mixed by hand is refused rather than answered from.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import datetime as dt
 import json
 import logging
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +38,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval import knn
+from retrieval import knn, util
 from retrieval.embed.embeddings import EmbeddingSet
 from retrieval.errors import UserError
 from retrieval.util import atomic_path, write_atomic
@@ -37,6 +46,7 @@ from retrieval.util import atomic_path, write_atomic
 log = logging.getLogger(__name__)
 
 INDEX_FILE, INFO_FILE = "index.faiss", "index.json"
+SEARCH_FILE = "search-queries.json"  # the summary of the last `retrieval search --queries` against the index
 
 
 # ------------------------------------------------------------------------------------------- placement
@@ -161,12 +171,45 @@ def load_embeddings(embeddings_dir: Path) -> EmbeddingSet:
     return es
 
 
-def save_folder(out: Path, index: faiss.Index, es: EmbeddingSet, info: dict[str, Any]) -> dict[str, Any]:
-    """``index.faiss``, the catalogue columns, then ``index.json`` (with provenance added to ``info``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / INDEX_FILE) as tmp:
+@contextlib.contextmanager
+def building(out: Path, embeddings_dir: Path) -> Iterator[tuple[Path, EmbeddingSet]]:
+    """The whole build of the index folder ``out`` from ``embeddings_dir``: ``out``'s lock (checked before any work),
+    the embeddings held against a re-embed while they are read, and a stage folder to write into, which replaces
+    ``out`` in one rename when the block completes (removed if it fails). Yields (stage, embeddings)."""
+    _check_out(out, embeddings_dir)
+    try:
+        with util.new_version(out) as stage, EmbeddingSet.reading(embeddings_dir):
+            yield stage, load_embeddings(embeddings_dir)
+    except util.Busy as e:
+        raise UserError(
+            f"{out} is being written by another `retrieval index build` (pid {e.holder}): one build per folder; "
+            "wait for it to end, or choose another --out"
+        ) from None
+
+
+def _check_out(out: Path, embeddings_dir: Path) -> None:
+    """``out`` is replaced as a whole: never the embeddings it is built from, nor a folder that is no index."""
+    a, b = out.resolve(), embeddings_dir.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UserError(
+            f"--out {out}: must lie outside --embeddings {embeddings_dir} (the index folder is replaced whole)"
+        )
+    if out.is_dir() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
+        raise UserError(
+            f"--out {out}: a folder that holds no {INFO_FILE} (not an index folder); an index build replaces its "
+            "--out whole: choose a new or an index folder"
+        )
+
+
+def save_folder(stage: Path, index: faiss.Index, es: EmbeddingSet, info: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``index.faiss``, the catalogue columns and ``index.json`` (with provenance added to ``info``) into the stage
+    folder of ``out`` (:func:`building`); the three carry one build id that :meth:`IndexFolder.load` checks."""
+    build_id = uuid.uuid4().hex
+    with atomic_path(stage / INDEX_FILE) as tmp:
         faiss.write_index(index, str(tmp))
-    es.save(out, vectors=False)
+    catalogue = EmbeddingSet(es.embeddings[:0], es.ids, es.labels, es.super_labels, es.paths, {**es.meta})
+    catalogue.meta.update(dim=es.dim, build_id=build_id)
+    catalogue.save(stage, vectors=False)
     info = {
         "dim": es.dim,
         "metric": "inner_product",
@@ -177,8 +220,9 @@ def save_folder(out: Path, index: faiss.Index, es: EmbeddingSet, info: dict[str,
         "untrained": bool(es.meta.get("untrained")),
         "model_sha256": es.meta.get("model_sha256"),  # search refuses a model with other weights
         "faiss_version": faiss.__version__,
+        "build_id": build_id,
     }
-    write_atomic(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
+    write_atomic(stage / INFO_FILE, json.dumps(info, indent=1) + "\n")
     log.info("index: %s over %d x %d written to %s", info["factory"], len(es), es.dim, out)
     return info
 
@@ -192,23 +236,68 @@ def build_folder(
     train_sample: int = 100_000,
 ) -> dict[str, Any]:
     """Build and save ``index.faiss`` + ``index.json`` with the catalogue columns; returns index.json's content."""
-    es = load_embeddings(embeddings_dir)
-    gpus = parse_gpus(gpu)
-    t0 = time.perf_counter()
-    index = build_index(es, factory, train_sample, gpus)
-    info = {
-        "factory": factory,
-        "embeddings": str(embeddings_dir),
-        "gpus": gpus,
-        "shard": shard,
-        "train_sample": min(train_sample, len(es)),
-        "build_seconds": round(time.perf_counter() - t0, 3),
-        "search_params": default_params(factory),
-    }
-    return save_folder(out, index, es, info)
+    with building(out, embeddings_dir) as (stage, es):
+        gpus = parse_gpus(gpu)
+        t0 = time.perf_counter()
+        index = build_index(es, factory, train_sample, gpus)
+        info = {
+            "factory": factory,
+            "embeddings": str(embeddings_dir),
+            "gpus": gpus,
+            "shard": shard,
+            "train_sample": min(train_sample, len(es)),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "search_params": default_params(factory),
+        }
+        return save_folder(stage, index, es, info, out)
 
 
 # ----------------------------------------------------------------------------------------- load/search
+def read_info(folder: Path) -> dict[str, Any]:
+    for name in (INFO_FILE, INDEX_FILE):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder / name} not found: is {folder} a folder written by `retrieval index build`?")
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / INFO_FILE}: not valid JSON ({e}); rebuild the index") from None
+    if not isinstance(info, dict) or not isinstance(info.get("dim"), int) or not isinstance(info.get("count"), int):
+        raise UserError(f"{folder / INFO_FILE}: expected an object with integer 'dim' and 'count'; rebuild the index")
+    return info
+
+
+def read_checked(folder: Path) -> tuple[faiss.Index, dict[str, Any], EmbeddingSet]:
+    """The index, ``index.json`` and the catalogue columns of ``folder``, refused (one line naming the file) unless
+    they agree: a folder whose parts come from different builds would answer with wrong or missing images."""
+    info = read_info(folder)
+    try:
+        index = faiss.read_index(str(folder / INDEX_FILE))
+    except RuntimeError as e:
+        raise UserError(
+            f"{folder / INDEX_FILE}: not a readable Faiss index (truncated or corrupt: {str(e).splitlines()[0][:120]}); "
+            "rebuild it with `retrieval index build`"
+        ) from None
+    catalogue = EmbeddingSet.load(folder, vectors=False)
+    where = folder / INFO_FILE
+    if index.d != info["dim"]:
+        raise UserError(f"{where}: dim {info['dim']}, but {INDEX_FILE} holds vectors of dimension {index.d}")
+    if index.ntotal != info["count"]:
+        raise UserError(f"{where}: count {info['count']}, but {INDEX_FILE} holds {index.ntotal} vectors")
+    if len(catalogue) != index.ntotal:
+        raise UserError(
+            f"{folder}: the catalogue columns (ids.npy ...) hold {len(catalogue)} rows, {INDEX_FILE} {index.ntotal}: "
+            "parts of different builds; rebuild the index"
+        )
+    for key in ("build_id", "model_sha256"):  # absent in folders of older builds: nothing to compare
+        a, b = info.get(key), catalogue.meta.get(key)
+        if a and b and a != b:
+            raise UserError(
+                f"{where}: {key} {str(a)[:12]}, but the catalogue's meta.json has {str(b)[:12]}: parts "
+                "of different builds; rebuild the index"
+            )
+    return index, info, catalogue
+
+
 @dataclass
 class IndexFolder:
     """A loaded index folder: the Faiss index (placed per ``gpu``), ``index.json`` and the catalogue columns.
@@ -224,15 +313,38 @@ class IndexFolder:
 
     @classmethod
     def load(cls, folder: str | Path, gpu: str = "none", shard: bool = False) -> IndexFolder:
+        """Read and check the folder (:func:`read_checked`), then place the index (``gpu``)."""
         folder = Path(folder)
-        for name in (INFO_FILE, INDEX_FILE):
-            if not (folder / name).is_file():
-                raise UserError(f"{folder / name} not found: is {folder} a folder written by `retrieval index build`?")
-        info = json.loads((folder / INFO_FILE).read_text())
-        index = faiss.read_index(str(folder / INDEX_FILE))
+        for _ in range(3):  # a build that replaced the folder while it was read: read the new one whole
+            before = util.folder_identity(folder)
+            index, info, catalogue = read_checked(folder)
+            if util.folder_identity(folder) == before:
+                break
         params = info.get("search_params", {})
         set_search_params(index, params.get("nprobe"), params.get("ef_search"))
-        return cls(folder, place(index, parse_gpus(gpu), shard), info, EmbeddingSet.load(folder, vectors=False))
+        return cls(folder, place(index, parse_gpus(gpu), shard), info, catalogue)
+
+    @staticmethod
+    def find(root: str | Path) -> list[Path]:
+        """Index folders at most two levels under ``root`` (``RUN/index``, ``RUN/indexes/ivf``)."""
+        root = Path(root)
+        return sorted(p.parent for pattern in ("*/" + INFO_FILE, "*/*/" + INFO_FILE) for p in root.glob(pattern))
+
+    def save_search_summary(self, summary: dict, queries: str, k: int) -> Path:
+        """What ``retrieval search --queries`` found, beside the index it searched (the report reads it); a rebuilt
+        index replaces its folder, and this summary of the old index goes with it."""
+        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        record = {"summary": {**summary, "k": k, "queries_file": queries, "created": created}}
+        return write_atomic(self.path / SEARCH_FILE, json.dumps(record, indent=1) + "\n")
+
+    @staticmethod
+    def read_search_summary(folder: str | Path) -> dict | None:
+        path = Path(folder) / SEARCH_FILE
+        try:
+            summary = json.loads(path.read_text())["summary"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+        return {**summary, "source": str(path)} if isinstance(summary, dict) else None
 
     def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Override the search parameters index.json holds (IVF ``nprobe``, HNSW ``efSearch``) for later searches."""

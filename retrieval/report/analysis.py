@@ -16,7 +16,6 @@ failures, found once.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.data.decode import decode_image
 from retrieval.embed.embeddings import EmbeddingSet
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ WANDB_URL = re.compile(r"https?://[^\s\"']+/runs/[A-Za-z0-9]+")
 @dataclass
 class Analysis:
     queries: int = 0
+    total: int = 0  # images in the set (the queries are a seeded sample of at most max_queries of them)
     ks: list[int] = field(default_factory=list)
     recall: list[float] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)  # query, wrong, correct rows and scores
@@ -69,6 +70,7 @@ def analyse(es: EmbeddingSet, max_queries: int = 2000, n_failures: int = 6, seed
     ks = [x for x in RECALL_KS if x <= k]
     return Analysis(
         queries=len(queries),
+        total=n,
         ks=ks,
         recall=[float((first < x).mean()) for x in ks],
         failures=_failures(emb, labels, queries, order, scores, hit, n_failures),
@@ -156,15 +158,19 @@ def _negative_scores(emb: np.ndarray, labels: np.ndarray, seed: int, pairs: int 
 
 
 def search_queries(run_dir: Path) -> dict | None:
-    """The summary of ``search --queries --json`` saved as ``run/search-queries.json`` (the demo writes it)."""
+    """The summary of ``search --queries``: the demo's ``RUN/search-queries.json`` (its ``--json`` output), else the
+    one ``retrieval search --queries`` saved in an index folder under the run folder (the newest)."""
     path = run_dir / "search-queries.json"
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text()).get("summary")
-    except (json.JSONDecodeError, AttributeError):
-        return {"error": f"{path.name}: not the JSON of `retrieval search --queries --json`"}
-    return summary if isinstance(summary, dict) else None
+    if path.is_file():
+        try:
+            summary = json.loads(path.read_text()).get("summary")
+        except (json.JSONDecodeError, AttributeError):
+            return {"error": f"{path.name}: not the JSON of `retrieval search --queries --json`"}
+        return {**summary, "source": path.name} if isinstance(summary, dict) else None
+    from retrieval.index.folder import IndexFolder  # faiss, only for a run that has an index folder
+
+    found = [s for s in map(IndexFolder.read_search_summary, IndexFolder.find(run_dir)) if s]
+    return max(found, key=lambda s: s.get("created", "")) if found else None
 
 
 def change_row(rows: list[dict], keys: list[str]) -> dict | None:
@@ -182,19 +188,22 @@ def change_row(rows: list[dict], keys: list[str]) -> dict | None:
 
 
 def wandb_folder(run_dir: Path) -> dict | None:
-    """The run's wandb folder (newest), whether it is offline, and its URL when a log names one."""
-    folders = sorted((run_dir / "wandb").glob("*run-*"), key=lambda p: p.name)
-    folders = [f for f in folders if f.is_dir()]
+    """The run's wandb folders (one per invocation: each resume or requeue writes its own, all with the run's one
+    id), whether they are offline, and the URL when a log names one."""
+    folders = sorted((f for f in (run_dir / "wandb").glob("*run-*") if f.is_dir()), key=lambda p: p.name)
     if not folders:
         return None
-    folder = folders[-1]
     url = None
-    for log in sorted(folder.glob("logs/*.log")) + sorted(folder.glob("files/*.json")):
+    for log in [p for f in reversed(folders) for p in sorted(f.glob("logs/*.log")) + sorted(f.glob("files/*.json"))]:
         found = WANDB_URL.search(log.read_text(errors="replace"))
         if found:
             url = found.group(0)
             break
-    return {"folder": str(folder), "offline": folder.name.startswith("offline-"), "url": url}
+    return {
+        "folders": [str(f) for f in folders],
+        "offline": all(f.name.startswith("offline-") for f in folders),
+        "url": url,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,9 +305,6 @@ def read_thumbnails(
 
 
 def _thumbnail(data: bytes, size: int):
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size))
+    im = decode_image(data)  # upright, as the model saw it
+    im.thumbnail((size, size))
     return im

@@ -77,6 +77,7 @@ def build_report(
         raise UserError(f"--queries and --k: expected positive integers, got {queries} and {k}")
     if shards is not None and not Path(shards).is_dir():
         raise UserError(f"--shards {shards}: not a folder (expected {{split}}-NNNNNN.tar files)")
+    _check_run_dir(run_dir, bool(embeddings_dirs))
     run, log_notes = RunFolder(run_dir), []
     records = run.read_metrics(log_notes)
     train, val = [r for r in records if r.get("kind") == "train"], [r for r in records if r.get("kind") == "val"]
@@ -88,7 +89,7 @@ def build_report(
         run_dir=run_dir,
         table=table,
         table_note=table_note,
-        curves=curve_images(train, val),
+        curves=curve_images(train, val, _loss_name(run)),
         log_notes=log_notes,
         gallery=gallery,
         k=k,
@@ -105,6 +106,29 @@ def build_report(
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
+
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", "summary.json", "results.json")
+
+
+def _check_run_dir(run_dir: Path, explicit: bool) -> None:
+    """A report is about a run and is written into it: refuse a folder of another kind before writing anything."""
+    if (run_dir / "stats.json").is_file() or any(run_dir.glob("*.tar")):
+        raise UserError(
+            f"{run_dir}: a shards folder (stats.json, *.tar), not a run folder; pass the run folder (metrics.jsonl, "
+            "config.yaml), and these shards with --shards"
+        )
+    traces = any((run_dir / name).is_file() for name in RUN_FILES) or any(run_dir.glob("emb-*/"))
+    if not traces and not explicit:
+        raise UserError(f"{run_dir}: not a run folder (none of {', '.join(RUN_FILES)}, no emb-*/ folder)")
+
+
+def _loss_name(run: RunFolder) -> str:
+    """The run's ``loss.name`` (the loss curve's label), or "loss" when its config cannot be read."""
+    try:
+        return run.read_config().loss.name
+    except UserError:
+        return "loss"
 
 
 def _read_json(path: Path) -> Any:
@@ -261,6 +285,7 @@ def explain(run_dir: Path, folders: list[EvalFolder], shards, table: list[dict],
             curves[f"{folder.path.name} ({folder.training})"] = (analysis.ks, analysis.recall)
         if folder is main:
             out.source, out.queries, out.super_classes = folder.path.name, analysis.queries, analysis.super_classes
+            out.total = analysis.total
             out.failures = _failures_with_thumbs(folder, es, analysis.failures, shards, out.notes)
             if len(analysis.positive) and len(analysis.negative):
                 out.histogram = figure_png(lambda ax, a=analysis: draw_histograms(ax, a.positive, a.negative))

@@ -34,7 +34,8 @@ class Explained:
     """The sections that explain the numbers (see :mod:`retrieval.report.analysis`); None/empty when absent."""
 
     source: str = ""  # the embeddings folder the failures, super classes and histograms come from
-    queries: int = 0
+    queries: int = 0  # images of it searched as queries (a seeded sample of a large set)
+    total: int = 0  # images in it
     change: dict | None = None  # fine-tuned minus untrained, per metric
     search: dict | None = None  # search --queries summary
     failures: list[dict] = field(default_factory=list)
@@ -154,7 +155,11 @@ def render_change(change: dict | None) -> str:
 
 def render_search(search: dict | None) -> str:
     if not search:
-        return '<p class="note" id="search-queries">No search-queries.json (written by the demo\'s `search --queries`).</p>'
+        return (
+            '<p class="note" id="search-queries">No search summary: `retrieval search --index DIR --queries LIST` '
+            "saves one as DIR/search-queries.json (an index folder under the run folder), the demo as "
+            "RUN/search-queries.json.</p>"
+        )
     if "error" in search:
         return f'<p class="note" id="search-queries">{_e(search["error"])}</p>'
     return (
@@ -162,8 +167,36 @@ def render_search(search: dict | None) -> str:
         "<th>One of the top k of its class</th></tr>"
         f'<tr><td class="num">{_e(search.get("queries", "–"))}</td><td class="num">{_pct(search.get("top1_same_class"))}</td>'
         f'<td class="num">{_pct(search.get("topk_any_same_class"))}</td></tr></table>'
-        '<p class="sub">New photos of test products (not in the catalogue) searched against the index, in percent.</p>'
+        '<p class="sub">New photos of test products (not in the catalogue) searched against the index, in percent'
+        f"{_e(' (' + search['source'] + ')') if search.get('source') else ''}.</p>"
     )
+
+
+def sample_note(ex: Explained) -> str:
+    """What the failures, the Recall@K curve, the super classes and the histograms were computed on."""
+    if not ex.total:
+        return ""
+    if ex.queries >= ex.total:
+        return f"Every one of the {ex.total} images of {ex.source} searched as a query."
+    return (
+        f"A seeded sample of {ex.queries} of the {ex.total} images of {ex.source} searched as queries (against all "
+        "of them): the metrics table counts every image, so its figures can differ from this sample's."
+    )
+
+
+def render_selection(summary: Any) -> str:
+    """Which weights the run exported, beside the last validation: val selection on a small split can pick worse."""
+    if not isinstance(summary, dict) or summary.get("last_metric") is None:
+        return ""
+    name = summary.get("metric") or summary.get("select_metric", "")
+    last = f"the last validation: {_e(name)} {summary['last_metric']:.4f} at step {summary.get('last_step')}"
+    if summary.get("select_metric") == "last":
+        chosen = "the last validated weights (train.select_metric=last)"
+    else:
+        chosen = f"the best validation: {_e(name)} {summary['best_metric']:.4f} at step {summary.get('best_step')}"
+    se = summary.get("metric_se")
+    noise = f"; ± {1.96 * se:.4f} at 95 % on {summary.get('val_queries')} val queries" if se is not None else ""
+    return f'<p id="selection">Exported model (model.safetensors): {chosen}; {last}{noise}. final/ holds the last step.</p>'
 
 
 def render_failures(ex: Explained) -> str:
@@ -201,18 +234,24 @@ def render_super_classes(rows: list[dict], queries: int) -> str:
 def render_wandb(info: dict | None) -> str:
     if not info:
         return '<p class="note" id="wandb">No wandb run in this folder (log.wandb=disabled, or not a training run).</p>'
-    if info.get("url"):
-        return f'<p id="wandb">wandb run: <a href="{_e(info["url"])}">{_e(info["url"])}</a></p>'
+    folders = info["folders"]
+    listed = "".join(f"<li><code>{_e(f)}</code></li>" for f in folders)
+    head = (
+        f'<p id="wandb">wandb run: <a href="{_e(info["url"])}">{_e(info["url"])}</a></p>'
+        if info.get("url")
+        else '<p id="wandb">wandb run (offline).</p>'
+    )
+    sync = " ".join(_e(f) for f in folders)
     return (
-        f'<p id="wandb">wandb run (offline): <code>{_e(info["folder"])}</code>; publish it with '
-        f"<code>wandb sync {_e(info['folder'])}</code>.</p>"
+        f"{head}<p>{len(folders)} folder(s), one per invocation of the run (a resume or requeue adds one; all log into "
+        f"one wandb run id):</p><ul>{listed}</ul><p>Publish them all: <code>wandb sync {sync}</code></p>"
     )
 
 
 def render_explained(ex: Explained) -> str:
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in ex.notes)
     return f"""<h2>Search with new photos</h2>{render_search(ex.search)}
-<h2>Worst failures</h2>{render_failures(ex)}{notes}
+<h2>Worst failures</h2><p class="sub" id="sample">{_e(sample_note(ex))}</p>{render_failures(ex)}{notes}
 <h2>Recall@K</h2>{_png(ex.recall_curve, "recall-curve", "Recall@K", "No embeddings: no Recall@K curve.")}
 <h2>Per super class</h2>{render_super_classes(ex.super_classes, ex.queries)}
 <h2>Scores</h2>{_png(ex.histogram, "score-histograms", "score histograms", "No same-class pairs: no histograms.")}
@@ -267,6 +306,7 @@ def render_page(
 <h1>Run report: {_e(run_dir.name)}</h1>
 <p class="sub">{_e(run_dir.resolve())} · generated {now}</p>
 <h2>Metrics</h2>{render_table(table, table_note)}{render_change(explained.change if explained else None)}
+{render_selection(summary)}
 <h2>Curves</h2><div class="curves">{curves_html}</div>{notes}
 <h2>Query gallery</h2>{render_gallery(gallery, k)}
 {render_explained(explained or Explained())}

@@ -21,8 +21,20 @@ def figure_png(draw) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _x_key(records: list[dict]) -> str:
+    """The curves' x: images seen (``samples``) when every record has it, monotone across an elastic resume, where
+    ``step`` is renumbered for the new world; else the step (logs of older runs)."""
+    have = [r for r in records if "step" in r]
+    return "samples" if have and all(isinstance(r.get("samples"), int) for r in have) else "step"
+
+
+def _x_label(records: list[dict]) -> str:
+    return "images seen" if _x_key(records) == "samples" else "step"
+
+
 def _series(records: list[dict], key: str) -> tuple[list, list]:
-    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+    x = _x_key(records)
+    pairs = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -43,26 +55,29 @@ def draw_validation(ax, val: list[dict], present: list[tuple[str, str]]) -> None
         xs, values = _series(val, key)
         steps += xs
         ax.plot(xs, [100 * v for v in values], marker="o", ms=3 if len(xs) > 1 else 6, lw=1.5, label=label)
-    ax.set(xlabel="step", ylabel="%", title="Validation retrieval metrics", ylim=(0, 100))
+    ax.set(xlabel=_x_label(val), ylabel="%", title="Validation retrieval metrics", ylim=(0, 100))
     sane_step_axis(ax, steps)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def curve_images(train: list[dict], val: list[dict]) -> list[tuple[str, str]]:
-    """(title, base64 PNG) for each curve that has data: loss, validation metrics, throughput."""
+def curve_images(train: list[dict], val: list[dict], loss_name: str = "loss") -> list[tuple[str, str]]:
+    """(title, base64 PNG) for each curve that has data: loss (named after the run's ``loss.name``), validation
+    metrics, throughput."""
     images = []
     if _series(train, "loss")[0]:
 
         def loss(ax):
             steps, losses = _series(train, "loss")
             ax.plot(steps, losses, color="#1f5fbf", lw=1.5, marker="o" if len(steps) == 1 else None, label="loss")
-            ax.set(xlabel="step", ylabel="triplet loss", title="Training loss")
+            title = loss_name.replace("_", " ")
+            ax.set(xlabel=_x_label(train), ylabel=title if title.endswith("loss") else f"{title} loss")
+            ax.set_title("Training loss")
             sane_step_axis(ax, steps)
             steps, active = _series(train, "active_fraction")
             if steps:
                 twin = ax.twinx()
                 twin.plot(steps, active, color="#999999", lw=1, ls="--")
-                twin.set_ylabel("active triplets (fraction)", color="#777777")
+                twin.set_ylabel("active fraction (terms with a loss)", color="#777777")
 
         images.append(("Training loss", figure_png(loss)))
     present = [(key, label) for key, label in METRICS if _series(val, key)[0]]
@@ -75,7 +90,7 @@ def curve_images(train: list[dict], val: list[dict]) -> list[tuple[str, str]]:
             steps, per_gpu = _series(train, "images_per_s_per_gpu")
             if steps:
                 ax.plot(steps, per_gpu, color="#cab2d6", lw=1.5, label="per rank")
-            ax.set(xlabel="step", ylabel="images / s", title="Training throughput")
+            ax.set(xlabel=_x_label(train), ylabel="images / s", title="Training throughput")
             ax.legend(fontsize=7)
 
         images.append(("Throughput", figure_png(speed)))

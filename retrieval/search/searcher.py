@@ -73,14 +73,14 @@ class Searcher:
         self.index = IndexFolder.load(index_dir)
         self.embedder = Embedder(index_model(self.index, model_path, force), batch_size, device)
 
-    def embed(self, images: list[ImageLike]) -> np.ndarray:
-        return self.embedder.embed(images)
+    def embed(self, images: list[ImageLike], progress: bool = False) -> np.ndarray:
+        return self.embedder.embed(images, progress=progress)
 
-    def search(self, images: list[ImageLike], k: int = 10) -> list[dict]:
+    def search(self, images: list[ImageLike], k: int = 10, progress: bool = False) -> list[dict]:
         """Top-k results per query image (a path, a PIL image or a prepared tensor): rank, image id, class, path,
-        score."""
+        score. ``progress``: a bar over the queries while they are embedded (a list of thousands takes minutes)."""
         names = [str(x) if isinstance(x, (str, Path)) else f"<{type(x).__name__} {i}>" for i, x in enumerate(images)]
-        return self.search_vectors(self.embed(images), names, k)
+        return self.search_vectors(self.embed(images, progress), names, k)
 
     def search_vectors(self, vectors: np.ndarray, names: list[str], k: int = 10) -> list[dict]:
         """Top-k results of embeddings made by :attr:`embedder` (``names`` label the queries)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from retrieval.data.decode import decode_image
 from retrieval.errors import UserError
 from retrieval.search.searcher import Searcher
 
@@ -117,8 +117,7 @@ class Batcher:
 
 def _decode(data: bytes, name: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+        return decode_image(data)  # the catalogue's own decoder: a catalogue image finds itself
     except Exception as e:  # PIL raises many types for bad data: all mean "not an image"
         raise HTTPException(415, f"{name}: not a readable image ({type(e).__name__}: {e})") from None
 

@@ -52,6 +52,7 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     accelerator = dist.make_accelerator(
         cfg.train.precision, cfg.optim.grad_accum, str(run.path), tracker_for(cfg.log.wandb)
     )
+    dist.use_cpu_share(cfg.data.num_workers, "train")  # threads beside the workers: the loader's are set, not sized
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     d = derived(cfg, accelerator.num_processes, train_samples)

@@ -45,16 +45,25 @@ def init_trackers(accelerator, cfg, run_dir: Path, config_dict: dict) -> None:
 
 class MetricsLog:
     """Appends one record to the run's metrics log and to the trackers; only the main process writes (others
-    hold a no-op)."""
+    hold a no-op).
+
+    Every record carries ``samples`` (training images seen, all ranks), the ``world_size`` and the ``attempt``
+    (1 for the fresh start, +1 per resume: ``configs/attempt-N.yaml``): ``step`` counts optimizer steps of the
+    world that ran them, so an elastic resume renumbers it, while ``samples`` grows across worlds (the report's
+    curves run on it, and a resume truncates the log by it)."""
 
     def __init__(self, accelerator, run: RunFolder):
         self.accelerator = accelerator
         self.run = run
         self.enabled = accelerator.is_main_process
+        self.attempt: int | None = None  # known once the run folder is begun (the first write)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self.attempt is None:
+            self.attempt = max(len(self.run.attempt_configs()), 1)
+        record = {**record, "world_size": self.accelerator.num_processes, "attempt": self.attempt}
         record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
         self.run.append_metrics(record)
         numeric = {f"{record['kind']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}

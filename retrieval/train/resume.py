@@ -95,7 +95,7 @@ def open_run(run: RunFolder, accelerator, resume: str | None, cfg: Config, shape
         state, elastic = adapt(saved, shape, start, d, cfg.optim.grad_accum)
         opened = Opened(state, start, elastic)
     if accelerator.is_main_process:  # the log's numbering is the checkpoint's (an elastic resume renumbers steps)
-        run.begin(cfg, fresh=start is None, resumed_step=None if saved is None else saved.global_step)
+        run.begin(cfg, fresh=start is None, resumed=saved)
     accelerator.wait_for_everyone()
     return opened
 
@@ -162,12 +162,15 @@ def rescale(state: TrainerState, world: int, d: Derived, grad_accum: int) -> Tra
     step = state.step_in_epoch * state.world_size // world
     step = min(step - step % grad_accum, d.steps_per_epoch)
     samples = state.samples_seen or state.global_step * state.per_rank_batch * state.world_size * grad_accum
+    global_step = state.epoch * d.optimizer_steps_per_epoch + step // grad_accum
     new = replace(
         state,
         step_in_epoch=step,
-        global_step=state.epoch * d.optimizer_steps_per_epoch + step // grad_accum,
+        global_step=global_step,
         world_size=world,
         samples_seen=samples,
+        # the checkpoint's own validation keeps naming it in the new numbering (a stop there is not validated twice)
+        last_step=global_step if state.last_step == state.global_step else None,
     )
     log.warning(
         "elastic resume: checkpoint of %d process(es) at epoch %d, step %d in epoch (optimizer step %d) continues on "

@@ -29,6 +29,7 @@ from retrieval.metrics import retrieval_metrics
 from retrieval.model.files import export_model
 from retrieval.run_folder import RunFolder, TrainerState
 from retrieval.train import log as runlog
+from retrieval.train import select
 from retrieval.train.build import TrainParts, prepare
 from retrieval.train.ema import RunWeights
 from retrieval.train.guard import FiniteGuard, param_checksum
@@ -139,7 +140,10 @@ class Trainer:
             if outcome == "preempted":
                 return True
             if outcome == "capped":  # max_steps / max_minutes reached mid-epoch: keep the data position for a resume
-                self._checkpoint()
+                improved = self._validate() if self._validates_at_stop() else False
+                ckpt = self._checkpoint()
+                if improved:
+                    self._mark_best(ckpt)
                 return False
             state.epoch += 1
             state.step_in_epoch = 0
@@ -189,6 +193,15 @@ class Trainer:
             if cfg.train.checkpoint_every and state.global_step % cfg.train.checkpoint_every == 0 and not at_boundary:
                 self._checkpoint()  # boundaries save once, in _epochs
         return "done"
+
+    def _validates_at_stop(self) -> bool:
+        """A run capped mid-epoch (train.max_steps / max_minutes) validates its last step, unless validation is off
+        or this step was validated already (a resume capped where it started); the reason is logged either way."""
+        if not self.cfg.train.eval_every:
+            if self.accelerator.is_main_process:
+                log.info("stopped at step %d: no validation (train.eval_every=0)", self.state.global_step)
+            return False
+        return self.state.last_step != self.state.global_step
 
     def _logs_at(self, global_step: int) -> bool:
         """Whether optimizer step ``global_step`` is logged (and so needs the loss statistics)."""
@@ -300,25 +313,32 @@ class Trainer:
             )
             improved = self._select({**metrics, "skipped": skipped})
             self.last_val = merged
-        shared = dist.broadcast_object((improved, state.best_metric, state.best_step, state.evals_since_best))
-        improved, state.best_metric, state.best_step, state.evals_since_best = shared
+        keys = ("best_metric", "best_step", "evals_since_best", "last_metric", "last_step", "val_queries")
+        improved, shared = dist.broadcast_object((improved, {k: getattr(state, k) for k in keys}))
+        for key, value in shared.items():  # every rank decides alike what comes next (selection, a stop's validation)
+            setattr(state, key, value)
         self.model.train()
         return improved
 
     def _select(self, metrics: dict) -> bool:
         """Log a val record and update the best metric (main process); True if it improved."""
-        state, select = self.state, self.cfg.train.select_metric
+        state, train = self.state, self.cfg.train
+        name = select.scored_metric(train, tuple(self.cfg.eval.ks))
         record = {
             "kind": "val",
             "step": state.global_step,
             "epoch": state.epoch,
+            "samples": state.samples_seen,
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         }
         self.mlog.write(record)
         log.info(runlog.console(record))
-        if select not in metrics:
-            raise UserError(f"train.select_metric: {select!r} is not a metric; known: {sorted(metrics)}")
-        return state.record_eval(float(metrics[select]))
+        if name not in metrics:
+            raise UserError(f"train.select_metric: {name!r} is not a metric; known: {sorted(metrics)}")
+        value, queries = float(metrics[name]), int(metrics.get("num_queries", 0))
+        if state.last_step is None:  # the run's first validation: is the split large enough to select with?
+            select.warn_if_noisy(name, value, queries, train)
+        return state.record_eval(value, queries, select_last=train.select_metric == select.LAST)
 
     def _mark_best(self, ckpt: Path) -> None:
         """Export, then point ``best`` at the checkpoint: the pointer is the sign that the export is complete."""
@@ -356,8 +376,7 @@ class Trainer:
             "preempted": preempted,
             "global_step": state.global_step,
             "epoch": state.epoch,
-            "best_metric": state.best_metric,
-            "best_step": state.best_step,
+            **select.summary(state, self.cfg.train, select.scored_metric(self.cfg.train, tuple(self.cfg.eval.ks))),
             "weights_agree": agree,
             "skipped": state.skipped,
             "samples_read": state.samples_read,
