@@ -47,6 +47,7 @@ class EmbedJob:
     part_rows: int = 65536  # rows per part file (a rank holds one part in memory)
     merge: bool = False  # one file per column at the end instead of parts
     label_key: str | None = None
+    allow_commands: bool = False  # --allow-listed-commands: stats.json may list pipe: URLs (the user's opt-in)
 
 
 def autocast(device: torch.device, mixed_precision: str):
@@ -87,6 +88,7 @@ def embed_split(
     mixed_precision: str = "no",
     writer: PartWriter | None = None,
     label_key: str | None = None,
+    allow_commands: bool = False,
 ) -> EmbeddingSet:
     """This rank's share of ``split`` (its ``meta`` holds ``skipped``, ``seconds``, ``count``).
 
@@ -96,7 +98,8 @@ def embed_split(
     split's size (stats.json) over the ranks.
     """
     world = dist.world_size()
-    loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), world), label_key)
+    reader = Reader(dist.rank(), world)
+    loader = eval_loader(shards, split, spec, batch_size, num_workers, reader, label_key, allow_commands)
     total = -(-int(split_entry(shards, split).get("samples", 0)) // world) or None
     dim = int(getattr(model, "embed_dim", 0))
     out: dict[str, list] = {k: [] for k in ("embeddings", *COLUMNS)}
@@ -146,6 +149,7 @@ def embed_to_folder(accelerator, loaded: LoadedModel, spec: InputSpec, job: Embe
         accelerator.mixed_precision,
         writer,
         label_key=job.label_key,
+        allow_commands=job.allow_commands,
     )
     count, seconds = local.meta["count"], local.meta["seconds"]
     log.info(

@@ -18,7 +18,7 @@ from retrieval import dist, losses
 from retrieval.config.schema import Config, Derived, derived
 from retrieval.data.check import check_split
 from retrieval.data.input_spec import InputSpec
-from retrieval.data.loader import read_stats
+from retrieval.data.loader import read_stats, shard_urls
 from retrieval.errors import UserError
 from retrieval.losses.global_criterion import GlobalCriterion
 from retrieval.model.files import LOSS_MODULE
@@ -46,6 +46,7 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     stats = read_stats(cfg.data.shards)  # bad input fails here, before any process group or GPU work
     for split in (cfg.data.train_split, *([cfg.data.val_split] if cfg.train.eval_every else [])):
         check_split(cfg.data.shards, split, stats, cfg.data.allow_incomplete)
+        shard_urls(cfg.data.shards, split, stats.get(split) or {}, cfg.data.allow_listed_commands)  # trusted URLs
     train_samples = int(stats.get(cfg.data.train_split, {}).get("samples", 0))
     if not train_samples:
         raise UserError(f"{cfg.data.shards}/stats.json: split {cfg.data.train_split!r} has no samples")

@@ -279,6 +279,7 @@ class Trainer:
             acc.device,
             acc.mixed_precision,
             label_key=cfg.data.label_key,  # data-sources change (issue 14)
+            allow_commands=cfg.data.allow_listed_commands,
         )
         merged = gather_embeddings(local)
         skipped = int(sum(dist.all_gather_object(int(local.meta["skipped"]))))
