@@ -76,7 +76,7 @@ def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     other options): 4 steps straight == 2, stop, resume for 2 more, for the raw weights (the checkpoint), the EMA
     (the exports) and the losses logged (the memory's). The validation at step 3 scores the EMA: the best export is
     the EMA of step 3, and embedding it gives the val line."""
-    import torch
+    from safetensors.torch import load_file as load_torch
 
     common = ["train.epochs=2", "data.steps_per_epoch=3", "train.ema_decay=0.6", "train.ema_warmup=true"]
     common += ["optim.layer_decay=0.7", "data.rand_augment=rand-m9-mstd0.5", "data.random_erasing=0.25"]
@@ -84,8 +84,10 @@ def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert _train(synth_shards, straight, *common, "train.max_steps=4") == 0
     assert _train(synth_shards, resumed, *common, "train.max_steps=2") == 0
-    # accelerate numbers the extra states by registration: the memory (in setup) first, then the EMA (the trainer)
-    assert (resumed / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl").is_file()
+    # the memory and the EMA are tensors beside accelerate's files, never a pickle
+    step2 = resumed / "checkpoints" / "step_2"
+    assert (step2 / "memory.safetensors").is_file() and (step2 / "ema.safetensors").is_file()
+    assert not list(step2.glob("custom_checkpoint_*"))
     assert _train(synth_shards, resumed, *common, "train.max_steps=4", resume="latest") == 0
     losses = [[r["loss"] for r in RunFolder(d).read_metrics() if r["kind"] == "train"] for d in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
@@ -93,7 +95,7 @@ def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
         a, b = _weights(straight / name), _weights(resumed / name)
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), f"{name} differs after resume"
     for export, step in (("final", 4), (".", 3)):
-        ema = torch.load(resumed / f"checkpoints/step_{step}/custom_checkpoint_1.pkl", weights_only=True)
+        ema = load_torch(str(resumed / f"checkpoints/step_{step}/ema.safetensors"))
         exported = _weights(resumed / export / "model.safetensors")
         raw = _weights(resumed / f"checkpoints/step_{step}/model.safetensors")
         assert all((ema[k].numpy() == exported[k]).all() for k in exported), f"the {export} export is the EMA"

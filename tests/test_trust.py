@@ -11,6 +11,7 @@ Planted commands write a marker file; each test asserts it is absent.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -96,3 +97,73 @@ def test_a_local_index_resolves_relative_urls_against_its_folder(synth_shards, t
     listed = ["test-000000.tar", str(idx / "test-000001.tar"), "https://host/sop/test-000002.tar"]
     _list(idx, "test", *listed)
     assert source.shard_urls(idx, "test") == [str(idx / "test-000000.tar"), *listed[1:]]
+
+
+# ------------------------------------------------------------------------------------------ run folders
+
+
+class _Planted:
+    """Unpickled, it runs ``touch marker`` (what a replaced checkpoint file could do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(path: Path, marker: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": _Planted(marker)}, path)
+
+
+@pytest.fixture(scope="module")
+def ema_xbm_run(synth_shards, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A run with an EMA and a cross-batch memory, stopped after one step's checkpoint."""
+    run = tmp_path_factory.mktemp("trust") / "run"
+    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run), *FAST]
+    argv += ["train.ema_decay=0.5", "loss.name=multi_similarity", "loss.xbm_size=64", "data.steps_per_epoch=2"]
+    assert main([*argv, "train.max_steps=1"]) == 0
+    return run, [*argv, "--resume", "latest"]
+
+
+def _resume_copy(ema_xbm_run, tmp_path: Path) -> tuple[Path, list[str]]:
+    run, argv = ema_xbm_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy / "checkpoints" / "step_1", [str(copy) if a == str(run) else a for a in argv]
+
+
+@pytest.mark.parametrize(
+    "planted, words",
+    [
+        ("custom_checkpoint_0.pkl", "a pickled EMA/cross-batch-memory state of an older retrieval"),
+        ("optimizer.bin", "optimizer.bin: its pickle names 'posix.system'"),
+        ("pytorch_model/mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt: its pickle names 'posix.system'"),
+    ],
+)
+def test_resuming_a_run_folder_unpickles_no_code(ema_xbm_run, tmp_path, capsys, planted, words):
+    """A checkpoint file replaced by a pickle that runs a command: --resume refuses it in one line, before anything
+    loads it (accelerate loads an old custom state with weights_only=False, DeepSpeed its .pt files)."""
+    marker = tmp_path / "PWNED"
+    ckpt, argv = _resume_copy(ema_xbm_run, tmp_path)
+    _plant(ckpt / planted, marker)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert words in err[-1] and err[-1].startswith("retrieval train: error:")
+    assert not marker.exists()
+
+
+def test_a_run_folders_states_are_tensors_and_a_bad_one_is_one_line(ema_xbm_run, tmp_path, capsys):
+    ckpt, argv = _resume_copy(ema_xbm_run, tmp_path)
+    assert {p.name for p in ckpt.glob("*.safetensors")} == {"model.safetensors", "ema.safetensors", "memory.safetensors"}
+    assert not list(ckpt.glob("custom_checkpoint_*"))
+    (ckpt / "ema.safetensors").unlink()
+    assert main(argv) == 2
+    assert "has no ema.safetensors" in capsys.readouterr().err
+    marker = tmp_path / "PWNED"
+    _plant(ckpt / "memory.safetensors", marker)  # a pickle where the tensors were: read as safetensors, refused
+    assert main(argv) == 2
+    assert "memory.safetensors: not a readable safetensors file" in capsys.readouterr().err and not marker.exists()

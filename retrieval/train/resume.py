@@ -41,6 +41,7 @@ from retrieval.config.io import to_dict
 from retrieval.config.schema import Config, Derived
 from retrieval.errors import UserError
 from retrieval.run_folder import RunFolder, TrainerState
+from retrieval.train.checkpoint import check_loadable
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ def open_run(run: RunFolder, accelerator, resume: str | None, cfg: Config, shape
             "continue it, or choose a new --run-dir"
         )
     saved = TrainerState.load(start) if start is not None else None
+    if start is not None:
+        check_loadable(start)  # before anything unpickles it: data only, never code (README "Trust model")
     saved_cfg = run.read_config() if start is not None and RunFolder.is_run(run.path) else None
     opened = Opened(TrainerState(**shape))
     if saved is not None:
