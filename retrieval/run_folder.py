@@ -234,6 +234,13 @@ class RunFolder:
             os.close(fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 
+    def discard_if_only_lock(self) -> None:
+        """Unlock, and remove the folder if it holds nothing but its lock (a start refused before writing)."""
+        self.unlock()
+        if self.path.is_dir() and [p.name for p in self.path.iterdir()] == [".lock"]:
+            (self.path / ".lock").unlink()
+            self.path.rmdir()
+
     @property
     def wandb_id_path(self) -> Path:
         return self.path / "wandb_id"

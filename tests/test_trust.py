@@ -158,7 +158,11 @@ def test_resuming_a_run_folder_unpickles_no_code(ema_xbm_run, tmp_path, capsys, 
 
 def test_a_run_folders_states_are_tensors_and_a_bad_one_is_one_line(ema_xbm_run, tmp_path, capsys):
     ckpt, argv = _resume_copy(ema_xbm_run, tmp_path)
-    assert {p.name for p in ckpt.glob("*.safetensors")} == {"model.safetensors", "ema.safetensors", "memory.safetensors"}
+    assert {p.name for p in ckpt.glob("*.safetensors")} == {
+        "model.safetensors",
+        "ema.safetensors",
+        "memory.safetensors",
+    }
     assert not list(ckpt.glob("custom_checkpoint_*"))
     (ckpt / "ema.safetensors").unlink()
     assert main(argv) == 2
