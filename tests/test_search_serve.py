@@ -1,11 +1,17 @@
 """`retrieval serve`: a real server on a free port answers 50 mixed good and bad requests from concurrent clients;
 good ones equal the in-process Searcher, bad ones get a 4xx with a message, the server survives; the batcher
-groups concurrent queries into one forward pass."""
+groups concurrent queries into one forward pass. The server runs with a token and small bounds, and each bound
+is crossed by a request: body bytes (chunked too) and time, pixels per image and request, images per request,
+JSON depth and size, path queries (the slow hostile load is `python -m bench serve-hostile`)."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,12 +22,20 @@ import httpx
 import pytest
 from _api_fixture import World, make_world
 from PIL import Image
+from starlette.exceptions import HTTPException
 
+from retrieval.data.input_spec import InputSpec
 from retrieval.search.searcher import Searcher
 from retrieval.search.serve import Batcher, ServeOptions
+from retrieval.search.serve_request import open_checked, read_path
 from retrieval.util import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# small bounds, so that the tests cross each of them with small requests
+BOUNDS = ["--max-bytes", "2000000", "--max-images", "4", "--max-pixels", "1000000", "--max-request-pixels", "1500000"]
+BOUNDS += ["--body-timeout", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +48,9 @@ def server(world: World):
     """`retrieval serve` in a child process; stopped (SIGTERM, then SIGKILL) whatever the test does."""
     port = free_port()
     cmd = [sys.executable, "-m", "retrieval", "serve", "--index", str(world.index), "--port", str(port)]
-    cmd += ["--max-wait-ms", "20", "--max-batch", "16", "--path-root", str(world.model)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd += ["--max-wait-ms", "20", "--max-batch", "16", "--path-root", str(world.model), *BOUNDS]
+    env = {**os.environ, "RETRIEVAL_SERVE_TOKEN": TOKEN}  # the command reads it (not on the command line: ps)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -43,7 +58,7 @@ def server(world: World):
             assert proc.poll() is None, f"server exited: {proc.communicate()[1][-3000:]}"
             assert time.monotonic() < deadline, "server did not answer /healthz within 120 s"
             try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/healthz", headers=AUTH, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.3)
@@ -87,8 +102,8 @@ def _requests(world: World) -> list[tuple[str, dict, int, list[str] | None, int]
         ("json without path", {"json": {"k": 3}}, 422, 'expected {"path"'),
         ("json paths not a list", {"json": {"paths": "a.png"}}, 422, "non-empty list"),
         ("bad json", {"content": b"{nope", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
-        ("missing file", {"json": {"path": str(world.model / "nope.png")}}, 404, "no such file"),
-        ("outside root", {"json": {"path": "/etc/hostname"}}, 403, "outside the served folder"),
+        ("missing file", {"json": {"path": str(world.model / "nope.png")}}, 404, "no such image under the served"),
+        ("outside root", {"json": {"path": "/etc/hostname"}}, 404, "no such image under the served"),
         ("empty body", {"content": b""}, 400, "empty body"),
     ]
     out = [(n, kw, 200, q, k) for n, kw, q, k in good]
@@ -108,7 +123,7 @@ def test_fifty_mixed_requests_from_concurrent_clients(server, world: World) -> N
 
     def send(item):
         name, kwargs, *_ = item
-        return httpx.post(f"{url}/search", timeout=60, **kwargs)
+        return httpx.post(f"{url}/search", timeout=60, **{**kwargs, "headers": {**kwargs.get("headers", {}), **AUTH}})
 
     start = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
@@ -133,10 +148,10 @@ def test_fifty_mixed_requests_from_concurrent_clients(server, world: World) -> N
                     w["super_class_id"],
                     w["path"],
                 )
-    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    health = httpx.get(f"{url}/healthz", headers=AUTH, timeout=10).json()
     assert health["status"] == "ok" and health["count"] == len(world.images) and health["dim"] == 64
     assert health["batches"] < 32  # 32 good requests from 8 concurrent clients: some shared a forward pass
-    assert httpx.get(f"{url}/nope", timeout=10).status_code == 404
+    assert httpx.get(f"{url}/nope", headers=AUTH, timeout=10).status_code == 404
     assert proc.poll() is None  # still serving
 
 
@@ -158,3 +173,134 @@ def test_batcher_groups_concurrent_queries(world: World) -> None:
     expected = searcher.search(images, 5)
     for i, (answer, want) in enumerate(zip(answers, expected, strict=True)):
         assert answer[0]["query"] == f"q{i}" and answer[0]["results"] == want["results"][: i + 1]
+
+
+# ------------------------------------------------------------------------------------ the service's bounds
+
+
+def _search(url: str, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/search", timeout=60, **{**kwargs, "headers": {**AUTH, **kwargs.get("headers", {})}})
+
+
+def _raw_status(url: str, head: bytes, chunks=(), timeout: float = 30) -> int:
+    """The status a raw HTTP/1.1 request gets: send ``head``, then ``chunks`` until the server answers."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head)
+        for chunk in chunks:
+            if select.select([s], [], [], 0)[0]:  # answered already: stop sending, as a client would
+                break
+            s.sendall(chunk)
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+def _blank_png(width: int, height: int, mode: str = "1") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_bearer_token_is_required(server):
+    url, _ = server
+    files = {"image": ("a.png", _blank_png(40, 40, "RGB"))}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = httpx.post(f"{url}/search", files=files, headers=headers, timeout=30)
+        assert r.status_code == 401 and "bearer token" in r.json()["detail"], headers
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 401
+    assert _search(url, files=files).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_is_read(server):
+    """No Content-Length: the limit (2 MB here) is counted as the chunks arrive; 413 long before 20 MB are sent."""
+    url, proc = server
+    head = b"POST /search HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+    head += b"\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n" % (100_000, b"\0" * 100_000)
+    assert _raw_status(url, head, [chunk] * 200) == 413  # 20 MB offered
+    declared = head.replace(b"Transfer-Encoding: chunked", b"Content-Length: 2000001")
+    assert _raw_status(url, declared) == 413  # said in the header: refused before reading
+    assert proc.poll() is None
+
+
+def test_a_client_stalled_after_its_headers_gets_408(server):
+    url, _ = server
+    head = b"POST /search HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+    head += b"\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    start = time.monotonic()
+    assert _raw_status(url, head) == 408  # --body-timeout 3
+    assert time.monotonic() - start < 20
+
+
+def test_pixel_budgets_are_checked_from_the_header_before_decoding(server):
+    url, _ = server
+    big = _search(url, files={"image": ("big.png", _blank_png(1100, 1000))})  # 1-bit: 1.1 M pixels in 2 kB
+    assert big.status_code == 413 and "1100 x 1000 = 1100000 pixels; the limit per image is 1000000" in big.text
+    pair = [("image", (f"{i}.png", _blank_png(1000, 800))) for i in range(2)]  # 0.8 M each, 1.6 M in all
+    r = _search(url, files=pair)
+    assert r.status_code == 413 and "the limit per request is 1500000" in r.text
+
+
+def test_images_per_request_are_capped(server, world: World):
+    url, _ = server
+    files = [("image", (f"{i}.png", world.images[i].read_bytes())) for i in range(5)]
+    r = _search(url, files=files)
+    assert r.status_code == 413 and "more than 4 images in one request" in r.text
+    r = _search(url, json={"paths": [str(p) for p in world.images[:5]]})
+    assert r.status_code == 413 and "5 images in one request; the limit is 4" in r.text
+
+
+def test_json_bodies_are_bounded_in_depth_and_size(server):
+    url, proc = server
+    r = _search(url, content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.text
+    r = _search(url, json={"paths": ["x" * 1000] * 1100})  # 1.1 MB of JSON
+    assert r.status_code == 413
+    assert proc.poll() is None
+
+
+def test_path_queries_answer_alike_for_absent_and_outside(server, world: World, tmp_path):
+    url, _ = server
+    (tmp_path / "outside.png").write_bytes(world.images[0].read_bytes())
+    (world.model / "link.png").unlink(missing_ok=True)
+    (world.model / "link.png").symlink_to(tmp_path / "outside.png")  # inside the root, pointing out of it
+    answers = {}
+    for name in ("/etc/hostname", str(world.model / "absent.png"), "../../etc/hostname", "link.png"):
+        r = _search(url, json={"path": name})
+        answers[name] = (r.status_code, r.json()["detail"].replace(repr(name), "PATH"))
+    assert set(answers.values()) == {(404, "path PATH: no such image under the served folder")}, answers
+
+
+def test_path_queries_are_off_without_a_path_root():
+    with pytest.raises(HTTPException) as refused:
+        read_path("/etc/hostname", ServeOptions())
+    assert refused.value.status_code == 403 and "--path-root" in refused.value.detail
+
+
+def test_a_request_larger_than_max_batch_is_split(world: World):
+    searcher = Searcher(world.index)
+    images = [Image.open(p).convert("RGB") for p in world.images[:5]]
+
+    async def main():
+        batcher = Batcher(searcher, ServeOptions(max_batch=2, max_wait_ms=50))
+        batcher.start()
+        try:
+            return await batcher.search(images, [f"q{i}" for i in range(5)], 3), batcher.batches
+        finally:
+            await batcher.stop()
+
+    answers, batches = asyncio.run(main())
+    assert batches == 3, "5 images in forward passes of at most 2"
+    for got, want in zip(answers, searcher.search(images, 3), strict=True):
+        assert [h["image_id"] for h in got["results"]] == [h["image_id"] for h in want["results"]]
+        assert [h["score"] for h in got["results"]] == pytest.approx([h["score"] for h in want["results"]], abs=1e-5)
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale():
+    spec = InputSpec(64, (0.5,) * 3, (0.5,) * 3, 0.875)  # the model resizes the short side to 74
+    buf = io.BytesIO()
+    Image.new("RGB", (2400, 1600), (200, 30, 30)).save(buf, format="JPEG")
+    image = open_checked(buf.getvalue(), "big.jpg", spec, ServeOptions())
+    assert image.size == (300, 200), "decoded at 1/8 scale: both sides still >= 74"
+    png = open_checked(_blank_png(2400, 1600, "RGB"), "big.png", spec, ServeOptions())
+    assert png.size == (2400, 1600)
