@@ -33,8 +33,9 @@ TOPICS = {
     "scaling": "`retrieval train` under accelerate launch, 1 vs 2 (.. N GPUs) processes: weak scaling",
     "search-gpu": "retrieval.knn.torch_search on one GPU, every precision, vs the chunked matmul + top-k floor",
     "recipes": "test Recall@1 / MAP@R of each training recipe (loss, memory, EMA, augmentation), same images",
+    "serve-hostile": "`retrieval serve` under 16 clients, alone and with hostile requests: 5xx, 4xx, memory",
 }
-NOT_IN_ALL = {"recipes"}  # trains a model per recipe: run it on its own
+NOT_IN_ALL = {"recipes", "serve-hostile"}  # a model per recipe; a 40 s load that wants the machine to itself
 LEVELS = {"tiny": "smallest (the tests)", "quick": "minutes on 2 CPU cores", "full": "real sizes"}
 
 

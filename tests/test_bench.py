@@ -189,3 +189,11 @@ def test_scale_tiny_auto_index_keeps_its_recall_on_new_queries(tmp_path):
     assert r["search"]["recall@10"] >= 0.95 and r["search"]["exact_agree"] > 0.99
     assert all(r[step]["peak_rss_gb"] > 0 for step in ("write", "read", "index", "search"))
     assert r["index"]["chosen"]["recall@10"] >= 0.96 and "data trained" in proc.stdout
+
+
+@pytest.mark.slow
+def test_serve_hostile_tiny(tmp_path, work):
+    """The service's acceptance at the tiny size (~40 s): 16 clients, the hostile requests at once, memory."""
+    payload = run_topic("serve-hostile", tmp_path, work)
+    assert all(payload["config"]["acceptance"].values()), payload["config"]
+    assert {h["status"] for h in payload["config"]["hostile"].values()} <= {400, 408, 413}
