@@ -3,7 +3,8 @@
 * a shard folder's or a remote prefix's ``stats.json`` never makes ``embed``/``train`` run a command it lists;
 * a remote prefix's shard names are plain file names, never paths or shell text;
 * the user's opt-in (``--allow-listed-commands`` / ``data.allow_listed_commands``) lets listed commands run;
-* a run folder's checkpoint never unpickles code on ``--resume`` (see also tests/test_train.py).
+* a run folder's checkpoint never unpickles code on ``--resume`` (see also tests/test_train.py), and loading its
+  model never opens a pickle at all.
 
 Planted commands write a marker file; each test asserts it is absent.
 """
@@ -171,3 +172,16 @@ def test_a_run_folders_states_are_tensors_and_a_bad_one_is_one_line(ema_xbm_run,
     _plant(ckpt / "memory.safetensors", marker)  # a pickle where the tensors were: read as safetensors, refused
     assert main(argv) == 2
     assert "memory.safetensors: not a readable safetensors file" in capsys.readouterr().err and not marker.exists()
+
+
+def test_loading_a_model_unpickles_nothing_from_its_run_folder(ema_xbm_run, synth_shards, tmp_path):
+    """`embed --model RUN` (the loader search, serve and export share) reads safetensors, YAML and JSON only: pickles
+    planted where a loader might look are never opened."""
+    marker = tmp_path / "PWNED"
+    ckpt, _ = _resume_copy(ema_xbm_run, tmp_path)
+    run = ckpt.parents[1]
+    for planted in ("pytorch_model.bin", "model.pth", "final/pytorch_model.bin", "final/model.pt", "optimizer.bin"):
+        _plant(run / planted, marker)
+    _plant(ckpt / "custom_checkpoint_0.pkl", marker)
+    assert main(embed_args(run, synth_shards, tmp_path / "emb", "--num-workers", "0", split="val")) == 0
+    assert not marker.exists()
