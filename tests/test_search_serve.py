@@ -155,20 +155,29 @@ def test_fifty_mixed_requests_from_concurrent_clients(server, world: World) -> N
     assert proc.poll() is None  # still serving
 
 
-def test_batcher_groups_concurrent_queries(world: World) -> None:
-    searcher = Searcher(world.index)
-    images = [Image.open(p).convert("RGB") for p in world.images[:5]]
+def _with_batcher(searcher: Searcher, options: ServeOptions, ask) -> tuple:
+    """``(await ask(batcher), forward passes)`` with a batcher running in its own event loop."""
 
     async def main():
-        batcher = Batcher(searcher, ServeOptions(max_batch=16, max_wait_ms=300))
+        batcher = Batcher(searcher, options)
         batcher.start()
         try:
-            answers = await asyncio.gather(*(batcher.search([im], [f"q{i}"], i + 1) for i, im in enumerate(images)))
+            answers = await ask(batcher)
         finally:
             await batcher.stop()
         return answers, batcher.batches
 
-    answers, batches = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_batcher_groups_concurrent_queries(world: World) -> None:
+    searcher = Searcher(world.index)
+    images = [Image.open(p).convert("RGB") for p in world.images[:5]]
+
+    def ask(batcher):
+        return asyncio.gather(*(batcher.search([im], [f"q{i}"], i + 1) for i, im in enumerate(images)))
+
+    answers, batches = _with_batcher(searcher, ServeOptions(max_batch=16, max_wait_ms=300), ask)
     assert batches == 1
     expected = searcher.search(images, 5)
     for i, (answer, want) in enumerate(zip(answers, expected, strict=True)):
@@ -281,15 +290,8 @@ def test_a_request_larger_than_max_batch_is_split(world: World):
     searcher = Searcher(world.index)
     images = [Image.open(p).convert("RGB") for p in world.images[:5]]
 
-    async def main():
-        batcher = Batcher(searcher, ServeOptions(max_batch=2, max_wait_ms=50))
-        batcher.start()
-        try:
-            return await batcher.search(images, [f"q{i}" for i in range(5)], 3), batcher.batches
-        finally:
-            await batcher.stop()
-
-    answers, batches = asyncio.run(main())
+    ask = lambda batcher: batcher.search(images, [f"q{i}" for i in range(5)], 3)  # noqa: E731
+    answers, batches = _with_batcher(searcher, ServeOptions(max_batch=2, max_wait_ms=50), ask)
     assert batches == 3, "5 images in forward passes of at most 2"
     for got, want in zip(answers, searcher.search(images, 3), strict=True):
         assert [h["image_id"] for h in got["results"]] == [h["image_id"] for h in want["results"]]

@@ -26,6 +26,9 @@ from retrieval.search.serve import ServeOptions, create_app
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "RETRIEVAL_SERVE_TOKEN"
+# ServeOptions fields set by a flag of the same name (--max-batch -> max_batch; --body-timeout's dest says it)
+OPTIONS = ("max_batch", "max_wait_ms", "max_bytes", "max_images", "max_pixels", "max_request_pixels")
+OPTIONS += ("body_timeout_s", "decoders", "path_root")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-request-pixels", type=int, default=d.max_request_pixels, help="pixels per request, all images"
     )
-    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s, help="seconds to receive a body")
+    p.add_argument(
+        "--body-timeout", dest="body_timeout_s", type=float, default=d.body_timeout_s, help="seconds to receive a body"
+    )
     p.add_argument("--decoders", type=int, default=d.decoders, help="images decoded at a time (bounds memory)")
     p.add_argument(
         "--token",
@@ -70,15 +75,4 @@ def _options(args: argparse.Namespace) -> ServeOptions:
     token = args.token or dist.env(TOKEN_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         log.warning("serving on %s without a token: anyone who reaches the port can search (--token)", args.host)
-    return ServeOptions(
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_bytes=args.max_bytes,
-        max_images=args.max_images,
-        max_pixels=args.max_pixels,
-        max_request_pixels=args.max_request_pixels,
-        body_timeout_s=args.body_timeout,
-        decoders=args.decoders,
-        path_root=args.path_root,
-        token=token,
-    )
+    return ServeOptions(**{name: getattr(args, name) for name in OPTIONS}, token=token)
