@@ -306,3 +306,11 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale():
     assert image.size == (300, 200), "decoded at 1/8 scale: both sides still >= 74"
     png = open_checked(_blank_png(2400, 1600, "RGB"), "big.png", spec, ServeOptions())
     assert png.size == (2400, 1600)
+
+
+def test_bad_bounds_are_one_line_before_the_model_loads(capsys):
+    from retrieval.cli import main
+
+    assert main(["serve", "--index", "/nonexistent", "--max-images", "0", "--body-timeout", "0"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.endswith("expected max_images >= 1 (got 0); body_timeout_s > 0 (got 0.0)")

@@ -58,11 +58,15 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "max_k", "max_bytes", "max_json_bytes", "max_images", "max_pixels", "decoders")
-        bad = [f"{n}={getattr(self, n)}" for n in positive if getattr(self, n) < 1]
-        if self.max_wait_ms < 0 or self.body_timeout_s <= 0 or self.max_request_pixels < self.max_pixels:
-            bad.append("max_wait_ms >= 0, body_timeout_s > 0, max_request_pixels >= max_pixels")
-        if bad:
-            raise UserError(f"serve options: expected positive values, got {', '.join(bad)}")
+        rules = {f"{n} >= 1 (got {getattr(self, n)})": getattr(self, n) >= 1 for n in positive}
+        rules[f"max_wait_ms >= 0 (got {self.max_wait_ms})"] = self.max_wait_ms >= 0
+        rules[f"body_timeout_s > 0 (got {self.body_timeout_s})"] = self.body_timeout_s > 0
+        rules[f"max_request_pixels >= max_pixels (got {self.max_request_pixels})"] = (
+            self.max_request_pixels >= self.max_pixels
+        )
+        broken = [rule for rule, holds in rules.items() if not holds]
+        if broken:  # the flags are the same names with dashes (--max-batch): one line, before the model loads
+            raise UserError(f"serve options: expected {'; '.join(broken)}")
 
 
 @dataclass
