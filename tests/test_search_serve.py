@@ -274,7 +274,14 @@ def test_path_queries_answer_alike_for_absent_and_outside(server, world: World, 
     (world.model / "link.png").unlink(missing_ok=True)
     (world.model / "link.png").symlink_to(tmp_path / "outside.png")  # inside the root, pointing out of it
     answers = {}
-    for name in ("/etc/hostname", str(world.model / "absent.png"), "../../etc/hostname", "link.png"):
+    for name in (
+        "/etc/hostname",
+        str(world.model / "absent.png"),
+        "../../etc/hostname",
+        "link.png",
+        "a\x00b",
+        "x" * 5000,
+    ):
         r = _search(url, json={"path": name})
         answers[name] = (r.status_code, r.json()["detail"].replace(repr(name), "PATH"))
     assert set(answers.values()) == {(404, "path PATH: no such image under the served folder")}, answers
@@ -306,6 +313,9 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale():
     assert image.size == (300, 200), "decoded at 1/8 scale: both sides still >= 74"
     png = open_checked(_blank_png(2400, 1600, "RGB"), "big.png", spec, ServeOptions())
     assert png.size == (2400, 1600)
+    with pytest.raises(HTTPException, match="1 x 300000 resized for the model") as strip:
+        open_checked(_blank_png(1, 300_000), "strip.png", spec, ServeOptions())  # 0.3 M pixels, 22 G once resized
+    assert strip.value.status_code == 413
 
 
 def test_bad_bounds_are_one_line_before_the_model_loads(capsys):

@@ -7,7 +7,8 @@ Every bound is checked before the work it protects, and each answers 4xx with ``
 * a JSON body: at most ``max_json_bytes`` (413), nested at most as deep as Python's parser allows (400);
 * images per request: at most ``max_images`` (413; the batcher then embeds them ``max_batch`` at a time);
 * pixels, read from each image's header before it is decoded: ``max_pixels`` per image and
-  ``max_request_pixels`` per request (413). A JPEG larger than the model needs is decoded at reduced scale
+  ``max_request_pixels`` per request, and the image as the model's resize would make it (a 1 x 100000 strip
+  is 100 kpx, and 7 Gpx once its short side is resized to the model's input: 413). A JPEG larger than the model needs is decoded at reduced scale
   (``Image.draft``: JPEG's DCT scaling, never below the size the model's resize asks for);
 * path queries (``{"path": ...}``) only under ``path_root``; without it they are off (403), and a path that is
   absent, not a file, or outside the root gets the same 404, so answers do not tell which files exist.
@@ -137,6 +138,13 @@ def open_checked(data: bytes, name: str, spec: InputSpec, options: ServeOptions)
         raise HTTPException(
             413, f"{name}: {width} x {height} = {width * height} pixels; the limit per image is {options.max_pixels}"
         )
+    resized = need * math.ceil(need * max(width, height) / max(min(width, height), 1))
+    if resized > options.max_pixels:  # a 1 x 100000 strip is small, and enormous once its short side is `need`
+        raise HTTPException(
+            413,
+            f"{name}: {width} x {height} resized for the model (short side {need}) holds {resized} pixels; "
+            f"the limit per image is {options.max_pixels}",
+        )
     return image
 
 
@@ -193,9 +201,14 @@ def read_path(path: str, options: ServeOptions) -> bytes:
     """The bytes of a path query's file under ``path_root``; absent, not a file and outside answer alike."""
     if options.path_root is None:
         raise HTTPException(403, "path queries are off on this server (start it with --path-root DIR to allow them)")
-    resolved = Path(options.path_root, path).resolve()  # symlinks followed: a link out of the root is outside
-    if not resolved.is_relative_to(Path(options.path_root).resolve()) or not resolved.is_file():
-        raise HTTPException(404, f"path {path!r}: no such image under the served folder")
+    absent = HTTPException(404, f"path {path!r}: no such image under the served folder")
+    try:
+        resolved = Path(options.path_root, path).resolve()  # symlinks followed: a link out of the root is outside
+        inside = resolved.is_relative_to(Path(options.path_root).resolve()) and resolved.is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long: no such file either
+        inside = False
+    if not inside:
+        raise absent
     if resolved.stat().st_size > options.max_bytes:
         raise HTTPException(413, f"path {path!r}: over {options.max_bytes} bytes (the request body limit)")
     return resolved.read_bytes()
