@@ -204,3 +204,11 @@ def test_peer_tiny_both_trainers_train_and_are_scored_alike(tmp_path, work):
     assert len(train) == stats["train"]["samples"]  # every train image, once, under its label
     peer = json.loads((work / "peer-pml-0.json").read_text())
     assert peer["precision_at_1"] * 100 == pytest.approx(pml["recall_at_1"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_serve_hostile_tiny(tmp_path, work):
+    """The service's acceptance at the tiny size (~40 s): 16 clients, the hostile requests at once, memory."""
+    payload = run_topic("serve-hostile", tmp_path, work)
+    assert all(payload["config"]["acceptance"].values()), payload["config"]
+    assert {h["status"] for h in payload["config"]["hostile"].values()} <= {400, 408, 413}

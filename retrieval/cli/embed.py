@@ -23,7 +23,7 @@ from pathlib import Path
 
 from retrieval import dist
 from retrieval.data.check import check_split
-from retrieval.data.loader import read_stats
+from retrieval.data.loader import read_stats, shard_urls
 from retrieval.embed.sharded import EmbedJob, embed_to_folder
 from retrieval.errors import UserError
 from retrieval.model.loading import load_model
@@ -58,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, help="default: the run's data.img_size or the model's input size")
     p.add_argument("--part-rows", type=int, default=65536, help="rows per part file (a rank holds one part)")
     p.add_argument("--merge", action="store_true", help="merge the parts into one file per column at the end")
+    p.add_argument(
+        "--allow-listed-commands",
+        action="store_true",
+        help="let the shard URLs the shards' stats.json lists run programs: pipe: shell commands, gs:// s3:// "
+        "hf:// (they run as you; only for an index you wrote). Without it such URLs read from data are refused",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.split not in stats:
         raise UserError(f"{args.shards}/stats.json has no split {args.split!r}; found {sorted(stats)}")
     check_split(args.shards, args.split, stats)  # a missing or truncated shard: one line, before any work
+    shard_urls(args.shards, args.split, stats[args.split], args.allow_listed_commands)  # listed URLs trusted?
     acc = dist.make_accelerator(args.precision, 1, args.out)
     workers = dist.use_cpu_share(args.num_workers, "embed").workers
     loaded = load_model(args.model, args.untrained)
@@ -79,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         args.part_rows,
         args.merge,
         args.label_key,
+        args.allow_listed_commands,
     )
     embed_to_folder(acc, loaded, loaded.spec.with_size(args.img_size), job, stats)
     acc.end_training()

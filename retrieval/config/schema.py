@@ -56,6 +56,9 @@ class DataConfig:
     allow_incomplete: bool = False  # train/validate although shards are missing or differ from stats.json (warns)
     max_skipped_fraction: float = 0.01  # stop when more of the samples read than this were undecodable/incomplete
     label_key: str | None = None  # cls | txt | json:FIELD (e.g. json:product_id); None = the index's, else cls
+    # let the shard URLs a stats.json lists run programs: `pipe:` shell commands, gs:// s3:// hf:// ... (they run
+    # as you); only for an index you wrote yourself. Off: such URLs read from data files are refused (README)
+    allow_listed_commands: bool = False
 
     def __post_init__(self) -> None:
         if self.label_key is not None and not (

@@ -159,6 +159,8 @@ class EmbeddingSet:
         if vectors:
             path = folder / store.VECTORS
             emb = store.check_vectors(path, store.load_array(path, mmap), n)
+            if n:  # an empty set's vectors have no width to compare
+                store.check_dim(folder / store.META, meta.get("dim"), emb.shape[1])
         return cls(emb, columns["ids"], columns["labels"], columns["super_labels"], paths, meta)
 
     def vectors32(self) -> np.ndarray:

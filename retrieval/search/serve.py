@@ -4,60 +4,48 @@
     uvicorn.run(app, host="127.0.0.1", port=8080)      # what `retrieval serve` does
 
 ``POST /search?k=K`` takes images as multipart files (field ``image``, several allowed), as the raw request body,
-or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``), and answers ``{"queries": [{"query",
-"results": [{rank, image_id, class_id, super_class_id, path, score}]}]}``. ``GET /healthz`` answers what is
-loaded. Bad input answers 4xx with ``{"detail": "..."}``; the server never dies of a request.
+or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``; only with ``path_root``), and answers
+``{"queries": [{"query", "results": [{rank, image_id, class_id, super_class_id, path, score}]}]}``. ``GET /healthz``
+answers what is loaded. Bad input answers 4xx with ``{"detail": "..."}``; the server never dies of a request.
+Every request is bounded (body bytes and time, images, pixels, JSON, paths: :mod:`retrieval.search.serve_request`)
+and, with ``token``, must carry ``Authorization: Bearer <token>`` (401 otherwise).
 
-Batching: requests are decoded in the thread pool, then queued; one worker takes what has queued up within
-``max_wait_ms`` of the first waiting request (up to ``max_batch`` images) and embeds it in one forward pass and one
-index search (at the largest k asked; each request gets its own top k back). A lone request waits at most
-``max_wait_ms``; under load, throughput comes from the batch.
+Batching: requests are decoded in worker threads (``decoders`` at a time) into model inputs, then queued; one
+worker takes what has queued up within ``max_wait_ms`` of the first waiting request, up to ``max_batch`` images,
+and embeds it in one forward pass and one index search (at the largest k asked; each request gets its own top k
+back). A request of more than ``max_batch`` images is queued as several parts, so it never makes a larger forward
+pass and other requests are served between its parts. A lone request waits at most ``max_wait_ms``; under load,
+throughput comes from the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import hmac
 import logging
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from PIL import Image
+import anyio
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from retrieval.data.decode import decode_image
 from retrieval.errors import UserError
+from retrieval.search import serve_request as rq
 from retrieval.search.searcher import Searcher
+from retrieval.search.serve_request import IMAGE_FIELDS, Query, ServeOptions
 
+__all__ = ["IMAGE_FIELDS", "Batcher", "ServeOptions", "create_app", "read_queries"]
 log = logging.getLogger(__name__)
-
-IMAGE_FIELDS = ("image", "images", "file")
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    max_batch: int = 32  # images per forward pass
-    max_wait_ms: float = 5.0  # how long the first queued request waits for company
-    max_k: int = 1000
-    max_bytes: int = 20 * 2**20  # per request body
-    path_root: str | None = None  # JSON path queries must lie under it (None: any path the server can read)
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_k < 1:
-            raise UserError(f"serve options: expected max_batch >= 1, max_wait_ms >= 0, max_k >= 1, got {self}")
 
 
 class Batcher:
-    """Groups queued queries into one forward pass and one index search."""
+    """Groups queued queries into forward passes of at most ``max_batch`` images and one index search each."""
 
     def __init__(self, searcher: Searcher, options: ServeOptions) -> None:
         self.searcher, self.options = searcher, options
@@ -73,30 +61,41 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def search(self, images: list[Image.Image], names: list[str], k: int) -> list[dict]:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((images, names, k, future))
-        return await future
+    async def search(self, images: list, names: list[str], k: int) -> list[dict]:
+        """Top-k results per image (PIL images or prepared inputs), queued in parts of at most ``max_batch``."""
+        loop, step = asyncio.get_running_loop(), self.options.max_batch
+        futures = []
+        for start in range(0, len(images), step):
+            futures.append(loop.create_future())
+            await self.queue.put((images[start : start + step], names[start : start + step], k, futures[-1]))
+        return [r for part in await asyncio.gather(*futures) for r in part]
 
     async def _work(self) -> None:
+        carried = None  # a part that did not fit the last forward pass: it opens the next
         while True:
-            group = [await self.queue.get()]
+            group = [carried or await self.queue.get()]
+            carried, size = None, len(group[0][0])
             deadline = time.perf_counter() + self.options.max_wait_ms / 1000
-            size = len(group[0][0])
             while size < self.options.max_batch:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), max(deadline - time.perf_counter(), 0))
                 except asyncio.TimeoutError:
                     break
+                if size + len(item[0]) > self.options.max_batch:
+                    carried = item
+                    break
                 group.append(item)
                 size += len(item[0])
-            try:
-                answers = await run_in_threadpool(self._run, group)
-            except Exception as e:  # one bad batch answers its requests with the error; the worker lives on
-                answers = [e] * len(group)
-            for (*_, future), answer in zip(group, answers, strict=True):
-                if not future.done():
-                    (future.set_exception if isinstance(answer, Exception) else future.set_result)(answer)
+            await self._answer(group)
+
+    async def _answer(self, group: list[tuple]) -> None:
+        try:
+            answers = await anyio.to_thread.run_sync(self._run, group)
+        except Exception as e:  # one bad batch answers its requests with the error; the worker lives on
+            answers = [e] * len(group)
+        for (*_, future), answer in zip(group, answers, strict=True):
+            if not future.done():
+                (future.set_exception if isinstance(answer, Exception) else future.set_result)(answer)
 
     def _run(self, group: list[tuple]) -> list[list[dict]]:
         images = [im for item in group for im in item[0]]
@@ -115,23 +114,7 @@ class Batcher:
 # ------------------------------------------------------------------------------------------ reading a request
 
 
-def _decode(data: bytes, name: str) -> Image.Image:
-    try:
-        return decode_image(data)  # the catalogue's own decoder: a catalogue image finds itself
-    except Exception as e:  # PIL raises many types for bad data: all mean "not an image"
-        raise HTTPException(415, f"{name}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def _open_path(path: str, root: str | None) -> Image.Image:
-    resolved = Path(path).resolve()
-    if root is not None and not resolved.is_relative_to(Path(root).resolve()):
-        raise HTTPException(403, f"path {path!r}: outside the served folder (--path-root)")
-    if not resolved.is_file():
-        raise HTTPException(404, f"path {path!r}: no such file on the server")
-    return _decode(resolved.read_bytes(), f"path {path!r}")
-
-
-def _k(value: Any, options: ServeOptions) -> int:
+def _k(value, options: ServeOptions) -> int:
     try:
         k = int(value)
     except (TypeError, ValueError):
@@ -141,65 +124,61 @@ def _k(value: Any, options: ServeOptions) -> int:
     return k
 
 
-async def _from_json(request: Request, options: ServeOptions) -> tuple[list[Image.Image], list[str], Any]:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HTTPException(400, f"JSON body: not valid JSON ({e})") from None
-    if not isinstance(body, dict) or not ("path" in body or "paths" in body):
-        raise HTTPException(422, 'JSON body: expected {"path": "..."} or {"paths": ["...", ...]}')
-    paths = [body["path"]] if "path" in body else body["paths"]
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-        raise HTTPException(422, "JSON body: 'path' must be a string, 'paths' a non-empty list of strings")
-    images = [await run_in_threadpool(_open_path, p, options.path_root) for p in paths]
-    return images, paths, body.get("k")
-
-
-async def _from_form(request: Request) -> tuple[list[Image.Image], list[str]]:
-    form = await request.form()
-    files = [f for field in IMAGE_FIELDS for f in form.getlist(field) if hasattr(f, "read")]
-    if not files:
-        raise HTTPException(422, f"multipart body: expected one or more files in the field {IMAGE_FIELDS[0]!r}")
-    names = [f.filename or f"image {i}" for i, f in enumerate(files)]
-    images = [await run_in_threadpool(_decode, await f.read(), n) for f, n in zip(files, names, strict=True)]
-    return images, names
-
-
-async def read_queries(request: Request, options: ServeOptions) -> tuple[list[Image.Image], list[str], int]:
-    """(images, names, k) of a search request, or an HTTPException saying what was expected."""
-    length = int(request.headers.get("content-length") or 0)
-    if length > options.max_bytes:
-        raise HTTPException(413, f"request body of {length} bytes: the limit is {options.max_bytes}")
+async def _blobs(request: Request, options: ServeOptions, limiter) -> tuple[list[bytes], list[str], object]:
+    """The request's encoded images, their names and the k its body asks for (None: the query string's)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    k = request.query_params.get("k")
     if kind == "application/json":
-        images, names, json_k = await _from_json(request, options)
-        k = json_k if json_k is not None else k
-    elif kind == "multipart/form-data":
-        images, names = await _from_form(request)
-    else:  # the raw body is the image (image/jpeg, application/octet-stream, or no type at all)
-        data = await request.body()
-        if not data:
-            raise HTTPException(400, "empty body: send an image (raw, multipart field 'image') or JSON {'path': ...}")
-        images, names = [await run_in_threadpool(_decode, data, "body")], ["body"]
-    return images, names, _k(10 if k is None else k, options)
+        paths, k = rq.json_paths(await rq.read_body(request, options, options.max_json_bytes), options)
+        blobs = [await anyio.to_thread.run_sync(rq.read_path, p, options, limiter=limiter) for p in paths]
+        return blobs, paths, k
+    body = await rq.read_body(request, options)
+    if kind == "multipart/form-data":
+        return (*await rq.form_files(request, body, options), None)
+    if not body:  # the raw body is the image (image/jpeg, application/octet-stream, or no type at all)
+        raise HTTPException(400, "empty body: send an image (raw, multipart field 'image') or JSON {'path': ...}")
+    return [body], ["body"], None
+
+
+async def read_queries(request: Request, options: ServeOptions, searcher: Searcher, limiter) -> Query:
+    """The request's images as model inputs, their names and k, or an HTTPException saying what was expected."""
+    blobs, names, k = await _blobs(request, options, limiter)
+    embedder = searcher.embedder
+    inputs = await rq.prepare_all(blobs, names, embedder.spec, embedder.prepare, options, limiter)
+    return Query(inputs, names, _k(k if k is not None else request.query_params.get("k", 10), options))
 
 
 # ------------------------------------------------------------------------------------------------ the app
+
+
+class BearerToken:
+    """ASGI middleware: with a token, every HTTP request must carry ``Authorization: Bearer <token>``; 401 before
+    any work (the body is not read)."""
+
+    def __init__(self, app, token: str) -> None:
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        given = Request(scope).headers.get("authorization", "").encode() if scope["type"] == "http" else None
+        if given is not None and not hmac.compare_digest(given, self.expected):  # constant time: no guessing
+            detail = {"detail": "missing or wrong bearer token (send Authorization: Bearer <token>)"}
+            await JSONResponse(detail, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starlette:
     """The Starlette app: ``POST /search``, ``GET /healthz``; the batcher runs while the app does."""
     options = options or ServeOptions()
     batcher = Batcher(searcher, options)
+    limits: dict = {}  # the decoders' limiter, made in the app's event loop
 
     async def search(request: Request) -> JSONResponse:
-        images, names, k = await read_queries(request, options)
+        query = await read_queries(request, options, searcher, limits["decoders"])
         try:
-            results = await batcher.search(images, names, k)
+            results = await batcher.search(query.inputs, query.names, query.k)
         except UserError as e:
             raise HTTPException(400, str(e)) from None
-        return JSONResponse({"k": k, "queries": results})
+        return JSONResponse({"k": query.k, "queries": results})
 
     async def healthz(request: Request) -> JSONResponse:
         info = searcher.index.info
@@ -217,13 +196,15 @@ def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starl
         )
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        limits["decoders"] = anyio.CapacityLimiter(options.decoders)
         batcher.start()
         yield
         await batcher.stop()
 
     routes = [Route("/search", search, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    guard = [Middleware(BearerToken, token=options.token)] if options.token else []
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan, middleware=guard)

@@ -4,7 +4,7 @@ The shards are checked against ``stats.json``/``sizes.json`` first (a missing or
 process group or GPU work), then the Accelerator, the model, its input spec, the batch arithmetic, AdamW over the
 parameter groups (layer-wise lr decay with ``optim.layer_decay``), the warmup + cosine schedule, DeepSpeed's
 batch settings, and the loss (built before the model is prepared: ProxyAnchor's proxies join the model and the
-optimizer; a cross-batch memory is checkpointed with the run).
+optimizer; a cross-batch memory is checkpointed with the run, as tensors: :mod:`retrieval.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from retrieval import dist, losses
 from retrieval.config.schema import Config, Derived, derived
 from retrieval.data.check import check_split
 from retrieval.data.input_spec import InputSpec
-from retrieval.data.loader import read_stats
+from retrieval.data.loader import read_stats, shard_urls
 from retrieval.errors import UserError
 from retrieval.losses.global_criterion import GlobalCriterion
 from retrieval.model.files import LOSS_MODULE
 from retrieval.model.network import initial_model, maybe_compile
 from retrieval.run_folder import RunFolder
+from retrieval.train.checkpoint import TensorStates
 from retrieval.train.log import tracker_for
 from retrieval.train.optim import build_optimizer
 
@@ -39,6 +40,7 @@ class TrainParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     spec: InputSpec  # how the run's images are prepared (exported beside the weights)
     derived: Derived  # the batch arithmetic: per-rank and global batch, steps per epoch and in all
+    states: TensorStates  # what checkpoints hold beside accelerate's files (the memory; the trainer adds the EMA)
 
 
 def prepare(cfg: Config, run: RunFolder) -> TrainParts:
@@ -46,6 +48,7 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     stats = read_stats(cfg.data.shards)  # bad input fails here, before any process group or GPU work
     for split in (cfg.data.train_split, *([cfg.data.val_split] if cfg.train.eval_every else [])):
         check_split(cfg.data.shards, split, stats, cfg.data.allow_incomplete)
+        shard_urls(cfg.data.shards, split, stats.get(split) or {}, cfg.data.allow_listed_commands)  # trusted URLs
     train_samples = int(stats.get(cfg.data.train_split, {}).get("samples", 0))
     if not train_samples:
         raise UserError(f"{cfg.data.shards}/stats.json: split {cfg.data.train_split!r} has no samples")
@@ -69,6 +72,7 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model = maybe_compile(model, cfg.model)
     criterion = criterion.to(accelerator.device)
+    states = TensorStates(accelerator.is_main_process)
     if criterion.memory is not None:  # the queue is part of the run's state: a resume continues it bitwise
-        accelerator.register_for_checkpointing(criterion.memory)
-    return TrainParts(accelerator, model, criterion, optimizer, scheduler, spec, d)
+        states.add("memory", criterion.memory)
+    return TrainParts(accelerator, model, criterion, optimizer, scheduler, spec, d, states)
