@@ -132,21 +132,40 @@ class EmbeddingSet:
             emb = store.check_vectors(path, store.load_array(path, mmap), n)
         return cls(emb, columns["ids"], columns["labels"], columns["super_labels"], paths, meta)
 
+    @classmethod
+    def open(cls, path: str | Path, columns=None) -> EmbeddingSet:
+        """Our folder (:meth:`load`), or another tool's embeddings (:mod:`retrieval.embed.interop`): a plain .npy
+        with its labels (``columns``: an :class:`~retrieval.embed.interop.Columns`), clip-retrieval's folder."""
+        from retrieval.embed import interop  # pyarrow only when a parquet file is read
+
+        path = Path(path)
+        if not interop.is_foreign(path):
+            return cls.load(path)
+        emb, ids, labels, super_labels, paths, meta = interop.read_foreign(path, columns or interop.Columns())
+        return cls(emb, ids, labels, super_labels, paths, {**meta, "count": len(ids), "dim": int(emb.shape[1])})
+
     def vectors32(self) -> np.ndarray:
         """The vectors as contiguous float32 (a copy only when stored as float16, memory-mapped or parted)."""
         if isinstance(self.embeddings, PartedVectors):
             return self.embeddings.materialize()
+        if isinstance(self.embeddings, np.memmap):  # a mapped .npy (another tool's): a writable copy for torch
+            return np.array(self.embeddings, dtype=np.float32)
         return np.ascontiguousarray(self.embeddings, dtype=np.float32)
 
     def blocks(self, rows: int = store.BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(image ids, float32 vectors)`` blocks covering every row once: for consumers that stream
         (an index build adds rows without holding all vectors twice)."""
+        for set_rows, block in self.row_blocks(rows):
+            yield self.ids[set_rows], block
+
+    def row_blocks(self, rows: int = store.BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(row numbers, float32 vectors)`` blocks covering every row once, in storage order (memory O(block))."""
         if isinstance(self.embeddings, PartedVectors):
-            for set_rows, block in self.embeddings.blocks(rows):
-                yield self.ids[set_rows], block
+            yield from self.embeddings.blocks(rows)
             return
         for s0 in range(0, len(self), rows):
-            yield self.ids[s0 : s0 + rows], np.ascontiguousarray(self.embeddings[s0 : s0 + rows], dtype=np.float32)
+            rows_here = np.arange(s0, min(s0 + rows, len(self)))
+            yield rows_here, np.ascontiguousarray(self.embeddings[s0 : s0 + rows], dtype=np.float32)
 
     # ----------------------------------------------------------------------------------- merge
     @classmethod

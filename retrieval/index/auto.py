@@ -297,10 +297,16 @@ def auto_index(
 
 
 def build_auto_folder(
-    embeddings_dir: Path, out: Path, target: Target, gpu: str = "auto", shard: bool = False, train_sample: int = 100_000
+    embeddings_dir: Path,
+    out: Path,
+    target: Target,
+    gpu: str = "auto",
+    shard: bool = False,
+    train_sample: int = 100_000,
+    columns=None,
 ) -> dict[str, Any]:
     """``--factory auto``: choose, tune and save; index.json holds the chosen setting and every tried one."""
-    es = load_embeddings(embeddings_dir)
+    es = load_embeddings(embeddings_dir, columns)
     if len(es) < target.k + 2:
         raise UserError(f"{embeddings_dir}: {len(es)} rows; --k {target.k} needs at least {target.k + 2}")
     gpus = parse_gpus(gpu)

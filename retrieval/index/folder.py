@@ -154,8 +154,9 @@ def default_params(factory: str) -> dict[str, int]:
     return params
 
 
-def load_embeddings(embeddings_dir: Path) -> EmbeddingSet:
-    es = EmbeddingSet.load(embeddings_dir)
+def load_embeddings(embeddings_dir: Path, columns=None) -> EmbeddingSet:
+    """Our embeddings folder or another tool's (``columns``: :class:`~retrieval.embed.interop.Columns`)."""
+    es = EmbeddingSet.open(embeddings_dir, columns)
     if len(np.unique(es.ids)) != len(es):
         raise UserError(f"{embeddings_dir}/ids.npy: ids must be unique")
     return es
@@ -190,9 +191,10 @@ def build_folder(
     gpu: str = "auto",
     shard: bool = False,
     train_sample: int = 100_000,
+    columns=None,
 ) -> dict[str, Any]:
     """Build and save ``index.faiss`` + ``index.json`` with the catalogue columns; returns index.json's content."""
-    es = load_embeddings(embeddings_dir)
+    es = load_embeddings(embeddings_dir, columns)
     gpus = parse_gpus(gpu)
     t0 = time.perf_counter()
     index = build_index(es, factory, train_sample, gpus)
