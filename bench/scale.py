@@ -196,7 +196,7 @@ def bench_size(n: int, root: Path, evaluate: bool = True) -> dict:
     if not evaluate:
         res["load_after"] = os.getloadavg()[0]
         return res
-    ev = ["eval", "--queries", str(queries), "--gallery", str(gallery), "--out", str(work / "eval")]
+    ev = ["eval", "--query-embeddings", str(queries), "--gallery-embeddings", str(gallery), "--out", str(work / "eval")]
     res["eval"] = run_step("run", "--", *ev)
     m = json.loads((work / "eval" / "metrics.json").read_text())
     res["eval"].update({k: m[k] for k in ("recall@1", "recall@10", "map@r", "map@100", "search_seconds")})

@@ -5,6 +5,7 @@ groups concurrent queries into one forward pass."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -158,3 +159,27 @@ def test_batcher_groups_concurrent_queries(world: World) -> None:
     expected = searcher.search(images, 5)
     for i, (answer, want) in enumerate(zip(answers, expected, strict=True)):
         assert answer[0]["query"] == f"q{i}" and answer[0]["results"] == want["results"][: i + 1]
+
+
+def test_vector_queries_equal_image_queries_of_the_same_embeddings(world: World) -> None:
+    """POST /search {"vectors": [[...]]}: a user's own embeddings search the index as the images they came from."""
+    from starlette.testclient import TestClient
+
+    from retrieval.search.serve import create_app
+
+    searcher = Searcher(world.index)
+    images = [str(p) for p in world.images[:3]]
+    vectors = searcher.embed(images)
+    with TestClient(create_app(searcher, ServeOptions(path_root=str(world.model)))) as client:
+        got = client.post("/search", json={"vectors": vectors.tolist(), "k": 5})
+        assert got.status_code == 200, got.text
+        by_image = client.post("/search", json={"paths": images, "k": 5}).json()["queries"]
+        for vq, iq in zip(got.json()["queries"], by_image, strict=True):
+            assert [h["image_id"] for h in vq["results"]] == [h["image_id"] for h in iq["results"]]
+            assert [h["score"] for h in vq["results"]] == pytest.approx([h["score"] for h in iq["results"]], abs=1e-5)
+        wrong = client.post("/search", json={"vectors": [[0.5, 0.5]]})
+        dim = searcher.index.info["dim"]
+        assert wrong.status_code == 422 and f"dimension {dim}, got shape [1, 2]" in wrong.json()["detail"]
+        assert client.post("/search", json={"vectors": [["a"] * dim]}).status_code == 422
+        nan = json.dumps({"vectors": [[float("nan")] * dim]})  # Python's JSON writes NaN; httpx's json= refuses it
+        assert client.post("/search", content=nan, headers={"Content-Type": "application/json"}).status_code == 422

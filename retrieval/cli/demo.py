@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from retrieval import dist
+from retrieval.cli._args import old_spelling
 from retrieval.config.io import load_config
 from retrieval.metrics import print_table
 from retrieval.run_folder import RunFolder
@@ -38,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-class", default="3-8")
     p.add_argument("--query-views", type=int, default=1, help="new photos per test product searched at the end")
     p.add_argument("--size", type=int, default=96, help="synthetic image side in pixels")
-    p.add_argument("--nproc", type=int, default=0, help="training processes (default: GPUs, else 2 on CPU)")
+    p.add_argument("--processes", type=int, default=0, help="training processes (default: GPUs, else 2 on CPU)")
+    old_spelling(p, "--nproc", "--processes", "processes", type=int)
     p.add_argument("--fresh", action="store_true", help="delete the demo folder first")
     p.add_argument("overrides", nargs="*")
 
@@ -55,7 +57,7 @@ class Demo:
         self.out = Path(self.args.out)
         self.sop, self.shards, self.run = self.out / "sop", self.out / "shards", self.out / "run"
         self.base, self.emb = self.out / "emb-untrained", self.run / "emb-test"
-        self.nproc = self.args.nproc or (2 if self.cpu else torch.cuda.device_count())
+        self.nproc = self.args.processes or (2 if self.cpu else torch.cuda.device_count())
         self.env = dist.launch_env(self.cpu)
         self.workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     rows = _results(args.config, demo.base, demo.emb, RunFolder(demo.run).read_config().loss.name)
     (demo.out / "results.json").write_text(json.dumps(rows, indent=1))
     shutil.copy(demo.out / "results.json", demo.run / "results.json")
-    report = ["report", str(demo.run), "--embeddings", str(demo.emb), "--embeddings", str(demo.base)]
+    report = ["report", "--run-dir", str(demo.run), "--embeddings", str(demo.emb), "--embeddings", str(demo.base)]
     demo.sh(report, "report")
     _print(rows, demo.run, time.perf_counter() - t0, demo.times)
     return 0
@@ -103,7 +105,7 @@ def _data(demo: Demo) -> None:
 
 def _baseline(demo: Demo) -> None:
     embed = ["embed", "--model", demo.args.config, "--untrained", "--shards", str(demo.shards), "--split", "test"]
-    embed += ["--out", str(demo.base), "--num-workers", "2" if demo.cpu else str(demo.workers)]
+    embed += ["--out", str(demo.base), "--workers", "2" if demo.cpu else str(demo.workers)]
     demo.times["untrained"] = demo.sh(embed, "untrained model")
     demo.sh(["eval", "--embeddings", str(demo.base)], "evaluate untrained")
 
@@ -114,7 +116,7 @@ def _train_and_embed(demo: Demo) -> None:
     train = ["train", "--config", a.config, "--shards", str(demo.shards), "--run-dir", str(demo.run)]
     demo.times["train"] = demo.sh(train + DEMO_OVERRIDES + list(a.overrides), f"train ({n} processes)", nproc=n)
     embed = ["embed", "--model", str(demo.run), "--shards", str(demo.shards), "--split", "test", "--out", str(demo.emb)]
-    embed += ["--num-workers", "1" if demo.cpu else str(demo.workers)]
+    embed += ["--workers", "1" if demo.cpu else str(demo.workers)]
     demo.times["embed"] = demo.sh(embed, f"embed test split ({n} processes)", nproc=n)
     demo.sh(["index", "build", "--embeddings", str(demo.emb), "--out", str(demo.run / "index")], "index")
     demo.sh(["eval", "--embeddings", str(demo.emb)], "evaluate fine-tuned")

@@ -158,6 +158,12 @@ class EmbeddingSet:
         for set_rows, block in self.row_blocks(rows):
             yield self.ids[set_rows], block
 
+    def block_count(self, rows: int = store.BLOCK_ROWS) -> int:
+        """How many blocks :meth:`blocks` yields (a progress bar's total)."""
+        if isinstance(self.embeddings, PartedVectors):
+            return int(sum(-(-int(n) // rows) for n in np.diff(self.embeddings.offsets)))
+        return -(-len(self) // rows)
+
     def row_blocks(self, rows: int = store.BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(row numbers, float32 vectors)`` blocks covering every row once, in storage order (memory O(block))."""
         if isinstance(self.embeddings, PartedVectors):

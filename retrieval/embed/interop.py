@@ -101,7 +101,9 @@ def _read_clip(folder: Path, label_column: str) -> tuple:
     files = sorted((folder / CLIP_EMB).glob(f"{CLIP_EMB}_*.npy"), key=_part_number)
     if not files:
         raise UserError(f"{folder / CLIP_EMB}: holds no {CLIP_EMB}_N.npy (clip-retrieval's vector files)")
-    pq = require("pyarrow.parquet", "interop", "reading clip-retrieval's metadata (parquet)")
+    require("pyarrow", "interop", "reading clip-retrieval's metadata (parquet)")
+    import pyarrow.parquet as pq
+
     counts, tables, dims = [], [], set()
     for f in files:
         mapped = store.load_array(f, mmap=True)
@@ -168,7 +170,8 @@ def export_set(es, fmt: str, out: Path, rows: int = store.BLOCK_ROWS) -> Path:
 
 def _export_parquet(es, out: Path, rows: int) -> Path:
     pa = require("pyarrow", "interop", "parquet export")
-    pq = require("pyarrow.parquet", "interop", "parquet export")
+    import pyarrow.parquet as pq
+
     schema = pa.schema(
         [("image_id", pa.int64()), ("label", pa.int64()), ("super_label", pa.int64()), ("path", pa.string())]
         + [("embedding", pa.list_(pa.float32()))]

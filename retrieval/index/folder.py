@@ -126,12 +126,14 @@ def blocks_without(es: EmbeddingSet, skip: np.ndarray | None = None):
         yield ids[keep], np.ascontiguousarray(block[keep])
 
 
-def fill(base: faiss.Index, es: EmbeddingSet, skip: np.ndarray | None = None) -> faiss.Index:
+def fill(
+    base: faiss.Index, es: EmbeddingSet, skip: np.ndarray | None = None, progress: str | None = "index: add"
+) -> faiss.Index:
     """``IndexIDMap2(base)`` with the rows of ``es`` added block by block (never all vectors twice), but those whose
-    image id is in ``skip`` (:func:`blocks_without`)."""
+    image id is in ``skip`` (:func:`blocks_without`); ``progress`` names the progress bar (ETA), None: none."""
     index = faiss.IndexIDMap2(base)
     log.info("index: adding %d vectors of dimension %d", len(es) - (0 if skip is None else len(skip)), es.dim)
-    for ids, block in blocks_without(es, skip):
+    for ids, block in knn.bar(blocks_without(es, skip), progress, total=es.block_count()):
         index.add_with_ids(block, np.ascontiguousarray(ids, dtype=np.int64))
     return index
 

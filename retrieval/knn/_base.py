@@ -108,8 +108,10 @@ def _drop_excluded(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, k: 
 
 
 def bar(steps, desc: str | None, total: int | None = None):
-    """``steps`` under a tqdm progress bar with rate and ETA (stderr) when ``desc`` names the work, else as they are."""
-    if desc is None:
+    """``steps`` under a tqdm progress bar with rate and ETA (stderr) when ``desc`` names the work, else as they are
+    (also when there is one step: nothing to estimate)."""
+    total = len(steps) if total is None and hasattr(steps, "__len__") else total
+    if desc is None or (total is not None and total <= 1):
         return steps
     from tqdm.auto import tqdm
 

@@ -4,7 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8080)      # what `retrieval serve` does
 
 ``POST /search?k=K`` takes images as multipart files (field ``image``, several allowed), as the raw request body,
-or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``), and answers ``{"queries": [{"query",
+or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``), or embeddings made elsewhere as JSON
+``{"vectors": [[...], ...]}`` (the index's dimension, as the index's model makes them: searched as they are), and
+answers ``{"queries": [{"query",
 "results": [{rank, image_id, class_id, super_class_id, path, score}]}]}``. ``GET /healthz`` answers what is
 loaded. Bad input answers 4xx with ``{"detail": "..."}``; the server never dies of a request.
 
@@ -186,6 +188,38 @@ async def read_queries(request: Request, options: ServeOptions) -> tuple[list[Im
     return images, names, _k(10 if k is None else k, options)
 
 
+@dataclass(frozen=True)
+class VectorQuery:
+    array: Any  # N x dim float32
+    k: Any
+
+
+async def read_vectors(request: Request, options: ServeOptions, dim: int) -> VectorQuery | None:
+    """A JSON ``{"vectors": [[...], ...], "k": K}`` request as an N x ``dim`` float32 array; None for other requests."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return None
+    if int(request.headers.get("content-length") or 0) > options.max_bytes:
+        return None  # read_queries answers 413
+    try:
+        body = json.loads(await request.body())  # Starlette keeps the body: read_queries may read it again
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict) or "vectors" not in body:
+        return None
+    import numpy as np
+
+    try:
+        array = np.asarray(body["vectors"], dtype=np.float32)
+    except (TypeError, ValueError):
+        raise HTTPException(422, "vectors: expected a list of lists of numbers") from None
+    if array.ndim != 2 or not len(array) or array.shape[1] != dim or not np.isfinite(array).all():
+        raise HTTPException(
+            422,
+            f"vectors: expected a non-empty list of finite vectors of dimension {dim}, got shape {list(array.shape)}",
+        )
+    return VectorQuery(array, body.get("k", request.query_params.get("k", 10)))
+
+
 # ------------------------------------------------------------------------------------------------ the app
 
 
@@ -195,6 +229,11 @@ def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starl
     batcher = Batcher(searcher, options)
 
     async def search(request: Request) -> JSONResponse:
+        vectors = await read_vectors(request, options, int(searcher.index.info["dim"]))
+        if vectors is not None:  # embeddings made elsewhere: no model, no batching with image queries
+            names, k = [f"vector {i}" for i in range(len(vectors.array))], _k(vectors.k, options)
+            results = await run_in_threadpool(searcher.search_vectors, vectors.array, names, k)
+            return JSONResponse({"k": k, "queries": results})
         images, names, k = await read_queries(request, options)
         try:
             results = await batcher.search(images, names, k)
