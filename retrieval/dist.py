@@ -207,7 +207,7 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with: str | None = None):
+def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with: list[str] | None = None):
     """One Accelerator for training/embedding, whatever the launcher (python, accelerate, torchrun, srun).
 
     - gloo is forced on CPU: accelerate's DeepSpeed path otherwise counts one process (ENV-NOTES) and
@@ -235,7 +235,11 @@ def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with
         gradient_accumulation_steps=grad_accum,
         step_scheduler_with_optimizer=False,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=project_dir, automatic_checkpoint_naming=False),
+        project_config=ProjectConfiguration(  # tensorboard writes under logging_dir/<project>
+            project_dir=project_dir,
+            logging_dir=str(Path(project_dir) / "tensorboard"),
+            automatic_checkpoint_naming=False,
+        ),
         kwargs_handlers=handlers,
     )
 

@@ -24,7 +24,7 @@ from retrieval.losses.global_criterion import GlobalCriterion
 from retrieval.model.files import LOSS_MODULE
 from retrieval.model.network import initial_model, maybe_compile
 from retrieval.run_folder import RunFolder
-from retrieval.train.log import tracker_for
+from retrieval.train.log import trackers_of
 from retrieval.train.optim import build_optimizer
 
 
@@ -50,7 +50,7 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     if not train_samples:
         raise UserError(f"{cfg.data.shards}/stats.json: split {cfg.data.train_split!r} has no samples")
     accelerator = dist.make_accelerator(
-        cfg.train.precision, cfg.optim.grad_accum, str(run.path), tracker_for(cfg.log.wandb)
+        cfg.train.precision, cfg.optim.grad_accum, str(run.path), trackers_of(cfg.log) or None
     )
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
