@@ -4,16 +4,20 @@ Everything else asks here: ``rank()``, ``world_size()``, ``is_main()``, ``barrie
 ``all_gather_cat()``. The getters return single-process defaults when no process group exists,
 so callers never branch on "am I distributed". Launchers (``accelerate launch``, ``torchrun``,
 ``srun`` via ``slurm/train.sbatch``) set the standard variables ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; Slurm-only variables are translated to launcher flags in
-one place, ``slurm/_common.sh`` (only :func:`node_rank` falls back to ``SLURM_NODEID``). The backend follows
-the device: NCCL on CUDA, gloo on CPU.
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; for those scripts Slurm's variables are translated to launcher
+flags in ``slurm/_common.sh``. Under plain ``srun`` with one task per process and no launcher (the DINOv2 /
+OpenCLIP habit: ``srun -n 16 --ntasks-per-node 8 python -m retrieval train ...``), :func:`slurm_world` forms
+the world from the step's variables here (:func:`make_accelerator` adopts it). The backend follows the device:
+NCCL on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -23,7 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as td
 
+from retrieval.errors import UserError
 from retrieval.util import free_port
+
+log = logging.getLogger(__name__)
 
 
 def is_dist() -> bool:
@@ -149,13 +156,29 @@ def uses_deepspeed() -> bool:
     return env("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def resolve_precision(precision: str, cuda: bool) -> str:
-    """``auto``: bf16 on CUDA, fp32 on CPU. The launcher's own value is not consulted: `accelerate launch`
-    exports ``ACCELERATE_MIXED_PRECISION=no`` whenever a profile is silent (and DeepSpeed profiles must be),
-    which would silently train in fp32 on GPUs. Set ``train.precision`` to choose explicitly."""
-    if precision != "auto":
-        return precision
-    return "bf16" if cuda else "no"
+def resolve_precision(precision: str, cuda: bool, setting: str = "train.precision") -> str:
+    """The mixed precision to run with, given ours (``setting`` names it in errors) and the launcher's.
+
+    ``accelerate launch --mixed_precision bf16`` or a profile's ``mixed_precision: bf16`` reach the process as
+    ``ACCELERATE_MIXED_PRECISION``. ``auto`` takes that value; without one, bf16 on CUDA and fp32 on CPU. The
+    launcher exports ``no`` whenever neither its flag nor its profile says anything (and DeepSpeed profiles must be
+    silent), so ``no`` reads as "not set": set ``train.precision=no`` to train in fp32 on a GPU. An explicit
+    setting that differs from a launcher's bf16/fp16 is one clear error, not a silent pick of either."""
+    launcher = (env("ACCELERATE_MIXED_PRECISION") or "no").lower()
+    if precision == "auto":
+        if launcher == "no":
+            return "bf16" if cuda else "no"
+        if launcher not in ("bf16", "fp16"):
+            raise UserError(
+                f"{setting}=auto: the launcher's mixed_precision {launcher!r} is not supported (no, bf16, fp16)"
+            )
+        return launcher
+    if launcher != "no" and launcher != precision:
+        raise UserError(
+            f"{setting}={precision}, but the launcher asks for mixed_precision {launcher} (accelerate launch "
+            f"--mixed_precision or its config file): make them agree, or set {setting}=auto to take the launcher's"
+        )
+    return precision
 
 
 def record_error(message: str) -> None:
@@ -207,9 +230,49 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with: list[str] | None = None):
+def slurm_world() -> dict[str, str]:
+    """The standard variables of a plain ``srun`` step with several tasks and no launcher, from Slurm's; ``{}``
+    when a launcher set ``RANK``/``WORLD_SIZE``, outside a job step, or for one task.
+
+    The step's own ``SLURM_STEP_NUM_TASKS`` sizes the world, not ``SLURM_NTASKS``: a batch script's shell has the
+    allocation's ``SLURM_NTASKS`` too, and a process started there directly would wait for tasks that never come.
+    ``MASTER_ADDR``: the step's first host unless set; ``MASTER_PORT``: unless set, derived from the job and step
+    ids (the same in every task, another for each step)."""
+    tasks = env("SLURM_STEP_NUM_TASKS")
+    if env("RANK") is not None or env("WORLD_SIZE") is not None or tasks is None or int(tasks) < 2:
+        return {}
+    per_node = re.match(r"\d+", env("SLURM_STEP_TASKS_PER_NODE") or tasks)
+    job, step = int(env("SLURM_JOB_ID") or 0), int(env("SLURM_STEP_ID") or 0)
+    return {
+        "RANK": env("SLURM_PROCID") or "0",
+        "WORLD_SIZE": tasks,
+        "LOCAL_RANK": env("SLURM_LOCALID") or "0",
+        "LOCAL_WORLD_SIZE": per_node.group(0) if per_node else tasks,
+        "MASTER_ADDR": env("MASTER_ADDR") or first_host(env("SLURM_STEP_NODELIST") or env("SLURM_NODELIST") or ""),
+        "MASTER_PORT": env("MASTER_PORT") or str(20000 + (job * 97 + step) % 20000),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[07-09,12],cpu1`` -> ``gpu07`` (``scontrol show hostnames``)."""
+    found = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not found:
+        raise UserError(f"SLURM_STEP_NODELIST {nodelist!r}: no host in it; set MASTER_ADDR")
+    prefix, ranges = found.groups()
+    return prefix + (re.split(r"[,-]", ranges)[0] if ranges else "")
+
+
+def make_accelerator(
+    precision: str,
+    grad_accum: int,
+    project_dir: str,
+    log_with: list[str] | None = None,
+    setting: str = "train.precision",
+):
     """One Accelerator for training/embedding, whatever the launcher (python, accelerate, torchrun, srun).
 
+    - plain ``srun`` without a launcher: the world comes from Slurm's variables (:func:`slurm_world`).
+    - ``precision`` (``setting`` names it in errors) meets the launcher's (:func:`resolve_precision`).
     - gloo is forced on CPU: accelerate's DeepSpeed path otherwise counts one process (ENV-NOTES) and
       NCCL cannot run without CUDA.
     - ``step_scheduler_with_optimizer=False``: the trainer steps its per-optimizer-step schedule once per
@@ -221,17 +284,20 @@ def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     exit_with_parent()
-    # Only an explicit CPU request sets cpu=True: with DeepSpeed, accelerate rejects it, and on a CPU-only
-    # host accelerate picks the CPU device by itself.
+    os.environ.update(slurm_world())  # the standard variables accelerate and torch.distributed read
+    # An explicit CPU request sets cpu=True, and so does a multi-process world on a host without CUDA (accelerate
+    # would see one process); not with DeepSpeed, where accelerate rejects it and finds the CPU by itself.
     force_cpu = env("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
+    force_cpu |= not torch.cuda.is_available() and world_size() > 1 and not uses_deepspeed()
     cuda = torch.cuda.is_available() and not force_cpu
+    mixed = resolve_precision(precision, cuda, setting)  # a conflict fails here, before any process group
     handlers = []
     if world_size() > 1:  # a backend in a single process makes accelerate expect a process group
         backend = backend_for("cuda" if cuda else "cpu")
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30)))
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=force_cpu,
-        mixed_precision=resolve_precision(precision, cuda),
+        mixed_precision=mixed,
         gradient_accumulation_steps=grad_accum,
         step_scheduler_with_optimizer=False,
         log_with=log_with,
@@ -242,6 +308,9 @@ def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with
         ),
         kwargs_handlers=handlers,
     )
+    if accelerator.is_main_process:
+        log.info("%d process(es), mixed precision %s", accelerator.num_processes, accelerator.mixed_precision)
+    return accelerator
 
 
 def configure_deepspeed(accelerator, per_rank_batch: int, grad_accum: int, grad_clip: float | None) -> None:

@@ -48,7 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
     old_spelling(p, "--num-workers", "--workers", "workers", type=int)
-    p.add_argument("--precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "no", "bf16", "fp16"),
+        help="auto: the launcher's, else bf16 on CUDA",
+    )
     p.add_argument("--img-size", type=int, help="default: the run's data.img_size or the model's input size")
     p.add_argument("--part-rows", type=int, default=65536, help="rows per part file (a rank holds one part)")
     p.add_argument("--merge", action="store_true", help="merge the parts into one file per column at the end")
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.split not in stats:
         raise UserError(f"{args.shards}/stats.json has no split {args.split!r}; found {sorted(stats)}")
     check_split(args.shards, args.split, stats)  # a missing or truncated shard: one line, before any work
-    acc = dist.make_accelerator(args.precision, 1, args.out)
+    acc = dist.make_accelerator(args.precision, 1, args.out, setting="--precision")
     loaded = load_model(args.model, **model_options(args))
     job = EmbedJob(
         args.shards,
