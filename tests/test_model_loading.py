@@ -93,3 +93,21 @@ def test_embed_index_search_and_export_a_timm_name(weights: Path, synth_shards: 
     a, b = load_model(out).model, load_model(NAME, pretrained_file=weights).model
     with torch.no_grad():
         np.testing.assert_allclose(a(x).numpy(), b(x).numpy(), atol=1e-5)
+
+
+def test_config_yaml_with_pretrained_file_is_its_architecture_zero_shot(tmp_path: Path) -> None:
+    """`--model configs/x.yaml --pretrained-file W`: the config's architecture (model.kwargs, data.img_size) with
+    those weights, no projection (the seed's "pretrained" row of the config the fine-tuned row trains)."""
+    from conftest import TINY, tiny_model, tiny_timm_kwargs
+
+    torch.manual_seed(7)
+    net = timm.create_model(tiny_model()["name"], **tiny_timm_kwargs())
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    loaded = load_model(TINY, pretrained_file=weights)
+    x = _images(loaded.spec.size)
+    with torch.no_grad():
+        got = loaded.model(x).numpy()
+    np.testing.assert_allclose(got, _timm_features(net, x), atol=1e-5, rtol=1e-5)
+    assert loaded.model.embed_dim == net.num_features != 64  # the config's embed_dim projection is not there
+    assert loaded.spec.size == 64 and loaded.provenance["model"] == TINY

@@ -157,7 +157,7 @@ def test_preempted_job_requeues_and_resumes(slurm_env, synth_shards, reference_r
 def test_embed_job(slurm_env, synth_shards, reference_run, tmp_path) -> None:
     """slurm/embed.sbatch: rank-sharded embedding under accelerate launch, then index build and eval."""
     out, log = tmp_path / "emb", tmp_path / "job.out"
-    env = dict(slurm_env, EMBED_ARGS="--num-workers 0 --batch-size 32")
+    env = dict(slurm_env, EMBED_ARGS="--workers 0 --batch-size 32")
     job = _submit(env, log, "embed.sbatch", str(reference_run), str(synth_shards), "test", str(out))
     info = _wait_for_end(env, job)  # polled: sbatch --wait's growing poll interval costs ~15 s here
     assert info["ExitCode"] == "0:0", log.read_text()[-6000:]

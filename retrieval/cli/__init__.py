@@ -16,9 +16,9 @@ imports from here (ARCHITECTURE.md; ``tests/test_layers.py`` checks it).
     retrieval embeddings export runs/tiny/emb-test --format parquet --out exports/emb
     retrieval index build --embeddings runs/tiny/emb-test --out runs/tiny/index
     retrieval search --index runs/tiny/index --image some.jpg --k 10
-    retrieval export runs/tiny --format timm --out exports/tiny-timm
+    retrieval export --model runs/tiny --format timm --out exports/tiny-timm
     retrieval serve --index runs/tiny/index --port 8080
-    retrieval report runs/tiny
+    retrieval report --run-dir runs/tiny
     retrieval demo
     retrieval bench all --quick
 """

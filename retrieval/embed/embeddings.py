@@ -66,7 +66,10 @@ class EmbeddingSet:
 
     @property
     def training(self) -> str:
-        return "untrained" if self.meta.get("untrained") else "finetuned"
+        """The seed table's rows: untrained, pretrained (zero-shot: a timm model's own weights), fine-tuned."""
+        if self.meta.get("untrained"):
+            return "untrained"
+        return "pretrained (zero-shot)" if self.meta.get("zero_shot") else "finetuned"
 
     # ----------------------------------------------------------------------------------- write
     def save(self, folder: str | Path, dtype: str = "float32", vectors: bool = True) -> Path:

@@ -18,8 +18,8 @@ set is never read whole):
               paths.txt: the plain form, read back with ``--embeddings DIR/embeddings.npy --labels
               DIR/labels.npy --ids DIR/ids.npy``
 
-A foreign set has no super classes (``super_labels`` are -1) and no model provenance: an index over it needs
-``--model`` to search with images (or vector queries).
+A foreign set has no super classes (``super_labels`` are -1) and no model provenance: ``search``/``serve`` over
+its index need ``--model`` (the model that made the vectors).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ Forms accepted, wherever a model is taken (``retrieval embed --model``, ``Embedd
 * a timm model name (or ``hf-hub:org/name``) with ``pretrained`` (timm's hub or its cache) or ``pretrained_file``
   (a local ``.safetensors``/``.pth``): zero-shot, the backbone's pooled features (``num_classes=0``), no
   projection, L2-normalised (the seed table's "pretrained" row); with ``untrained``, timm's own random
-  initialisation (seed 0) of that architecture;
+  initialisation (seed 0) of that architecture; a config YAML with ``pretrained``/``pretrained_file``: the same
+  for the config's architecture (``model.kwargs``) at its ``data.img_size``;
 * with ``untrained``: a config YAML or any of the above, rebuilt at its seeded starting weights.
 
 Every loaded model is checked for NaN/inf weights (one check, here): a diverged model embeds every image to
@@ -67,15 +68,19 @@ def load_model(
 
     ``untrained`` rebuilds the architecture at its seeded starting weights (the seed table's "untrained" row).
     The input spec is the one the model was trained with: ``input.json`` beside the weights, else the run's
-    config, else the model's defaults. ``pretrained``/``pretrained_file`` go with a timm model name only.
+    config, else the model's defaults. ``pretrained``/``pretrained_file`` go with a timm model name or a config
+    YAML (zero-shot: the config's architecture, ``model.kwargs`` and input size included, with those weights).
     """
     path = Path(model_path)
     if is_timm_name(model_path):
-        return _load_timm_name(str(model_path), untrained, pretrained, pretrained_file)
+        return _load_timm_name(ModelConfig(name=str(model_path)), None, untrained, pretrained, pretrained_file)
+    if path.suffix in (".yaml", ".yml") and (pretrained or pretrained_file):
+        cfg = load_config(path)
+        return _load_timm_name(cfg.model, cfg.data, False, pretrained, pretrained_file, str(path))
     if pretrained or pretrained_file:
         raise UserError(
-            f"--pretrained/--pretrained-file: {model_path} is not a timm model name (they choose a timm name's "
-            "weights; a run or export folder holds its own)"
+            f"--pretrained/--pretrained-file: {model_path} is not a timm model name or a config YAML (they choose "
+            "an architecture's weights; a run or export folder holds its own)"
         )
     if not untrained and is_timm_export(path):
         return _load_timm_export(path)
@@ -178,8 +183,12 @@ def is_timm_name(model: str | os.PathLike) -> bool:
     return text.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(text)
 
 
-def _load_timm_name(name: str, untrained: bool, pretrained: bool, pretrained_file) -> LoadedModel:
-    """Zero-shot: timm's backbone as it comes (pooled features, no projection, L2-normalised)."""
+def _load_timm_name(
+    arch: ModelConfig, data: DataConfig | None, untrained: bool, pretrained: bool, pretrained_file, source=None
+) -> LoadedModel:
+    """Zero-shot: timm's backbone of ``arch`` (name, kwargs) as it comes (pooled features, no projection,
+    L2-normalised); ``data`` (a config's) sets the input size; ``source`` names the model in the provenance."""
+    name = source or arch.name
     if not (untrained or pretrained or pretrained_file):
         raise UserError(
             f"--model {name}: a timm model name needs its weights: --pretrained (timm's hub or its cache), "
@@ -187,7 +196,8 @@ def _load_timm_name(name: str, untrained: bool, pretrained: bool, pretrained_fil
         )
     weights = None if untrained else (pretrained_file, pretrained)
     cfg = ModelConfig(
-        name=name,
+        name=arch.name,
+        kwargs=dict(arch.kwargs),
         pretrained=bool(weights and pretrained),
         pretrained_file=str(pretrained_file) if weights and pretrained_file else None,
         embed_dim=None,
@@ -203,11 +213,14 @@ def _load_timm_name(name: str, untrained: bool, pretrained: bool, pretrained_fil
         digest = _state_sha256(model)  # hub weights have no file of ours: the tensors identify them
     provenance = {"model": name, "untrained": cfg.pretrained_file is None and not cfg.pretrained, "zero_shot": True}
     provenance.update(pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, model_sha256=digest)
-    return LoadedModel(model, _timm_spec(model), provenance, cfg)
+    return LoadedModel(model, _timm_spec(model, data), provenance, cfg)
 
 
-def _timm_spec(model: EmbeddingModel) -> InputSpec:
-    """timm's own data config of the architecture (its resize filter too, where ours has a choice)."""
+def _timm_spec(model: EmbeddingModel, data: DataConfig | None) -> InputSpec:
+    """A config's data section when given, else timm's own data config (its resize filter too, where ours has a
+    choice)."""
+    if data is not None:
+        return InputSpec.of(model, data)
     dc = model.data_config
     interpolation = dc.get("interpolation") if dc.get("interpolation") in ("bilinear", "bicubic") else "bicubic"
     return InputSpec.of(model, DataConfig(interpolation=interpolation))
