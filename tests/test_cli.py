@@ -86,8 +86,8 @@ def test_a_missing_extra_is_one_line_and_exit_2(hidden, argv, extra, tmp_path: P
 
     EmbeddingSet(__import__("numpy").eye(3, dtype="float32"), [0, 1, 2], [0, 0, 1], [0, 0, 0]).save(tmp_path / "e")
     monkeypatch.chdir(tmp_path)
-    for name in hidden:
-        monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails as if it were not installed
+    for name in [m for m in sys.modules if m.split(".")[0] in hidden] + hidden:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` (and its submodules) fails as if not installed
     for cached in ("retrieval.search.serve", "retrieval.cli.serve"):
         monkeypatch.delitem(sys.modules, cached, raising=False)
     assert main(argv) == 2

@@ -160,7 +160,7 @@ def load_embeddings(embeddings_dir: Path, columns=None) -> EmbeddingSet:
     """Our embeddings folder or another tool's (``columns``: :class:`~retrieval.embed.interop.Columns`)."""
     es = EmbeddingSet.open(embeddings_dir, columns)
     if len(np.unique(es.ids)) != len(es):
-        raise UserError(f"{embeddings_dir}/ids.npy: ids must be unique")
+        raise UserError(f"{embeddings_dir}: image ids must be unique (ids.npy, --ids or the image_id column)")
     return es
 
 
