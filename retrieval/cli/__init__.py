@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(module, argparse.ArgumentParser(prog=f"retrieval {name}", description=help_), rest)
         return int(module.run(args) or 0)
     except ModuleNotFoundError as e:
-        extra = EXTRAS.get((e.name or "").split(".")[0])
-        if extra is None:
+        package = (e.name or "").split(".")[0]
+        if package not in EXTRAS:
             raise
-        return _fail(name, UserError(f"needs the package {e.name!r}: pip install 'retrieval[{extra}]'"))
+        return _fail(name, UserError(f"needs the package {package!r}: pip install 'retrieval[{EXTRAS[package]}]'"))
     except UserError as e:
         return _fail(name, e)
 
