@@ -38,10 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from retrieval import dist, util
-from retrieval.config.io import load_config, to_dict
+from retrieval.config.io import config_yaml, load_config
 from retrieval.config.schema import Config
 from retrieval.errors import UserError
 from retrieval.util import write_atomic
@@ -138,7 +136,7 @@ class RunFolder:
 
     def write_config(self, cfg: Config) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.config_path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_atomic(self.config_path, config_yaml(cfg))
 
     def read_summary(self) -> dict | None:
         if not self.summary_path.is_file():

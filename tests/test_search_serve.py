@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import select
 import socket
@@ -307,3 +308,27 @@ def test_bad_bounds_are_one_line_before_the_model_loads(capsys):
     assert main(["serve", "--index", "/nonexistent", "--max-images", "0", "--body-timeout", "0"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.endswith("expected max_images >= 1 (got 0); body_timeout_s > 0 (got 0.0)")
+
+
+def test_vector_queries_equal_image_queries_of_the_same_embeddings(world: World) -> None:
+    """POST /search {"vectors": [[...]]}: a user's own embeddings search the index as the images they came from."""
+    from starlette.testclient import TestClient
+
+    from retrieval.search.serve import create_app
+
+    searcher = Searcher(world.index)
+    images = [str(p) for p in world.images[:3]]
+    vectors = searcher.embed(images)
+    with TestClient(create_app(searcher, ServeOptions(path_root=str(world.model)))) as client:
+        got = client.post("/search", json={"vectors": vectors.tolist(), "k": 5})
+        assert got.status_code == 200, got.text
+        by_image = client.post("/search", json={"paths": images, "k": 5}).json()["queries"]
+        for vq, iq in zip(got.json()["queries"], by_image, strict=True):
+            assert [h["image_id"] for h in vq["results"]] == [h["image_id"] for h in iq["results"]]
+            assert [h["score"] for h in vq["results"]] == pytest.approx([h["score"] for h in iq["results"]], abs=1e-5)
+        wrong = client.post("/search", json={"vectors": [[0.5, 0.5]]})
+        dim = searcher.index.info["dim"]
+        assert wrong.status_code == 422 and f"dimension {dim}, got shape [1, 2]" in wrong.json()["detail"]
+        assert client.post("/search", json={"vectors": [["a"] * dim]}).status_code == 422
+        nan = json.dumps({"vectors": [[float("nan")] * dim]})  # Python's JSON writes NaN; httpx's json= refuses it
+        assert client.post("/search", content=nan, headers={"Content-Type": "application/json"}).status_code == 422

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from retrieval import dist
+from retrieval import cpus, dist
 from retrieval.errors import UserError
 from retrieval.search.searcher import Searcher
 from retrieval.search.serve import ServeOptions, create_app
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port: expected 1-65535, got {args.port}")
     options = _options(args)
-    dist.use_cpu_share(0, "serve")  # torch threads from the CPUs this process has, not the host's cores
+    cpus.use_cpu_share(0, "serve")  # torch threads from the CPUs this process has, not the host's cores
     searcher = Searcher(args.index, args.model, batch_size=args.max_batch, device=args.device)
     log.info("serving %s (%d images) on http://%s:%d", args.index, searcher.index.index.ntotal, args.host, args.port)
     uvicorn.run(create_app(searcher, options), host=args.host, port=args.port, log_level="warning")

@@ -213,9 +213,15 @@ def to_dict(cfg: Any) -> dict:
     return plain(asdict(cfg))
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, in the schema's field order (what ``save_config`` writes, ``--print-config``
+    prints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def _deepcopy(x: Any) -> Any:

@@ -261,14 +261,23 @@ class EvalConfig:
             raise ConfigError(f"eval.ks: expected positive integers, got {list(self.ks)}")
 
 
+TRACKERS = ("wandb", "tensorboard", "mlflow")
+
+
 @dataclass
 class LogConfig:
-    wandb: str = "offline"  # online | offline | disabled; offline writes into the run folder
-    project: str = "retrieval"  # wandb project
-    entity: str | None = None  # wandb entity (team); None = your default
+    trackers: tuple[str, ...] | None = None  # wandb | tensorboard | mlflow (accelerate's log_with), one or several;
+    # null = wandb unless log.wandb=disabled (the setting before log.trackers, kept for one release)
+    wandb: str = "offline"  # wandb's mode when WANDB_MODE is unset: online | offline | disabled (offline: run folder)
+    project: str | None = None  # project / experiment; null = WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME, else retrieval
+    entity: str | None = None  # wandb entity (team); None = WANDB_ENTITY or your default
 
     def __post_init__(self) -> None:
         _choice("log.wandb", self.wandb, ("online", "offline", "disabled"))
+        for name in self.trackers or ():
+            _choice("log.trackers", name, TRACKERS)
+        if self.trackers is not None and len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"log.trackers: each tracker once, got {list(self.trackers)}")
 
 
 @dataclass

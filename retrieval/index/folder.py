@@ -136,12 +136,14 @@ def blocks_without(es: EmbeddingSet, skip: np.ndarray | None = None):
         yield ids[keep], np.ascontiguousarray(block[keep])
 
 
-def fill(base: faiss.Index, es: EmbeddingSet, skip: np.ndarray | None = None) -> faiss.Index:
+def fill(
+    base: faiss.Index, es: EmbeddingSet, skip: np.ndarray | None = None, progress: str | None = "index: add"
+) -> faiss.Index:
     """``IndexIDMap2(base)`` with the rows of ``es`` added block by block (never all vectors twice), but those whose
-    image id is in ``skip`` (:func:`blocks_without`)."""
+    image id is in ``skip`` (:func:`blocks_without`); ``progress`` names the progress bar (ETA), None: none."""
     index = faiss.IndexIDMap2(base)
     log.info("index: adding %d vectors of dimension %d", len(es) - (0 if skip is None else len(skip)), es.dim)
-    for ids, block in blocks_without(es, skip):
+    for ids, block in knn.bar(blocks_without(es, skip), progress, total=es.block_count()):
         index.add_with_ids(block, np.ascontiguousarray(ids, dtype=np.int64))
     return index
 
@@ -164,22 +166,25 @@ def default_params(factory: str) -> dict[str, int]:
     return params
 
 
-def load_embeddings(embeddings_dir: Path) -> EmbeddingSet:
-    es = EmbeddingSet.load(embeddings_dir)
+def load_embeddings(embeddings_dir: Path, columns=None) -> EmbeddingSet:
+    """Our embeddings folder or another tool's (``columns``: :class:`~retrieval.embed.interop.Columns`)."""
+    es = EmbeddingSet.open(embeddings_dir, columns)
     if len(np.unique(es.ids)) != len(es):
-        raise UserError(f"{embeddings_dir}/ids.npy: ids must be unique")
+        raise UserError(f"{embeddings_dir}: image ids must be unique (ids.npy, --ids or the image_id column)")
     return es
 
 
 @contextlib.contextmanager
-def building(out: Path, embeddings_dir: Path) -> Iterator[tuple[Path, EmbeddingSet]]:
+def building(out: Path, embeddings_dir: Path, columns=None) -> Iterator[tuple[Path, EmbeddingSet]]:
     """The whole build of the index folder ``out`` from ``embeddings_dir``: ``out``'s lock (checked before any work),
-    the embeddings held against a re-embed while they are read, and a stage folder to write into, which replaces
-    ``out`` in one rename when the block completes (removed if it fails). Yields (stage, embeddings)."""
+    the embeddings held against a re-embed while they are read (our sets; another tool's are read as they are), and
+    a stage folder to write into, which replaces ``out`` in one rename when the block completes (removed if it
+    fails). Yields (stage, embeddings)."""
     _check_out(out, embeddings_dir)
+    held = EmbeddingSet.reading(embeddings_dir) if EmbeddingSet.is_folder(embeddings_dir) else contextlib.nullcontext()
     try:
-        with util.new_version(out) as stage, EmbeddingSet.reading(embeddings_dir):
-            yield stage, load_embeddings(embeddings_dir)
+        with util.new_version(out) as stage, held:
+            yield stage, load_embeddings(embeddings_dir, columns)
     except util.Busy as e:
         raise UserError(
             f"{out} is being written by another `retrieval index build` (pid {e.holder}): one build per folder; "
@@ -234,9 +239,10 @@ def build_folder(
     gpu: str = "auto",
     shard: bool = False,
     train_sample: int = 100_000,
+    columns=None,
 ) -> dict[str, Any]:
     """Build and save ``index.faiss`` + ``index.json`` with the catalogue columns; returns index.json's content."""
-    with building(out, embeddings_dir) as (stage, es):
+    with building(out, embeddings_dir, columns) as (stage, es):
         gpus = parse_gpus(gpu)
         t0 = time.perf_counter()
         index = build_index(es, factory, train_sample, gpus)

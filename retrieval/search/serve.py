@@ -4,11 +4,13 @@
     uvicorn.run(app, host="127.0.0.1", port=8080)      # what `retrieval serve` does
 
 ``POST /search?k=K`` takes images as multipart files (field ``image``, several allowed), as the raw request body,
-or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``; only with ``path_root``), and answers
-``{"queries": [{"query", "results": [{rank, image_id, class_id, super_class_id, path, score}]}]}``. ``GET /healthz``
-answers what is loaded. Bad input answers 4xx with ``{"detail": "..."}``; the server never dies of a request.
-Every request is bounded (body bytes and time, images, pixels, JSON, paths: :mod:`retrieval.search.serve_request`)
-and, with ``token``, must carry ``Authorization: Bearer <token>`` (401 otherwise).
+or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``; only with ``path_root``), or embeddings made
+elsewhere as JSON ``{"vectors": [[...], ...]}`` (the index's dimension, as the index's model makes them: searched as
+they are), and answers ``{"queries": [{"query", "results": [{rank, image_id, class_id, super_class_id, path,
+score}]}]}``. ``GET /healthz`` answers what is loaded. Bad input answers 4xx with ``{"detail": "..."}``; the server
+never dies of a request. Every request is bounded (body bytes and time, images, pixels, JSON, paths:
+:mod:`retrieval.search.serve_request`) and, with ``token``, must carry ``Authorization: Bearer <token>`` (401
+otherwise).
 
 Batching: requests are decoded in worker threads (``decoders`` at a time) into model inputs, then queued; one
 worker takes what has queued up within ``max_wait_ms`` of the first waiting request, up to ``max_batch`` images,
@@ -26,6 +28,8 @@ import hmac
 import logging
 import os
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -127,10 +131,6 @@ def _k(value, options: ServeOptions) -> int:
 async def _blobs(request: Request, options: ServeOptions, limiter) -> tuple[list[bytes], list[str], object]:
     """The request's encoded images, their names and the k its body asks for (None: the query string's)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind == "application/json":
-        paths, k = rq.json_paths(await rq.read_body(request, options, options.max_json_bytes), options)
-        blobs = [await anyio.to_thread.run_sync(rq.read_path, p, options, limiter=limiter) for p in paths]
-        return blobs, paths, k
     body = await rq.read_body(request, options)
     if kind == "multipart/form-data":
         return (*await rq.form_files(request, body, options), None)
@@ -139,12 +139,51 @@ async def _blobs(request: Request, options: ServeOptions, limiter) -> tuple[list
     return [body], ["body"], None
 
 
-async def read_queries(request: Request, options: ServeOptions, searcher: Searcher, limiter) -> Query:
-    """The request's images as model inputs, their names and k, or an HTTPException saying what was expected."""
-    blobs, names, k = await _blobs(request, options, limiter)
+async def read_queries(request: Request, options: ServeOptions, searcher: Searcher, limiter) -> Query | VectorQuery:
+    """The request's images as model inputs, their names and k (or, for ``{"vectors": ...}``, the vectors), or an
+    HTTPException saying what was expected."""
+    k = request.query_params.get("k", 10)
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+        body = await rq.read_body(request, options)  # vectors may be long: the body limit, then JSON's below
+        query = rq.parse_json(body)
+        if isinstance(query, dict) and "vectors" in query:
+            return read_vectors(query, options, int(searcher.index.info["dim"]), k)
+        if len(body) > options.max_json_bytes:
+            raise HTTPException(413, f"JSON body: over {options.max_json_bytes} bytes")
+        paths, asked = rq.json_paths(query, options)
+        blobs = [await anyio.to_thread.run_sync(rq.read_path, p, options, limiter=limiter) for p in paths]
+        names = paths
+    else:
+        blobs, names, asked = await _blobs(request, options, limiter)
     embedder = searcher.embedder
     inputs = await rq.prepare_all(blobs, names, embedder.spec, embedder.prepare, options, limiter)
-    return Query(inputs, names, _k(k if k is not None else request.query_params.get("k", 10), options))
+    return Query(inputs, names, _k(asked if asked is not None else k, options))
+
+
+@dataclass(frozen=True)
+class VectorQuery:
+    array: Any  # N x dim float32
+    k: int
+
+
+def read_vectors(query: dict, options: ServeOptions, dim: int, k: Any) -> VectorQuery:
+    """A JSON ``{"vectors": [[...], ...], "k": K}`` query as an N x ``dim`` float32 array (at most ``max_images``)."""
+    import numpy as np
+
+    try:
+        array = np.asarray(query["vectors"], dtype=np.float32)
+    except (TypeError, ValueError):
+        raise HTTPException(422, "vectors: expected a list of lists of numbers") from None
+    if array.ndim != 2 or not len(array) or array.shape[1] != dim or not np.isfinite(array).all():
+        raise HTTPException(
+            422,
+            f"vectors: expected a non-empty list of finite vectors of dimension {dim}, got shape {list(array.shape)}",
+        )
+    if len(array) > options.max_images:
+        raise HTTPException(
+            413, f"{len(array)} vectors in one request; the limit is {options.max_images} (--max-images)"
+        )
+    return VectorQuery(array, _k(query.get("k", k), options))
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -174,6 +213,10 @@ def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starl
 
     async def search(request: Request) -> JSONResponse:
         query = await read_queries(request, options, searcher, limits["decoders"])
+        if isinstance(query, VectorQuery):  # embeddings made elsewhere: no model, no batching with image queries
+            names = [f"vector {i}" for i in range(len(query.array))]
+            results = await anyio.to_thread.run_sync(searcher.search_vectors, query.array, names, query.k)
+            return JSONResponse({"k": query.k, "queries": results})
         try:
             results = await batcher.search(query.inputs, query.names, query.k)
         except UserError as e:

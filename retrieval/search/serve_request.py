@@ -4,7 +4,8 @@ Every bound is checked before the work it protects, and each answers 4xx with ``
 
 * the body: at most ``max_bytes``, counted while it is read (a chunked body without ``Content-Length`` too: 413)
   and received within ``body_timeout_s`` (a client that stalls after its headers: 408);
-* a JSON body: at most ``max_json_bytes`` (413), nested at most as deep as Python's parser allows (400);
+* a JSON body: at most ``max_json_bytes`` (413; ``{"vectors": ...}``: ``max_bytes`` and ``max_images`` vectors), nested at
+  most as deep as Python's parser allows (400);
 * images per request: at most ``max_images`` (413; the batcher then embeds them ``max_batch`` at a time);
 * pixels, read from each image's header before it is decoded: ``max_pixels`` per image and
   ``max_request_pixels`` per request, and the image as the model's resize would make it (a 1 x 100000 strip
@@ -51,7 +52,7 @@ class ServeOptions:
     max_wait_ms: float = 5.0  # how long the first queued request waits for company
     max_k: int = 1000
     max_bytes: int = 20 * 2**20  # per request body, counted while reading
-    max_json_bytes: int = 2**20  # a JSON body (paths and k)
+    max_json_bytes: int = 2**20  # a JSON body of paths (and k); vectors are bounded by max_bytes and max_images
     max_images: int = 64  # per request
     max_pixels: int = 4096 * 4096  # per image (width x height read from its header, after JPEG draft)
     max_request_pixels: int = 4 * 4096 * 4096  # summed over a request's images
@@ -196,16 +197,20 @@ async def prepare_all(
 # ------------------------------------------------------------------------------------------------ bodies
 
 
-def json_paths(body: bytes, options: ServeOptions) -> tuple[list[str], Any]:
-    """``(paths, k)`` of a JSON body, or a 4xx saying what was expected."""
+def parse_json(body: bytes) -> Any:
+    """A JSON body parsed, or a 400 (nesting beyond Python's parser depth included)."""
     try:
-        query = json.loads(body)
+        return json.loads(body)
     except RecursionError:
         raise HTTPException(400, 'JSON body: nested too deeply (expected {"path": ...} or {"paths": [...]})') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPException(400, f"JSON body: not valid JSON ({e})") from None
+
+
+def json_paths(query: Any, options: ServeOptions) -> tuple[list[str], Any]:
+    """``(paths, k)`` of a parsed JSON body, or a 4xx saying what was expected."""
     if not isinstance(query, dict) or not ("path" in query or "paths" in query):
-        raise HTTPException(422, 'JSON body: expected {"path": "..."} or {"paths": ["...", ...]}')
+        raise HTTPException(422, 'JSON body: expected {"path": "..."}, {"paths": ["...", ...]} or {"vectors": [[...]]}')
     paths = [query["path"]] if "path" in query else query["paths"]
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise HTTPException(422, "JSON body: 'path' must be a string, 'paths' a non-empty list of strings")

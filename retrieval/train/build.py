@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from retrieval import dist, losses
+from retrieval import cpus, dist, losses
 from retrieval.config.schema import Config, Derived, derived
 from retrieval.data.check import check_split
 from retrieval.data.input_spec import InputSpec
@@ -25,7 +25,7 @@ from retrieval.model.files import LOSS_MODULE
 from retrieval.model.network import initial_model, maybe_compile
 from retrieval.run_folder import RunFolder
 from retrieval.train.checkpoint import TensorStates
-from retrieval.train.log import tracker_for
+from retrieval.train.log import trackers_of
 from retrieval.train.optim import build_optimizer
 
 
@@ -53,9 +53,9 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     if not train_samples:
         raise UserError(f"{cfg.data.shards}/stats.json: split {cfg.data.train_split!r} has no samples")
     accelerator = dist.make_accelerator(
-        cfg.train.precision, cfg.optim.grad_accum, str(run.path), tracker_for(cfg.log.wandb)
+        cfg.train.precision, cfg.optim.grad_accum, str(run.path), trackers_of(cfg.log) or None
     )
-    dist.use_cpu_share(cfg.data.num_workers, "train")  # threads beside the workers: the loader's are set, not sized
+    cpus.use_cpu_share(cfg.data.num_workers, "train")  # threads beside the workers: the loader's are set, not sized
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     d = derived(cfg, accelerator.num_processes, train_samples)
