@@ -45,7 +45,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("retrieval.cli.launch", "run a command on N processes (accelerate launch), its one-line error last"),
     "embed": ("retrieval.cli.embed", "embed a split rank-sharded and merge the parts"),
     "eval": ("retrieval.cli.eval", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),
-    "index": ("retrieval.cli.index", "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings"),
+    "index": (
+        "retrieval.cli.index",
+        "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings; add, remove rows",
+    ),
     "search": ("retrieval.cli.search", "image-to-image search against a built index"),
     "export": ("retrieval.cli.export", "the trained model as a timm hub folder or ONNX"),
     "serve": ("retrieval.cli.serve", "HTTP JSON search service over an index (model and index loaded once)"),

@@ -41,11 +41,13 @@ import numpy as np
 from retrieval import knn, util
 from retrieval.embed.embeddings import EmbeddingSet
 from retrieval.errors import UserError
+from retrieval.index import versions
 from retrieval.util import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE, INFO_FILE = "index.faiss", "index.json"
+INDEX_FILE, INFO_FILE = "index.faiss", versions.INFO_FILE
+LIVE_IDS = faiss.IDSelectorRange(0, 2**63 - 1)  # image ids are >= 0; a removed row of an IVF or HNSW has id < -1
 SEARCH_FILE = "search-queries.json"  # the summary of the last `retrieval search --queries` against the index
 
 
@@ -94,6 +96,17 @@ def set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | N
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     if isinstance(inner, faiss.IndexHNSW) and ef_search:
         inner.hnsw.efSearch = ef_search
+
+
+def live_params(index: faiss.Index) -> faiss.SearchParameters:
+    """Search parameters that skip removed rows (:data:`LIVE_IDS`) and keep the index's nprobe / efSearch."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=LIVE_IDS, nprobe=ivf.nprobe)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=LIVE_IDS, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=LIVE_IDS)
 
 
 def make_base(d: int, factory: str) -> faiss.Index:
@@ -201,9 +214,13 @@ def _check_out(out: Path, embeddings_dir: Path) -> None:
         )
 
 
-def save_folder(stage: Path, index: faiss.Index, es: EmbeddingSet, info: dict[str, Any], out: Path) -> dict[str, Any]:
+def save_folder(
+    stage: Path, index: faiss.Index, es: EmbeddingSet, info: dict[str, Any], out: Path, change: dict | None = None
+) -> dict[str, Any]:
     """``index.faiss``, the catalogue columns and ``index.json`` (with provenance added to ``info``) into the stage
-    folder of ``out`` (:func:`building`); the three carry one build id that :meth:`IndexFolder.load` checks."""
+    folder of ``out`` (:func:`building`); the three carry one build id that :meth:`IndexFolder.load` checks.
+    ``index.json`` is the next version of ``out`` (:mod:`retrieval.index.versions`): ``change`` says what this
+    version did (default: a build from ``info["embeddings"]``)."""
     build_id = uuid.uuid4().hex
     with atomic_path(stage / INDEX_FILE) as tmp:
         faiss.write_index(index, str(tmp))
@@ -213,8 +230,8 @@ def save_folder(stage: Path, index: faiss.Index, es: EmbeddingSet, info: dict[st
     info = {
         "dim": es.dim,
         "metric": "inner_product",
-        "count": int(index.ntotal),
-        **info,
+        "count": int(index.ntotal) - int(info.get("tombstones", 0)),  # live rows (HNSW keeps removed ones filtered)
+        **{k: v for k, v in info.items() if k not in ("count", "version", "versions")},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": es.meta.get("model"),
         "untrained": bool(es.meta.get("untrained")),
@@ -222,8 +239,12 @@ def save_folder(stage: Path, index: faiss.Index, es: EmbeddingSet, info: dict[st
         "faiss_version": faiss.__version__,
         "build_id": build_id,
     }
+    change = change or {"change": "build", "factory": info.get("factory"), "embeddings": info.get("embeddings")}
+    info = versions.append_version(info, versions.previous_versions(out), change)
     write_atomic(stage / INFO_FILE, json.dumps(info, indent=1) + "\n")
-    log.info("index: %s over %d x %d written to %s", info["factory"], len(es), es.dim, out)
+    log.info(
+        "index: %s over %d x %d written to %s (version %d)", info["factory"], len(es), es.dim, out, info["version"]
+    )
     return info
 
 
@@ -281,11 +302,13 @@ def read_checked(folder: Path) -> tuple[faiss.Index, dict[str, Any], EmbeddingSe
     where = folder / INFO_FILE
     if index.d != info["dim"]:
         raise UserError(f"{where}: dim {info['dim']}, but {INDEX_FILE} holds vectors of dimension {index.d}")
-    if index.ntotal != info["count"]:
-        raise UserError(f"{where}: count {info['count']}, but {INDEX_FILE} holds {index.ntotal} vectors")
-    if len(catalogue) != index.ntotal:
+    dead = int(info.get("tombstones", 0))  # removed rows an HNSW graph keeps, filtered at search time
+    if index.ntotal != info["count"] + dead:
+        extra = f" + {dead} removed" if dead else ""
+        raise UserError(f"{where}: count {info['count']}{extra}, but {INDEX_FILE} holds {index.ntotal} vectors")
+    if len(catalogue) != info["count"]:
         raise UserError(
-            f"{folder}: the catalogue columns (ids.npy ...) hold {len(catalogue)} rows, {INDEX_FILE} {index.ntotal}: "
+            f"{folder}: the catalogue columns (ids.npy ...) hold {len(catalogue)} rows, {INDEX_FILE} {info['count']}: "
             "parts of different builds; rebuild the index"
         )
     for key in ("build_id", "model_sha256"):  # absent in folders of older builds: nothing to compare
@@ -360,6 +383,8 @@ class IndexFolder:
             raise UserError(f"queries have dimension {q.shape[1]}, the index in {self.path} has {self.info['dim']}")
         if not np.isfinite(q).all():
             raise UserError("queries contain NaN or inf: the model that embedded them is broken")
+        if self.info.get("tombstones"):  # removed rows an IVF or HNSW still holds carry negative ids: never returned
+            return self.index.search(q, k, params=live_params(self.index))
         return self.index.search(q, k)
 
     def rows(self, image_ids: np.ndarray) -> np.ndarray:
