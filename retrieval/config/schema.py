@@ -54,6 +54,8 @@ class DataConfig:
     allow_incomplete: bool = False  # train/validate although shards are missing or differ from stats.json (warns)
     max_skipped_fraction: float = 0.01  # stop when more of the samples read than this were undecodable/incomplete
     label_key: str | None = None  # cls | txt | json:FIELD (e.g. json:product_id); None = the index's, else cls
+    hard_negatives: str | None = None  # class pairs users judged "not the same" (`retrieval feedback export`): a
+    # P x K batch holding one holds the other when the worker's class pool has it (retrieval.data.negatives)
 
     def __post_init__(self) -> None:
         if self.label_key is not None and not (

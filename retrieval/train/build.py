@@ -27,6 +27,7 @@ from retrieval.config.schema import Config, Derived, derived
 from retrieval.data.check import check_split
 from retrieval.data.input_spec import InputSpec
 from retrieval.data.loader import read_stats
+from retrieval.data.negatives import count_pairs, read_pairs
 from retrieval.errors import UserError
 from retrieval.losses.global_criterion import GlobalCriterion
 from retrieval.model.files import LOSS_MODULE
@@ -57,6 +58,9 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     stats = read_stats(cfg.data.shards)  # bad input fails here, before any process group or GPU work
     for split in (cfg.data.train_split, *([cfg.data.val_split] if cfg.train.eval_every else [])):
         check_split(cfg.data.shards, split, stats, cfg.data.allow_incomplete)
+    if cfg.data.hard_negatives:  # a bad file fails here, not in a loader worker
+        pairs = count_pairs(read_pairs(cfg.data.hard_negatives))
+        log.info("data: %d hard-negative class pairs from %s forced into batches", pairs, cfg.data.hard_negatives)
     train_samples = int(stats.get(cfg.data.train_split, {}).get("samples", 0))
     if not train_samples:
         raise UserError(f"{cfg.data.shards}/stats.json: split {cfg.data.train_split!r} has no samples")
