@@ -42,6 +42,8 @@ class DataConfig:
     steps_per_epoch: int | None = None  # per-rank batches per epoch; None = train samples // global batch
     num_workers: int = 4  # DataLoader workers per rank (shards are split across them)
     eval_batch_size: int = 128  # images per batch when embedding val/test
+    val_cache_mb: int = 512  # per rank: keep the val split's prepared images between validations when they fit
+    # (validations then run the model only); 0 = decode them at every validation
     img_size: int | None = None  # None = the model's pretrained input size
     scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range
     hflip: float = 0.5  # horizontal flip probability (train)
@@ -68,6 +70,7 @@ class DataConfig:
         _positive("data.steps_per_epoch", self.steps_per_epoch)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.eval_batch_size", self.eval_batch_size)
+        _positive("data.val_cache_mb", self.val_cache_mb, allow_zero=True)
         _positive("data.img_size", self.img_size)
         _choice("data.small_class", self.small_class, ("repeat", "drop"))
         _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))

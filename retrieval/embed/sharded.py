@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,16 +92,20 @@ def embed_split(
     mixed_precision: str = "no",
     writer: PartWriter | None = None,
     label_key: str | None = None,
+    batches: Iterable[dict] | None = None,
 ) -> EmbeddingSet:
     """This rank's share of ``split`` (its ``meta`` holds ``skipped``, ``seconds``, ``count``).
 
     With ``writer`` (:meth:`EmbeddingSet.writer`) the rows go to parts on disk as they come and the returned set
     holds no rows (only its ``meta``): memory stays one part whatever the split's size. Without, they are
     gathered in memory (validation during training). Rank 0 shows a progress bar in images; its total is the
-    split's size (stats.json) over the ranks.
+    split's size (stats.json) over the ranks. ``batches``: this rank's batches of the split, already prepared (the
+    trainer's validation keeps them between validations); default: read from the shards.
     """
     world = dist.world_size()
-    loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), world), label_key)
+    loader = batches
+    if loader is None:
+        loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), world), label_key)
     total = -(-int(split_entry(shards, split).get("samples", 0)) // world) or None
     dim = int(getattr(model, "embed_dim", 0))
     out: dict[str, list] = {k: [] for k in ("embeddings", *COLUMNS)}

@@ -13,6 +13,7 @@ uploads them all into the same run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -68,6 +69,38 @@ class MetricsLog:
         self.run.append_metrics(record)
         numeric = {f"{record['kind']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
         self.accelerator.log(numeric, step=record.get("step"))
+
+
+class StageClock:
+    """Seconds spent in the run's extra work (validation, checkpoint, export) beside the invocation's wall time: the
+    summary shows each as a share of the run, so an overhead that dominates a small run is visible."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def shares(self) -> dict[str, float]:
+        """``wall_s``, and per stage its seconds and share of the wall time; training is the rest."""
+        wall = max(time.perf_counter() - self.start, 1e-9)
+        out = {"wall_s": round(wall, 2)}
+        for stage, seconds in sorted(self.seconds.items()):
+            out[f"{stage}_s"], out[f"{stage}_share"] = round(seconds, 2), round(seconds / wall, 4)
+        out["train_share"] = round(1 - sum(self.seconds.values()) / wall, 4)
+        return out
+
+
+def costs_line(costs: dict[str, float]) -> str:
+    """One log line: where this invocation's time went."""
+    parts = [f"{k.removesuffix('_share')} {100 * v:.1f} %" for k, v in costs.items() if k.endswith("_share")]
+    return f"time: {costs['wall_s']:.1f} s, " + ", ".join(parts)
 
 
 class Throughput:

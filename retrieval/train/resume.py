@@ -56,6 +56,7 @@ MAY_CHANGE = (
     "train.deterministic",
     "data.num_workers",
     "data.eval_batch_size",
+    "data.val_cache_mb",
     "model.compile",
     "model.grad_checkpointing",
     "model.channels_last",

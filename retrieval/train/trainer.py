@@ -23,9 +23,7 @@ from retrieval import dist
 from retrieval.config.io import to_dict
 from retrieval.config.schema import Config
 from retrieval.data.loader import EpochSpan, Reader, train_loader
-from retrieval.embed.sharded import embed_split, gather_embeddings
 from retrieval.errors import UserError
-from retrieval.metrics import retrieval_metrics
 from retrieval.model.files import export_model
 from retrieval.run_folder import RunFolder, TrainerState
 from retrieval.train import log as runlog
@@ -35,8 +33,9 @@ from retrieval.train.ema import RunWeights
 from retrieval.train.guard import FiniteGuard, param_checksum
 from retrieval.train.optim import seek_schedule
 from retrieval.train.resume import fault_point, open_run
-from retrieval.train.skips import SkipTally, check_skipped
+from retrieval.train.skips import SkipTally
 from retrieval.train.stop import StopFlag
+from retrieval.train.validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,9 @@ class Trainer:
     """Everything one training run holds: the prepared model, loss, optimizer and schedule, the input spec, the
     batch arithmetic (``derived``), the resumable ``state``, the run folder, the metrics log and the stop flag."""
 
-    def __init__(self, cfg: Config, run: RunFolder, parts: TrainParts, stop: StopFlag) -> None:
+    def __init__(
+        self, cfg: Config, run: RunFolder, parts: TrainParts, stop: StopFlag, clock: runlog.StageClock | None = None
+    ) -> None:
         self.cfg, self.run, self.stop = cfg, run, stop
         self.accelerator, self.model, self.criterion = parts.accelerator, parts.model, parts.criterion
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
@@ -67,12 +68,16 @@ class Trainer:
         self.mlog = runlog.MetricsLog(self.accelerator, run)
         self.guard = FiniteGuard(self.accelerator.device)
         self.skips = SkipTally(cfg.data.max_skipped_fraction, cfg.data.shards)
-        self.last_val = None  # the last validation's embeddings (rank 0): the run's wandb failure gallery
+        self.validation = Validation(cfg, self.accelerator, self.spec, self.mlog)
+        self.clock = clock or runlog.StageClock()  # start-up, validation, checkpoint, export: their share of the run
 
     @classmethod
     def create(cls, cfg: Config, run: RunFolder, stop: StopFlag) -> Trainer:
         """Check the shards, build the accelerator, model, optimizer and schedule, and prepare them."""
-        return cls(cfg, run, prepare(cfg, run), stop)
+        clock = runlog.StageClock()
+        with clock("startup"):
+            parts = prepare(cfg, run)
+        return cls(cfg, run, parts, stop, clock)
 
     # ------------------------------------------------------------------------------------------ the run
 
@@ -85,7 +90,7 @@ class Trainer:
         finally:
             self.run.unlock()
         runlog.log_run_end(
-            self.accelerator, self.run, summary, self.last_val, self.cfg.data.shards, self.cfg.data.val_split
+            self.accelerator, self.run, summary, self.validation.last, self.cfg.data.shards, self.cfg.data.val_split
         )
         self.accelerator.end_training()
         return summary
@@ -267,7 +272,8 @@ class Trainer:
     def _checkpoint(self) -> Path:
         self._check_finite("a checkpoint", weights=True)
         needed = (2 + len(self.weights.all())) * self._weight_bytes() + 2**20  # weights (+ EMA), AdamW's 2 moments
-        ckpt = self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints, needed)
+        with self.clock("checkpoint"):
+            ckpt = self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints, needed)
         fault_point("after_checkpoint")
         return ckpt
 
@@ -275,70 +281,11 @@ class Trainer:
 
     def _validate(self) -> bool:
         """Embed the val split rank-sharded, score it on rank 0; returns True (on every rank) if it improved."""
-        cfg, acc, state = self.cfg, self.accelerator, self.state
-        if acc.is_main_process:
-            log.info(
-                "validation at step %d: embedding split %r on %d process(es)",
-                *(state.global_step, cfg.data.val_split, acc.num_processes),
-            )
         self._check_finite("validation", weights=True)
-        local = embed_split(
-            self.weights.module(),
-            cfg.data.shards,
-            cfg.data.val_split,
-            self.spec,
-            cfg.data.eval_batch_size,
-            cfg.data.num_workers,
-            acc.device,
-            acc.mixed_precision,
-            label_key=cfg.data.label_key,  # data-sources change (issue 14)
-        )
-        merged = gather_embeddings(local)
-        skipped = int(sum(dist.all_gather_object(int(local.meta["skipped"]))))
-        check_skipped(
-            skipped,
-            skipped + int(dist.all_reduce_sum(torch.tensor(len(local))).item()),
-            cfg.data.max_skipped_fraction,
-            f"{cfg.data.val_split} samples",
-        )
-        improved = False
-        if acc.is_main_process:
-            metrics = retrieval_metrics(
-                merged.embeddings,
-                merged.labels,
-                ks=tuple(cfg.eval.ks),
-                backend=cfg.eval.backend,
-                chunk=cfg.eval.chunk,
-                dtype=cfg.eval.dtype,
-            )
-            improved = self._select({**metrics, "skipped": skipped})
-            self.last_val = merged
-        keys = ("best_metric", "best_step", "evals_since_best", "last_metric", "last_step", "val_queries")
-        improved, shared = dist.broadcast_object((improved, {k: getattr(state, k) for k in keys}))
-        for key, value in shared.items():  # every rank decides alike what comes next (selection, a stop's validation)
-            setattr(state, key, value)
+        with self.clock("validation"):
+            improved = self.validation.run(self.weights.module(), self.state)
         self.model.train()
         return improved
-
-    def _select(self, metrics: dict) -> bool:
-        """Log a val record and update the best metric (main process); True if it improved."""
-        state, train = self.state, self.cfg.train
-        name = select.scored_metric(train, tuple(self.cfg.eval.ks))
-        record = {
-            "kind": "val",
-            "step": state.global_step,
-            "epoch": state.epoch,
-            "samples": state.samples_seen,
-            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        }
-        self.mlog.write(record)
-        log.info(runlog.console(record))
-        if name not in metrics:
-            raise UserError(f"train.select_metric: {name!r} is not a metric; known: {sorted(metrics)}")
-        value, queries = float(metrics[name]), int(metrics.get("num_queries", 0))
-        if state.last_step is None:  # the run's first validation: is the split large enough to select with?
-            select.warn_if_noisy(name, value, queries, train)
-        return state.record_eval(value, queries, select_last=train.select_metric == select.LAST)
 
     def _mark_best(self, ckpt: Path) -> None:
         """Export, then point ``best`` at the checkpoint: the pointer is the sign that the export is complete."""
@@ -358,15 +305,16 @@ class Trainer:
         """Write model.safetensors + model.yaml (loadable without DeepSpeed); collective for ZeRO gathers."""
         acc = self.accelerator
         self._check_finite(f"the {which} export", weights=True)
-        state_dict = self.weights.state_dict()  # consolidates DeepSpeed shards where needed
-        if acc.is_main_process:
-            folder, needed = self.run.model_dir(which), self._weight_bytes() + 2**20
-            problem = self.run.space_problem(folder, needed)
-            if problem:
-                raise UserError(problem)
-            with self.run.writing(folder, needed):
-                export_model(self.weights.module(), self.cfg.model, folder, state_dict, self.spec)
-        acc.wait_for_everyone()
+        with self.clock("export"):
+            state_dict = self.weights.state_dict()  # consolidates DeepSpeed shards where needed
+            if acc.is_main_process:
+                folder, needed = self.run.model_dir(which), self._weight_bytes() + 2**20
+                problem = self.run.space_problem(folder, needed)
+                if problem:
+                    raise UserError(problem)
+                with self.run.writing(folder, needed):
+                    export_model(self.weights.module(), self.cfg.model, folder, state_dict, self.spec)
+            acc.wait_for_everyone()
 
     def _finish(self, preempted: bool) -> dict:
         acc, state = self.accelerator, self.state
@@ -385,7 +333,9 @@ class Trainer:
             self._export("final")
             if state.best_step is None:  # no validation ran: the final weights are the model
                 self._export("best")
+        summary["costs"] = self.clock.shares()
         if acc.is_main_process:
+            log.info(runlog.costs_line(summary["costs"]))
             if preempted:
                 self.run.mark_preempted(state.global_step)
             self.run.write_summary(summary)
