@@ -132,5 +132,6 @@ def test_batcher_groups_concurrent_queries(world: World) -> None:
     answers, batches = asyncio.run(main())
     assert batches == 1
     expected = searcher.search(images, 5)
-    for i, (answer, want) in enumerate(zip(answers, expected, strict=True)):
+    for i, ((answer, version), want) in enumerate(zip(answers, expected, strict=True)):
         assert answer[0]["query"] == f"q{i}" and answer[0]["results"] == want["results"][: i + 1]
+        assert version == {"version": 1, "build_id": searcher.index.info["build_id"], "count": len(world.images)}

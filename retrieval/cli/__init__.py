@@ -17,6 +17,7 @@ imports from here (ARCHITECTURE.md; ``tests/test_layers.py`` checks it).
     retrieval search --index runs/tiny/index --image some.jpg --k 10
     retrieval export runs/tiny --format timm --out exports/tiny-timm
     retrieval serve --index runs/tiny/index --port 8080
+    retrieval feedback export --log feedback/ --index runs/tiny/index --out fb/
     retrieval report runs/tiny
     retrieval demo
     retrieval bench all --quick
@@ -52,6 +53,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("retrieval.cli.search", "image-to-image search against a built index"),
     "export": ("retrieval.cli.export", "the trained model as a timm hub folder or ONNX"),
     "serve": ("retrieval.cli.serve", "HTTP JSON search service over an index (model and index loaded once)"),
+    "feedback": ("retrieval.cli.feedback", "export users' judgements (POST /feedback) as training input"),
     "report": ("retrieval.cli.report", "self-contained HTML report of a run"),
     "demo": ("retrieval.cli.demo", "the whole product in miniature on synthetic data (make demo)"),
     "bench": (

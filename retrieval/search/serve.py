@@ -5,8 +5,16 @@
 
 ``POST /search?k=K`` takes images as multipart files (field ``image``, several allowed), as the raw request body,
 or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``), and answers ``{"queries": [{"query",
-"results": [{rank, image_id, class_id, super_class_id, path, score}]}]}``. ``GET /healthz`` answers what is
-loaded. Bad input answers 4xx with ``{"detail": "..."}``; the server never dies of a request.
+"results": [{rank, image_id, class_id, super_class_id, path, score}]}]}`` and the index version it came from
+(``"index": {version, build_id, count}``). ``GET /healthz`` answers what is loaded, the version included. Bad
+input answers 4xx with ``{"detail": "..."}``; the server never dies of a request.
+
+A new version of the index folder (``retrieval index add|remove|build``) is picked up without a restart
+(:mod:`retrieval.search.live`): the folder is watched every ``watch_s`` seconds, or ``POST /admin/reload`` (with
+``Authorization: Bearer ADMIN_TOKEN``; off without ``--admin-token``) loads it at once. Each batch is answered from
+one version, named in every answer; a version built from another model's embeddings is refused and the service
+stays on the one it has. ``POST /feedback`` (with ``--feedback-dir``) records users' judgements of results
+(:mod:`retrieval.search.serve_feedback`).
 
 Batching: requests are decoded in the thread pool, then queued; one worker takes what has queued up within
 ``max_wait_ms`` of the first waiting request (up to ``max_batch`` images) and embeds it in one forward pass and one
@@ -36,7 +44,10 @@ from starlette.routing import Route
 
 from retrieval.data.decode import decode_image
 from retrieval.errors import UserError
+from retrieval.search.feedback import FeedbackLog
+from retrieval.search.live import LiveIndex, version_of
 from retrieval.search.searcher import Searcher
+from retrieval.search.serve_feedback import feedback_route
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +61,23 @@ class ServeOptions:
     max_k: int = 1000
     max_bytes: int = 20 * 2**20  # per request body
     path_root: str | None = None  # JSON path queries must lie under it (None: any path the server can read)
+    watch_s: float = 2.0  # how often the index folder is checked for a new version (0: only POST /admin/reload)
+    admin_token: str | None = None  # enables POST /admin/reload for requests that carry it (Bearer)
+    feedback_dir: str | None = None  # enables POST /feedback: the append-only log's folder
+    feedback_max_bytes: int = 2**30  # the log and its photos stay under it (507 past it)
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_k < 1:
-            raise UserError(f"serve options: expected max_batch >= 1, max_wait_ms >= 0, max_k >= 1, got {self}")
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_k < 1 or self.watch_s < 0:
+            raise UserError(
+                f"serve options: expected max_batch >= 1, max_wait_ms >= 0, max_k >= 1, watch_s >= 0, got {self}"
+            )
 
 
 class Batcher:
     """Groups queued queries into one forward pass and one index search."""
 
-    def __init__(self, searcher: Searcher, options: ServeOptions) -> None:
-        self.searcher, self.options = searcher, options
+    def __init__(self, searcher: Searcher, options: ServeOptions, live: LiveIndex | None = None) -> None:
+        self.searcher, self.options, self.live = searcher, options, live or LiveIndex(searcher)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.batches = 0  # forward passes so far (healthz shows it: a check that batching happens)
         self._task: asyncio.Task | None = None
@@ -73,7 +90,7 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def search(self, images: list[Image.Image], names: list[str], k: int) -> list[dict]:
+    async def search(self, images: list[Image.Image], names: list[str], k: int) -> tuple[list[dict], dict]:
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((images, names, k, future))
         return await future
@@ -98,16 +115,19 @@ class Batcher:
                 if not future.done():
                     (future.set_exception if isinstance(answer, Exception) else future.set_result)(answer)
 
-    def _run(self, group: list[tuple]) -> list[list[dict]]:
+    def _run(self, group: list[tuple]) -> list[tuple[list[dict], dict]]:
         images = [im for item in group for im in item[0]]
         names = [n for item in group for n in item[1]]
         k = max(item[2] for item in group)
-        results = self.searcher.search_vectors(self.searcher.embed(images), names, k)
+        vectors = self.searcher.embed(images)
+        index = self.live.current  # once: every query of the batch is answered from this version
+        results = self.searcher.search_vectors(vectors, names, k, index=index)
+        version = version_of(index)
         self.batches += 1
         out, start = [], 0
         for item_images, _, item_k, _ in group:
             chunk = results[start : start + len(item_images)]
-            out.append([{**r, "results": r["results"][:item_k]} for r in chunk])
+            out.append(([{**r, "results": r["results"][:item_k]} for r in chunk], version))
             start += len(item_images)
         return out
 
@@ -189,32 +209,48 @@ async def read_queries(request: Request, options: ServeOptions) -> tuple[list[Im
 
 
 def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starlette:
-    """The Starlette app: ``POST /search``, ``GET /healthz``; the batcher runs while the app does."""
+    """The Starlette app: ``POST /search``, ``GET /healthz``, ``POST /admin/reload`` and (with a feedback folder)
+    ``POST /feedback``; the batcher and the folder's watch run while the app does."""
     options = options or ServeOptions()
-    batcher = Batcher(searcher, options)
+    live = LiveIndex(searcher)
+    batcher = Batcher(searcher, options, live)
+    feedback = FeedbackLog(options.feedback_dir, options.feedback_max_bytes) if options.feedback_dir else None
 
     async def search(request: Request) -> JSONResponse:
         images, names, k = await read_queries(request, options)
         try:
-            results = await batcher.search(images, names, k)
+            results, version = await batcher.search(images, names, k)
         except UserError as e:
             raise HTTPException(400, str(e)) from None
-        return JSONResponse({"k": k, "queries": results})
+        return JSONResponse({"k": k, "index": version, "queries": results})
 
     async def healthz(request: Request) -> JSONResponse:
-        info = searcher.index.info
+        index = live.current
         return JSONResponse(
             {
                 "status": "ok",
-                "model": str(info.get("model")),
-                "index": str(searcher.index.path),
-                "count": int(searcher.index.index.ntotal),
-                "dim": int(info["dim"]),
+                "model": str(index.info.get("model")),
+                "index": str(index.path),
+                **version_of(index),
+                "reloads": live.reloads,
+                "reload_error": live.last_error,
+                "dim": int(index.info["dim"]),
                 "device": str(searcher.embedder.device),
                 "batches": batcher.batches,
+                "feedback": str(options.feedback_dir) if feedback else None,
                 "pid": os.getpid(),
             }
         )
+
+    async def reload(request: Request) -> JSONResponse:
+        if not options.admin_token:
+            raise HTTPException(404, "POST /admin/reload is off: start the service with --admin-token")
+        if request.headers.get("authorization", "") != f"Bearer {options.admin_token}":
+            raise HTTPException(401, "POST /admin/reload: expected the header Authorization: Bearer ADMIN_TOKEN")
+        try:
+            return JSONResponse(await run_in_threadpool(live.reload))
+        except UserError as e:
+            raise HTTPException(409, str(e)) from None
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
@@ -222,8 +258,27 @@ def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starl
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         batcher.start()
+        watch = asyncio.get_running_loop().create_task(_watch(live, options.watch_s)) if options.watch_s else None
         yield
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await batcher.stop()
+        if feedback is not None:
+            feedback.close()
 
     routes = [Route("/search", search, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])]
+    routes.append(Route("/admin/reload", reload, methods=["POST"]))
+    if feedback is not None:
+        route = feedback_route(live, feedback, options.path_root, options.max_bytes)
+        routes.append(Route("/feedback", route, methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+async def _watch(live: LiveIndex, every_s: float) -> None:
+    """Reload when the folder was switched to another version; a refused one is not retried until it changes."""
+    while True:
+        await asyncio.sleep(every_s)
+        if live.changed():
+            with contextlib.suppress(UserError):  # logged, shown in /healthz; the old version keeps answering
+                await run_in_threadpool(live.reload)
