@@ -224,33 +224,7 @@ def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starl
             raise HTTPException(400, str(e)) from None
         return JSONResponse({"k": k, "index": version, "queries": results})
 
-    async def healthz(request: Request) -> JSONResponse:
-        index = live.current
-        return JSONResponse(
-            {
-                "status": "ok",
-                "model": str(index.info.get("model")),
-                "index": str(index.path),
-                **version_of(index),
-                "reloads": live.reloads,
-                "reload_error": live.last_error,
-                "dim": int(index.info["dim"]),
-                "device": str(searcher.embedder.device),
-                "batches": batcher.batches,
-                "feedback": str(options.feedback_dir) if feedback else None,
-                "pid": os.getpid(),
-            }
-        )
-
-    async def reload(request: Request) -> JSONResponse:
-        if not options.admin_token:
-            raise HTTPException(404, "POST /admin/reload is off: start the service with --admin-token")
-        if request.headers.get("authorization", "") != f"Bearer {options.admin_token}":
-            raise HTTPException(401, "POST /admin/reload: expected the header Authorization: Bearer ADMIN_TOKEN")
-        try:
-            return JSONResponse(await run_in_threadpool(live.reload))
-        except UserError as e:
-            raise HTTPException(409, str(e)) from None
+    healthz, reload = _healthz(live, batcher, options, feedback), _reload(live, options)
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
@@ -273,6 +247,42 @@ def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starl
         route = feedback_route(live, feedback, options.path_root, options.max_bytes)
         routes.append(Route("/feedback", route, methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+def _healthz(live: LiveIndex, batcher: Batcher, options: ServeOptions, feedback: FeedbackLog | None):
+    async def healthz(request: Request) -> JSONResponse:
+        index = live.current
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": str(index.info.get("model")),
+                "index": str(index.path),
+                **version_of(index),
+                "reloads": live.reloads,
+                "reload_error": live.last_error,
+                "dim": int(index.info["dim"]),
+                "device": str(batcher.searcher.embedder.device),
+                "batches": batcher.batches,
+                "feedback": str(options.feedback_dir) if feedback else None,
+                "pid": os.getpid(),
+            }
+        )
+
+    return healthz
+
+
+def _reload(live: LiveIndex, options: ServeOptions):
+    async def reload(request: Request) -> JSONResponse:
+        if not options.admin_token:
+            raise HTTPException(404, "POST /admin/reload is off: start the service with --admin-token")
+        if request.headers.get("authorization", "") != f"Bearer {options.admin_token}":
+            raise HTTPException(401, "POST /admin/reload: expected the header Authorization: Bearer ADMIN_TOKEN")
+        try:
+            return JSONResponse(await run_in_threadpool(live.reload))
+        except UserError as e:
+            raise HTTPException(409, str(e)) from None
+
+    return reload
 
 
 async def _watch(live: LiveIndex, every_s: float) -> None:
