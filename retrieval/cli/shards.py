@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("--split", default="train", help="the split these shards are (index each split once)")
     i.add_argument("--label-key", default="cls", help="cls, txt or json:FIELD (e.g. json:product_id)")
     x = sub.add_parser("mix", help="a manifest of new products' images plus a replay sample of old products' classes")
-    x.add_argument("--new", action="append", required=True, help="SOP root (train list), manifest or image folder")
+    x.add_argument("--new", action="append", default=[], help="SOP root (train list), manifest or image folder")
     x.add_argument("--replay", help="the old products: SOP root (train list), manifest or image folder")
     x.add_argument("--replay-classes", type=_classes_arg, default=0.3, help="old classes replayed: count or fraction")
     x.add_argument("--new-class-offset", type=int, default=0, help="added to the new sources' class ids")

@@ -55,6 +55,8 @@ def mix(
     """Write ``out`` (a manifest): every image of the ``new`` sources and the replay sample; returns the counts."""
     if new_class_offset < 0:
         raise UserError(f"--new-class-offset: expected 0 or more, got {new_class_offset}")
+    if not new and replay is None:
+        raise UserError("shards mix: give --new (one or more) or --replay, or both")
     fresh = [
         Record(r.image_id, r.class_id + new_class_offset, r.super_class_id, r.path) for s in new for r in read_source(s)
     ]
