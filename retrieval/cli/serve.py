@@ -45,20 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feedback-max-mb", type=float, default=1024, help="the feedback log's bound (log + photos)")
 
 
+# `serve` options passed to ServeOptions as they are
+OPTIONS = ("max_batch", "max_wait_ms", "path_root", "watch_s", "admin_token", "feedback_dir")
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port: expected 1-65535, got {args.port}")
-    options = ServeOptions(
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        path_root=args.path_root,
-        watch_s=args.watch_s,
-        admin_token=args.admin_token,
-        feedback_dir=args.feedback_dir,
-        feedback_max_bytes=int(args.feedback_max_mb * 2**20),
-    )
+    given = {key: getattr(args, key) for key in OPTIONS}
+    options = ServeOptions(**given, feedback_max_bytes=int(args.feedback_max_mb * 2**20))
     dist.use_cpu_share(0, "serve")  # torch threads from the CPUs this process has, not the host's cores
     searcher = Searcher(args.index, args.model, batch_size=args.max_batch, device=args.device)
     info = searcher.index.info
