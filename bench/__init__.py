@@ -34,8 +34,10 @@ TOPICS = {
     "search-gpu": "retrieval.knn.torch_search on one GPU, every precision, vs the chunked matmul + top-k floor",
     "recipes": "test Recall@1 / MAP@R of each training recipe (loss, memory, EMA, augmentation), same images",
     "peer": "`retrieval train` vs pytorch-metric-learning's MetricLossOnly trainer: loop, command, test Recall@1",
+    "serve-hostile": "`retrieval serve` under 16 clients, alone and with hostile requests: 5xx, 4xx, memory",
 }
-NOT_IN_ALL = {"recipes", "peer"}  # train whole models: run them on their own
+# whole models trained per row (recipes, peer); a 40 s load that wants the machine to itself (serve-hostile)
+NOT_IN_ALL = {"recipes", "peer", "serve-hostile"}
 LEVELS = {"tiny": "smallest (the tests)", "quick": "minutes on 2 CPU cores", "full": "real sizes"}
 
 

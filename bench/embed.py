@@ -48,7 +48,7 @@ def run(opts: common.Options) -> dict:
 def embed_pass(config: str, shards: Path, out: Path, batch: int, workers: int, cfg: dict) -> dict:
     """One ``retrieval embed`` of the test split at the config's starting weights; its meta.json."""
     precision = cfg["train"].get("precision", "auto")
-    common.retrieval("embed", "--model", config, "--untrained", "--shards", shards, "--split", "test", "--out", out, "--batch-size", batch, "--num-workers", workers, "--precision", precision)  # fmt: skip
+    common.retrieval("embed", "--model", config, "--untrained", "--shards", shards, "--split", "test", "--out", out, "--batch-size", batch, "--workers", workers, "--precision", precision)  # fmt: skip
     return EmbeddingSet.load(out, vectors=False).meta
 
 

@@ -66,7 +66,7 @@ def train_and_score(config: str, shards: Path, run: Path, overrides: list[str], 
     common.launch_train(procs, Path(config), run, launch, one_thread=not common.cuda())
     seconds = time.perf_counter() - start
     emb = run / "emb-test"
-    common.retrieval("embed", "--model", run, "--shards", shards, "--split", "test", "--out", emb, "--num-workers", 1)
+    common.retrieval("embed", "--model", run, "--shards", shards, "--split", "test", "--out", emb, "--workers", 1)
     common.retrieval("eval", "--embeddings", emb)
     metrics = json.loads((emb / "metrics.json").read_text())
     return {"recall@1": metrics["recall@1"], "recall@10": metrics["recall@10"], "map@r": metrics["map@r"], "train_s": seconds}  # fmt: skip

@@ -17,7 +17,7 @@ so its peak RSS (VmHWM) is its own:
 - ``search``: 1,000 new queries of the same classes: recall@10 of the auto index against an exact search run here
   (the raw baselines on the same cores, the faster counts: Faiss' blocked brute force, torch matmul + top-k), and
   queries/s of both (medians of 7 and 3 repeats).
-- ``eval``: ``retrieval eval --queries Q --gallery G`` with 10,000 new queries against the N-row gallery.
+- ``eval``: ``retrieval eval --query-embeddings Q --gallery-embeddings G`` with 10,000 new queries against the N-row gallery.
 
 The report prints every figure, how it grows from the first size to the last (the exponent b of t ~ N^b) and the
 10M projection from that growth; ``--out`` keeps ``scale.json``. Only the public API and the commands are used.
@@ -202,7 +202,7 @@ def bench_size(n: int, root: Path, evaluate: bool = True) -> dict:
     if not evaluate:
         res["load_after"] = os.getloadavg()[0]
         return res
-    ev = ["eval", "--queries", str(queries), "--gallery", str(gallery), "--out", str(work / "eval")]
+    ev = ["eval", "--query-embeddings", str(queries), "--gallery-embeddings", str(gallery), "--out", str(work / "eval")]
     res["eval"] = run_step("run", "--", *ev)
     m = json.loads((work / "eval" / "metrics.json").read_text())
     res["eval"].update({k: m[k] for k in ("recall@1", "recall@10", "map@r", "map@100", "search_seconds")})

@@ -4,9 +4,11 @@ Everything else asks here: ``rank()``, ``world_size()``, ``is_main()``, ``barrie
 ``all_gather_cat()``. The getters return single-process defaults when no process group exists,
 so callers never branch on "am I distributed". Launchers (``accelerate launch``, ``torchrun``,
 ``srun`` via ``slurm/train.sbatch``) set the standard variables ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; Slurm-only variables are translated to launcher flags in
-one place, ``slurm/_common.sh`` (only :func:`node_rank` falls back to ``SLURM_NODEID``). The backend follows
-the device: NCCL on CUDA, gloo on CPU.
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; for those scripts Slurm's variables are translated to launcher
+flags in ``slurm/_common.sh``. Under plain ``srun`` with one task per process and no launcher (the DINOv2 /
+OpenCLIP habit: ``srun -n 16 --ntasks-per-node 8 python -m retrieval train ...``), :func:`slurm_world` forms
+the world from the step's variables here (:func:`make_accelerator` adopts it). The backend follows the device:
+NCCL on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as td
 
+from retrieval.errors import UserError
 from retrieval.util import free_port
 
 log = logging.getLogger(__name__)
@@ -145,109 +148,6 @@ def all_equal(values: Sequence[Any]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The CPUs a process really has: torch threads and loader workers sized from them.
-
-CGROUP = "/sys/fs/cgroup"
-MAX_AUTO_WORKERS = 4  # the old fixed default; more workers than that buy little per rank and cost memory each
-
-
-def _cgroup_dirs(root: Path) -> list[Path]:
-    """The cgroup folders that may cap this process: the root's and, under cgroup v2/v1, its own (/proc/self/cgroup)."""
-    dirs = [root, root / "cpu", root / "cpu,cpuacct"]
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, rel = line.split(":", 2)
-            if controllers in ("", "cpu", "cpu,cpuacct", "cpuacct,cpu") and rel.strip("/"):
-                dirs += [root / rel.strip("/"), root / "cpu" / rel.strip("/"), root / "cpu,cpuacct" / rel.strip("/")]
-    except (OSError, ValueError):
-        pass
-    return dirs
-
-
-def cpu_quota(root: str | os.PathLike | None = None) -> float | None:
-    """CPUs a cgroup quota allows this process (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``/``cfs_period_us``; the
-    smallest found), None when unlimited. A container limited to 2 CPUs on a 64-core host sees 64 in ``os``."""
-    quotas = []
-    for folder in _cgroup_dirs(Path(root or CGROUP)):
-        try:
-            if (folder / "cpu.max").is_file():
-                quota, period = (folder / "cpu.max").read_text().split()[:2]
-                if quota != "max":
-                    quotas.append(int(quota) / int(period))
-            elif (folder / "cpu.cfs_quota_us").is_file():
-                quota = int((folder / "cpu.cfs_quota_us").read_text())
-                if quota > 0:
-                    quotas.append(quota / int((folder / "cpu.cfs_period_us").read_text()))
-        except (OSError, ValueError):
-            continue
-    return min(quotas) if quotas else None
-
-
-def available_cpus(root: str | os.PathLike | None = None) -> int:
-    """CPUs this process may run on: its affinity mask (Slurm's and taskset's), capped by the cgroup quota."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cpu_quota(root)
-    return max(1, min(cpus, int(quota))) if quota is not None else max(1, cpus)
-
-
-def local_world_size() -> int:
-    """Ranks on this machine: torchrun's/accelerate's LOCAL_WORLD_SIZE, else Slurm's tasks per node, else 1."""
-    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = (env(key) or "").split("(")[0]  # Slurm writes "4(x2)" for 2 nodes of 4
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
-
-
-@dataclass(frozen=True)
-class CpuShare:
-    """One rank's share of the machine: its CPUs, the loader workers it runs and the torch threads left to it."""
-
-    cpus: int  # available to the process (affinity, cgroup quota)
-    ranks: int  # on this machine
-    workers: int  # loader worker processes of this rank (each keeps about one CPU busy decoding)
-    threads: int  # torch intra-op threads of this rank
-
-    def describe(self, what: str, omp: str | None) -> str:
-        per_rank = max(1, self.cpus // self.ranks)
-        threads = f"{self.threads} torch thread(s)" + (f" (OMP_NUM_THREADS={omp})" if omp else "")
-        return (
-            f"{what}: {self.cpus} CPU(s) for this process (affinity, cgroup quota), {self.ranks} rank(s) on this "
-            f"machine: {per_rank} per rank, {self.workers} loader worker(s) + {threads} each"
-        )
-
-
-def cpu_share(workers: int | None, root: str | os.PathLike | None = None) -> CpuShare:
-    """Size loader workers (``None``: auto, at most :data:`MAX_AUTO_WORKERS`) and torch threads from the CPUs this
-    rank really has: the workers take one CPU each, the threads the rest (at least 1). On 2 cores, 1-process CPU
-    training ran at 26 images/s with torch's default of one thread per core beside its loader worker, 185 with one
-    (issue 29). ``OMP_NUM_THREADS``, when set (``launch_env`` sets 1 for CPU jobs), is the user's: kept."""
-    ranks = local_world_size()
-    per_rank = max(1, available_cpus(root) // ranks)
-    if workers is None:
-        workers = max(0, min(MAX_AUTO_WORKERS, per_rank - 1))
-    omp = env("OMP_NUM_THREADS") or ""
-    threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(1, per_rank - workers)
-    return CpuShare(available_cpus(root), ranks, workers, threads)
-
-
-def use_cpu_share(workers: int | None, what: str) -> CpuShare:
-    """:func:`cpu_share`, applied: torch's intra-op threads set, the choice logged once (by local rank 0)."""
-    share = cpu_share(workers)
-    torch.set_num_threads(share.threads)
-    if local_rank() == 0:
-        log.info(share.describe(what, env("OMP_NUM_THREADS")))
-        if share.workers >= max(1, share.cpus // share.ranks):
-            log.warning(
-                "%s: %d loader worker(s) per rank on %d CPU(s) per rank compete with the model for them",
-                what,
-                share.workers,
-                max(1, share.cpus // share.ranks),
-            )
-    return share
-
-
-# ---------------------------------------------------------------------------------------------
 # The Accelerator: built here and nowhere else.
 
 
@@ -256,13 +156,29 @@ def uses_deepspeed() -> bool:
     return env("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def resolve_precision(precision: str, cuda: bool) -> str:
-    """``auto``: bf16 on CUDA, fp32 on CPU. The launcher's own value is not consulted: `accelerate launch`
-    exports ``ACCELERATE_MIXED_PRECISION=no`` whenever a profile is silent (and DeepSpeed profiles must be),
-    which would silently train in fp32 on GPUs. Set ``train.precision`` to choose explicitly."""
-    if precision != "auto":
-        return precision
-    return "bf16" if cuda else "no"
+def resolve_precision(precision: str, cuda: bool, setting: str = "train.precision") -> str:
+    """The mixed precision to run with, given ours (``setting`` names it in errors) and the launcher's.
+
+    ``accelerate launch --mixed_precision bf16`` or a profile's ``mixed_precision: bf16`` reach the process as
+    ``ACCELERATE_MIXED_PRECISION``. ``auto`` takes that value; without one, bf16 on CUDA and fp32 on CPU. The
+    launcher exports ``no`` whenever neither its flag nor its profile says anything (and DeepSpeed profiles must be
+    silent), so ``no`` reads as "not set": set ``train.precision=no`` to train in fp32 on a GPU. An explicit
+    setting that differs from a launcher's bf16/fp16 is one clear error, not a silent pick of either."""
+    launcher = (env("ACCELERATE_MIXED_PRECISION") or "no").lower()
+    if precision == "auto":
+        if launcher == "no":
+            return "bf16" if cuda else "no"
+        if launcher not in ("bf16", "fp16"):
+            raise UserError(
+                f"{setting}=auto: the launcher's mixed_precision {launcher!r} is not supported (no, bf16, fp16)"
+            )
+        return launcher
+    if launcher != "no" and launcher != precision:
+        raise UserError(
+            f"{setting}={precision}, but the launcher asks for mixed_precision {launcher} (accelerate launch "
+            f"--mixed_precision or its config file): make them agree, or set {setting}=auto to take the launcher's"
+        )
+    return precision
 
 
 def record_error(message: str) -> None:
@@ -314,9 +230,49 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with: str | None = None):
+def slurm_world() -> dict[str, str]:
+    """The standard variables of a plain ``srun`` step with several tasks and no launcher, from Slurm's; ``{}``
+    when a launcher set ``RANK``/``WORLD_SIZE``, outside a job step, or for one task.
+
+    The step's own ``SLURM_STEP_NUM_TASKS`` sizes the world, not ``SLURM_NTASKS``: a batch script's shell has the
+    allocation's ``SLURM_NTASKS`` too, and a process started there directly would wait for tasks that never come.
+    ``MASTER_ADDR``: the step's first host unless set; ``MASTER_PORT``: unless set, derived from the job and step
+    ids (the same in every task, another for each step)."""
+    tasks = env("SLURM_STEP_NUM_TASKS")
+    if env("RANK") is not None or env("WORLD_SIZE") is not None or tasks is None or int(tasks) < 2:
+        return {}
+    per_node = re.match(r"\d+", env("SLURM_STEP_TASKS_PER_NODE") or tasks)
+    job, step = int(env("SLURM_JOB_ID") or 0), int(env("SLURM_STEP_ID") or 0)
+    return {
+        "RANK": env("SLURM_PROCID") or "0",
+        "WORLD_SIZE": tasks,
+        "LOCAL_RANK": env("SLURM_LOCALID") or "0",
+        "LOCAL_WORLD_SIZE": per_node.group(0) if per_node else tasks,
+        "MASTER_ADDR": env("MASTER_ADDR") or first_host(env("SLURM_STEP_NODELIST") or env("SLURM_NODELIST") or ""),
+        "MASTER_PORT": env("MASTER_PORT") or str(20000 + (job * 97 + step) % 20000),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[07-09,12],cpu1`` -> ``gpu07`` (``scontrol show hostnames``)."""
+    found = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not found:
+        raise UserError(f"SLURM_STEP_NODELIST {nodelist!r}: no host in it; set MASTER_ADDR")
+    prefix, ranges = found.groups()
+    return prefix + (re.split(r"[,-]", ranges)[0] if ranges else "")
+
+
+def make_accelerator(
+    precision: str,
+    grad_accum: int,
+    project_dir: str,
+    log_with: list[str] | None = None,
+    setting: str = "train.precision",
+):
     """One Accelerator for training/embedding, whatever the launcher (python, accelerate, torchrun, srun).
 
+    - plain ``srun`` without a launcher: the world comes from Slurm's variables (:func:`slurm_world`).
+    - ``precision`` (``setting`` names it in errors) meets the launcher's (:func:`resolve_precision`).
     - gloo is forced on CPU: accelerate's DeepSpeed path otherwise counts one process (ENV-NOTES) and
       NCCL cannot run without CUDA.
     - ``step_scheduler_with_optimizer=False``: the trainer steps its per-optimizer-step schedule once per
@@ -328,23 +284,33 @@ def make_accelerator(precision: str, grad_accum: int, project_dir: str, log_with
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     exit_with_parent()
-    # Only an explicit CPU request sets cpu=True: with DeepSpeed, accelerate rejects it, and on a CPU-only
-    # host accelerate picks the CPU device by itself.
+    os.environ.update(slurm_world())  # the standard variables accelerate and torch.distributed read
+    # An explicit CPU request sets cpu=True, and so does a multi-process world on a host without CUDA (accelerate
+    # would see one process); not with DeepSpeed, where accelerate rejects it and finds the CPU by itself.
     force_cpu = env("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
+    force_cpu |= not torch.cuda.is_available() and world_size() > 1 and not uses_deepspeed()
     cuda = torch.cuda.is_available() and not force_cpu
+    mixed = resolve_precision(precision, cuda, setting)  # a conflict fails here, before any process group
     handlers = []
     if world_size() > 1:  # a backend in a single process makes accelerate expect a process group
         backend = backend_for("cuda" if cuda else "cpu")
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30)))
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=force_cpu,
-        mixed_precision=resolve_precision(precision, cuda),
+        mixed_precision=mixed,
         gradient_accumulation_steps=grad_accum,
         step_scheduler_with_optimizer=False,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=project_dir, automatic_checkpoint_naming=False),
+        project_config=ProjectConfiguration(  # tensorboard writes under logging_dir/<project>
+            project_dir=project_dir,
+            logging_dir=str(Path(project_dir) / "tensorboard"),
+            automatic_checkpoint_naming=False,
+        ),
         kwargs_handlers=handlers,
     )
+    if accelerator.is_main_process:
+        log.info("%d process(es), mixed precision %s", accelerator.num_processes, accelerator.mixed_precision)
+    return accelerator
 
 
 def configure_deepspeed(accelerator, per_rank_batch: int, grad_accum: int, grad_clip: float | None) -> None:

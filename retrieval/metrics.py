@@ -124,11 +124,13 @@ def retrieval_metrics(
     chunk: int = 4096,
     device: str = "auto",
     dtype: str = "fp32",
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """SOP protocol on ``embeddings`` (N x d, L2-normalised; ranked by inner product) and ``labels`` (N).
 
     Returns fractions in [0, 1] (module docstring), ``num_queries`` (queries with R > 0),
-    ``num_excluded`` (R = 0), ``k`` (list length searched), ``search_seconds`` and ``backend``.
+    ``num_excluded`` (R = 0), ``k`` (list length searched), ``search_seconds`` and ``backend``. ``progress``
+    names the search for a progress bar with ETA (``retrieval eval``); None: none.
     """
     labels = np.asarray(labels).reshape(-1)
     n = len(labels)
@@ -140,7 +142,9 @@ def retrieval_metrics(
         backend, device = knn.pick_backend(True, device)
     log.info("eval: searching the %d nearest neighbours of %d queries (%s on %s, %s)", k, n, backend, device, dtype)
     t0 = time.perf_counter()
-    _, ids = knn.search(embeddings, None, k, backend=backend, device=device, dtype=dtype, chunk=chunk)
+    _, ids = knn.search(
+        embeddings, None, k, backend=backend, device=device, dtype=dtype, chunk=chunk, progress=progress
+    )
     seconds = time.perf_counter() - t0
     log.info("eval: search done in %.1f s; scoring Recall@K, MAP@R", seconds)
     out = metrics_from_neighbours(ids, labels, ks, chunk)
@@ -161,7 +165,9 @@ def gallery_blocks(gallery, rows: int = GALLERY_BLOCK):
         yield np.arange(s0, min(s0 + rows, len(gallery))), gallery[s0 : s0 + rows]
 
 
-def gallery_search(queries: np.ndarray, gallery, k: int, chunk: int = 4096, device: str = "auto"):
+def gallery_search(
+    queries: np.ndarray, gallery, k: int, chunk: int = 4096, device: str = "auto", progress: str | None = None
+):
     """Exact top-k gallery rows of every query.
 
     On CPU the gallery streams block by block (:func:`gallery_blocks`; a parted set is never read whole) through
@@ -172,9 +178,10 @@ def gallery_search(queries: np.ndarray, gallery, k: int, chunk: int = 4096, devi
     if device == "cpu":
         rows = min(GALLERY_BLOCK, max(len(gallery), 1))
         qchunk = max(1, min(chunk, (256 << 20) // (4 * rows)))
-        return knn.torch_search_blocks(queries, gallery_blocks(gallery, rows), k, qchunk)[1]
+        blocks = knn.bar(gallery_blocks(gallery, rows), progress, total=-(-len(gallery) // rows))
+        return knn.torch_search_blocks(queries, blocks, k, qchunk)[1]
     gallery = np.asarray(gallery, dtype=np.float32)
-    return knn.search(queries, gallery, k, backend=backend, device=device, chunk=chunk)[1]
+    return knn.search(queries, gallery, k, backend=backend, device=device, chunk=chunk, progress=progress)[1]
 
 
 def query_gallery_metrics(
@@ -185,6 +192,7 @@ def query_gallery_metrics(
     ks: Sequence[int] = QG_KS,
     chunk: int = 4096,
     device: str = "auto",
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Query/gallery protocol (module docstring): Recall@K, MAP@R, R-Precision, mAP@max(ks)."""
     query_labels, gallery_labels = np.asarray(query_labels).reshape(-1), np.asarray(gallery_labels).reshape(-1)
@@ -193,7 +201,7 @@ def query_gallery_metrics(
     r = gallery_counts(query_labels, gallery_labels)
     k = int(min(len(gallery_labels), max(max(ks), int(r.max()))))
     t0 = time.perf_counter()
-    ids = gallery_search(queries, gallery, k, chunk, device)
+    ids = gallery_search(queries, gallery, k, chunk, device, progress)
     seconds = time.perf_counter() - t0
     out = metrics_from_neighbours(ids, query_labels, ks, chunk, gallery_labels=gallery_labels)
     out.update(search_seconds=round(seconds, 3), num_gallery=len(gallery_labels), protocol="query/gallery")

@@ -16,6 +16,7 @@ Layout of ``runs/<name>``::
     final/               the last step's export: model.safetensors + model.yaml
     checkpoints/
       step_120/                     accelerate save_state (model, optimizer, scheduler, scaler, RNG of every rank)
+      step_120/ema.safetensors      the trainer's tensor states (EMA, cross-batch memory): retrieval.train.checkpoint
       step_120/trainer_state.json   epoch, step in epoch, global step, best metric: the data-stream position
       .tmp-step_160/                being written; renamed to step_160 only once every rank has finished
 
@@ -32,14 +33,13 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from retrieval import dist, util
-from retrieval.config.io import load_config, to_dict
+from retrieval.config.io import config_yaml, load_config
 from retrieval.config.schema import Config
 from retrieval.errors import UserError
 from retrieval.util import write_atomic
@@ -136,7 +136,7 @@ class RunFolder:
 
     def write_config(self, cfg: Config) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.config_path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_atomic(self.config_path, config_yaml(cfg))
 
     def read_summary(self) -> dict | None:
         if not self.summary_path.is_file():
@@ -238,6 +238,13 @@ class RunFolder:
             os.close(fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 
+    def discard_if_only_lock(self) -> None:
+        """Unlock, and remove the folder if it holds nothing but its lock (a start refused before writing)."""
+        self.unlock()
+        if self.path.is_dir() and [p.name for p in self.path.iterdir()] == [".lock"]:
+            (self.path / ".lock").unlink()
+            self.path.rmdir()
+
     @property
     def wandb_id_path(self) -> Path:
         return self.path / "wandb_id"
@@ -268,11 +275,14 @@ class RunFolder:
         """Whether a ``latest`` pointer exists at all (even one whose checkpoint is gone): a started run."""
         return (self.path / "latest").is_file()
 
-    def save_checkpoint(self, accelerator, state: TrainerState, keep: int, needed: int = 0) -> Path:
+    def save_checkpoint(
+        self, accelerator, state: TrainerState, keep: int, needed: int = 0, extra: Callable[[Path], None] | None = None
+    ) -> Path:
         """Save a complete checkpoint collectively (every rank must call it) and point ``latest`` at it.
 
         ``needed``: this rank's estimated bytes; every rank checks its free space first, and all fail together
-        with one clear line (instead of torch's ``basic_ios::clear`` half-way through the write)."""
+        with one clear line (instead of torch's ``basic_ios::clear`` half-way through the write). ``extra(folder)``:
+        every rank, after accelerate's files: the trainer's own files (its tensor states) into the same folder."""
         final = self.checkpoints_path / f"step_{state.global_step}"
         tmp = self.checkpoints_path / f".tmp-step_{state.global_step}"
         problems = [p for p in dist.all_gather_object(self.space_problem(tmp, needed)) if p]
@@ -284,6 +294,8 @@ class RunFolder:
         accelerator.wait_for_everyone()
         with self.writing(tmp, needed):
             accelerator.save_state(str(tmp))  # every rank writes its RNG state; DeepSpeed ranks their shards
+            if extra is not None:
+                extra(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_atomic(tmp / STATE_FILE, json.dumps(asdict(state), indent=1))

@@ -41,7 +41,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600,
     return proc
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120, headers: dict | None = None) -> None:
     """Wait until `retrieval serve` in ``proc`` answers ``GET url/healthz`` (fail if it exits or takes too long)."""
     import time
 
@@ -52,22 +52,24 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> None
         assert proc.poll() is None, f"server exited: {proc.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, f"server did not answer /healthz within {timeout:.0f} s"
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/healthz", headers=headers, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             time.sleep(0.3)
 
 
 @contextlib.contextmanager
-def serving(index: Path, *options: str) -> Iterator[tuple[str, subprocess.Popen]]:
+def serving(
+    index: Path, *options: str, env: dict[str, str] | None = None, headers: dict | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """`retrieval serve --index INDEX` in a child process on a free port, healthy; stopped (SIGTERM, then SIGKILL)
-    whatever the caller does. Yields (base URL, process)."""
+    whatever the caller does. Yields (base URL, process). ``headers``: what /healthz needs (a bearer token)."""
     port = free_port()
     cmd = [sys.executable, "-m", "retrieval", "serve", "--index", str(index), "--port", str(port), *options]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(proc, url)
+        wait_healthy(proc, url, headers=headers)
         yield url, proc
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -231,3 +231,11 @@ def test_continued_and_feedback_tiny(tmp_path):
     assert feedback.main([*argv, "--same", "10", "--not-same", "10"]) == 0
     result = json.loads((tmp_path / "f" / "feedback.json").read_text())
     assert result["export"]["judgements"] >= 10 and set(result["rows"]) == {"base", "feedback", "replay"}
+
+
+@pytest.mark.slow
+def test_serve_hostile_tiny(tmp_path, work):
+    """The service's acceptance at the tiny size (~40 s): 16 clients, the hostile requests at once, memory."""
+    payload = run_topic("serve-hostile", tmp_path, work)
+    assert all(payload["config"]["acceptance"].values()), payload["config"]
+    assert {h["status"] for h in payload["config"]["hostile"].values()} <= {400, 408, 413}

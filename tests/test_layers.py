@@ -20,7 +20,7 @@ LAYERS = [
     {"retrieval", "retrieval.errors", "retrieval.util"},  # the root holds only __version__ and the lazy API
     {"retrieval.config"},
     {"retrieval.dist", "retrieval.knn"},
-    {"retrieval.data", "retrieval.metrics", "retrieval.run_folder"},
+    {"retrieval.data", "retrieval.metrics", "retrieval.run_folder", "retrieval.cpus"},
     {"retrieval.model"},
     {"retrieval.losses", "retrieval.embed"},
     {"retrieval.index"},

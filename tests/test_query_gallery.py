@@ -139,5 +139,5 @@ def test_inshop_builds_and_evaluates(tmp_path):
 
 def test_eval_arguments(tmp_path, capsys):
     assert main(["eval", "--queries", str(tmp_path)]) == 2
-    assert "--queries and --gallery go together" in capsys.readouterr().err
+    assert "--query-embeddings and --gallery-embeddings go together" in capsys.readouterr().err
     assert main(["eval"]) == 2

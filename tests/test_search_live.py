@@ -67,7 +67,7 @@ def test_eight_clients_while_the_index_is_updated_twice(catalogue):
                 ids = {h["image_id"] for q in body.get("queries", []) for h in q["results"]}
                 answers.append((r.status_code, body.get("index", {}).get("version"), ids))
 
-    with serving(index, "--watch-s", "0.2", "--max-wait-ms", "10", "--admin-token", "s3cret") as (url, proc):
+    with serving(index, "--watch-s", "0.2", "--max-wait-ms", "10") as (url, proc):
         threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
         for t in threads:
             t.start()
@@ -91,9 +91,8 @@ def test_eight_clients_while_the_index_is_updated_twice(catalogue):
         assert main(["index", "build", "--embeddings", str(root / "emb-other"), "--out", str(index)]) == 0
         health = _wait_version(url, 4, timeout=3)
         assert health["version"] == 3 and "another model" in health["reload_error"]
-        reload = httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        reload = httpx.post(f"{url}/admin/reload", timeout=30)  # behind --token when the service has one
         assert reload.status_code == 409 and "another model" in reload.json()["detail"]
-        assert httpx.post(f"{url}/admin/reload", timeout=30).status_code == 401
         r = httpx.post(f"{url}/search", params={"k": K}, content=c["photo"], headers={"Content-Type": "image/png"})
         assert r.status_code == 200 and r.json()["index"]["version"] == 3
 
@@ -104,3 +103,27 @@ def test_eight_clients_while_the_index_is_updated_twice(catalogue):
     assert not mixed, f"{len(mixed)} answers hold rows of another version than they name"
     assert versions[1] < versions[2] and versions[3] < versions[2]
     assert not np.isin(sorted(versions[2] - versions[3]), sorted(versions[3])).any()
+
+
+def test_admin_reload_is_behind_the_token_and_loads_a_new_version(catalogue, tmp_path):
+    """In process: POST /admin/reload needs the service's bearer token like every route, and makes a version current
+    at once (no watch)."""
+    from starlette.testclient import TestClient
+
+    from retrieval.search.searcher import Searcher
+    from retrieval.search.serve import ServeOptions, create_app
+
+    root = catalogue["root"]
+    index = tmp_path / "index"
+    assert main(["index", "build", "--embeddings", str(root / "emb-old"), "--out", str(index)]) == 0
+    app = create_app(Searcher(index), ServeOptions(token="t0ken", watch_s=0))
+    auth = {"Authorization": "Bearer t0ken"}
+    with TestClient(app) as client:
+        assert client.post("/admin/reload").status_code == 401
+        same = client.post("/admin/reload", headers=auth).json()
+        assert (same["version"], same["changed"], same["count"]) == (1, False, 36)
+        assert main(["index", "add", "--index", str(index), "--embeddings", str(root / "emb-new")]) == 0
+        assert client.get("/healthz", headers=auth).json()["version"] == 1  # no watch: still version 1
+        answer = client.post("/admin/reload", headers=auth).json()
+        assert answer["version"] == 2 and answer["changed"] and answer["count"] == 72
+        assert client.get("/healthz", headers=auth).json()["version"] == 2

@@ -157,7 +157,7 @@ def test_preempted_job_requeues_and_resumes(slurm_env, synth_shards, reference_r
 def test_embed_job(slurm_env, synth_shards, reference_run, tmp_path) -> None:
     """slurm/embed.sbatch: rank-sharded embedding under accelerate launch, then index build and eval."""
     out, log = tmp_path / "emb", tmp_path / "job.out"
-    env = dict(slurm_env, EMBED_ARGS="--num-workers 0 --batch-size 32")
+    env = dict(slurm_env, EMBED_ARGS="--workers 0 --batch-size 32")
     job = _submit(env, log, "embed.sbatch", str(reference_run), str(synth_shards), "test", str(out))
     info = _wait_for_end(env, job)  # polled: sbatch --wait's growing poll interval costs ~15 s here
     assert info["ExitCode"] == "0:0", log.read_text()[-6000:]
@@ -217,3 +217,30 @@ def test_train_sbatch_options() -> None:
         assert required in opts
     for prefix in ("--nodes=", "--gres=gpu:", "--cpus-per-task=", "--signal=B:USR1@"):
         assert any(o.startswith(prefix) for o in opts), prefix
+
+
+@pytest.mark.slurm
+def test_plain_srun_forms_the_world(slurm_env, synth_shards, tmp_path) -> None:
+    """`srun -n 2 python -m retrieval train ...` with no launcher (one task per process, the DINOv2/OpenCLIP habit):
+    dist forms a 2-rank world from SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID and trains."""
+    import torch
+
+    env = dict(slurm_env)
+    if not torch.cuda.is_available():
+        env.pop("ACCELERATE_USE_CPU")  # a CPU-only host needs no launcher variable either
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "retrieval", "train", "--config", *_train_args(run_dir, synth_shards)]
+    argv += ["train.epochs=1", "data.steps_per_epoch=2"]  # after OVERRIDES: these win
+    proc = subprocess.run(
+        ["srun", "-n", "2", "--cpus-per-task=1", "--time=10", *argv],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "world=2 per-rank batch=32" in proc.stderr and "2 process(es)" in proc.stderr, proc.stderr[-6000:]
+    assert _train_steps(run_dir) == [1, 2]
+    state = json.loads((run_dir / (run_dir / "latest").read_text().strip() / "trainer_state.json").read_text())
+    assert state["world_size"] == 2, state

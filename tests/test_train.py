@@ -77,7 +77,7 @@ def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     (the exports) and the losses logged (the memory's). Validations score the EMA: the best export is the EMA of
     the best step, and embedding it gives that val line. The capped invocation validates its last step (step 2,
     issue 29): the same weights give the same val lines at steps 3 and 4 as the straight run's."""
-    import torch
+    from safetensors.torch import load_file as load_torch
 
     common = ["train.epochs=2", "data.steps_per_epoch=3", "train.ema_decay=0.6", "train.ema_warmup=true"]
     common += ["optim.layer_decay=0.7", "data.rand_augment=rand-m9-mstd0.5", "data.random_erasing=0.25"]
@@ -85,8 +85,10 @@ def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert _train(synth_shards, straight, *common, "train.max_steps=4") == 0
     assert _train(synth_shards, resumed, *common, "train.max_steps=2") == 0
-    # accelerate numbers the extra states by registration: the memory (in setup) first, then the EMA (the trainer)
-    assert (resumed / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl").is_file()
+    # the memory and the EMA are tensors beside accelerate's files, never a pickle
+    step2 = resumed / "checkpoints" / "step_2"
+    assert (step2 / "memory.safetensors").is_file() and (step2 / "ema.safetensors").is_file()
+    assert not list(step2.glob("custom_checkpoint_*"))
     assert _train(synth_shards, resumed, *common, "train.max_steps=4", resume="latest") == 0
     losses = [[r["loss"] for r in RunFolder(d).read_metrics() if r["kind"] == "train"] for d in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
@@ -102,7 +104,7 @@ def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     assert all(a["recall@1"] == b["recall@1"] for a, b in zip(vals[straight], vals[resumed][1:], strict=True))
     best = RunFolder(resumed).read_summary()["best_step"]
     for export, step in (("final", 4), (".", best)):
-        ema = torch.load(resumed / f"checkpoints/step_{step}/custom_checkpoint_1.pkl", weights_only=True)
+        ema = load_torch(str(resumed / f"checkpoints/step_{step}/ema.safetensors"))
         exported = _weights(resumed / export / "model.safetensors")
         raw = _weights(resumed / f"checkpoints/step_{step}/model.safetensors")
         assert all((ema[k].numpy() == exported[k]).all() for k in exported), f"the {export} export is the EMA"

@@ -97,14 +97,14 @@ def test_deepspeed_zero2_with_ema_trains_resumes_and_exports_the_ema(synth_shard
     base += ["train.ema_decay=0.5"]
     profile = str(REPO / "launch" / "zero2.yaml")
     run(accelerate_cmd(2, [*base, "train.max_steps=2"], config_file=profile), env=env)
-    assert (run_dir / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl").is_file()
+    assert (run_dir / "checkpoints" / "step_2" / "ema.safetensors").is_file()
     run(accelerate_cmd(2, [*base, "--resume", "latest"], config_file=profile), env=env)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 4 and summary["weights_agree"]  # the raw weights and the EMA, on both ranks
     latest = run_dir / (run_dir / "latest").read_text().strip()
     assert (latest / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()  # really sharded
     exported = load_file(str(run_dir / "final" / "model.safetensors"))
-    ema = torch.load(latest / "custom_checkpoint_0.pkl", weights_only=True)
+    ema = load_file(str(latest / "ema.safetensors"))
     raw = get_fp32_state_dict_from_zero_checkpoint(str(latest))
     assert exported.keys() == ema.keys()
     assert all(torch.equal(exported[k], ema[k].float()) for k in exported), "the export is the EMA"
@@ -179,13 +179,13 @@ def test_elastic_resume_carries_the_memory_and_the_ema(synth_shards, tmp_path):
     ckpt = {2: run_dir / "checkpoints" / "step_2", 3: run_dir / (run_dir / "latest").read_text().strip()}
     state = json.loads((ckpt[3] / "trainer_state.json").read_text())
     assert (state["world_size"], state["global_step"]) == (1, 5)
-    mem = {s: torch.load(ckpt[s] / "custom_checkpoint_0.pkl", weights_only=False) for s in (2, 3)}
-    assert mem[2]["_extra_state"] == {"queue_idx": 128, "has_been_filled": False}  # 2 steps x 2 ranks x 32
-    assert mem[3]["_extra_state"] == {"queue_idx": 160, "has_been_filled": False}  # + one batch of 32 on 1 process
+    mem = {s: load_file(str(ckpt[s] / "memory.safetensors")) for s in (2, 3)}
+    assert mem[2]["_extra_state"].tolist() == [128, 0]  # queue_idx, filled: 2 steps x 2 ranks x 32
+    assert mem[3]["_extra_state"].tolist() == [160, 0]  # + one batch of 32 on 1 process
     for key in ("embedding_memory", "label_memory"):
         assert torch.equal(mem[3][key][:128], mem[2][key][:128]), f"{key}: the 2-process queue was not carried"
     assert mem[3]["embedding_memory"][128:160].abs().sum() > 0
-    ema = {s: torch.load(ckpt[s] / "custom_checkpoint_1.pkl", weights_only=True) for s in (2, 3)}
+    ema = {s: load_file(str(ckpt[s] / "ema.safetensors")) for s in (2, 3)}
     raw3 = load_file(str(ckpt[3] / "model.safetensors"))
     for k, v in raw3.items():
         torch.testing.assert_close(ema[3][k], 0.6 * ema[2][k] + 0.4 * v, rtol=1e-5, atol=1e-6, msg=k)

@@ -11,6 +11,7 @@ import torch
 from _launch import REPO, accelerate_cmd, cpu_env, run
 from conftest import TINY
 from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_torch
 
 from retrieval.cli import main
 from retrieval.model.files import load_exported, read_loss_state
@@ -32,8 +33,8 @@ def test_resume_with_cross_batch_memory_is_bitwise_identical(synth_shards, tmp_p
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert _train(synth_shards, straight, *common, "train.max_steps=4") == 0
     assert _train(synth_shards, resumed, *common, "train.max_steps=2") == 0
-    memory = torch.load(resumed / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl", weights_only=False)
-    assert memory["_extra_state"] == {"queue_idx": 32, "has_been_filled": False}  # step 1 only (start step 1)
+    memory = load_torch(str(resumed / "checkpoints" / "step_2" / "memory.safetensors"))
+    assert memory["_extra_state"].tolist() == [32, 0]  # queue_idx, has_been_filled: step 1 only (start step 1)
     assert memory["embedding_memory"][:32].abs().sum() > 0
     assert _train(synth_shards, resumed, *common, "train.max_steps=4", resume="latest") == 0
     a, b = (load_file(str(r / "final" / "model.safetensors")) for r in (straight, resumed))

@@ -13,12 +13,13 @@ imports from here (ARCHITECTURE.md; ``tests/test_layers.py`` checks it).
     retrieval launch --processes 2 train --config configs/tiny.yaml --shards shards/out --run-dir runs/tiny
     retrieval embed --model runs/tiny --shards shards/out --split test --out runs/tiny/emb-test
     retrieval eval --embeddings runs/tiny/emb-test
+    retrieval embeddings export runs/tiny/emb-test --format parquet --out exports/emb
     retrieval index build --embeddings runs/tiny/emb-test --out runs/tiny/index
     retrieval search --index runs/tiny/index --image some.jpg --k 10
-    retrieval export runs/tiny --format timm --out exports/tiny-timm
+    retrieval export --model runs/tiny --format timm --out exports/tiny-timm
     retrieval serve --index runs/tiny/index --port 8080
     retrieval feedback export --log feedback/ --index runs/tiny/index --out fb/
-    retrieval report runs/tiny
+    retrieval report --run-dir runs/tiny
     retrieval demo
     retrieval bench all --quick
 """
@@ -46,6 +47,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("retrieval.cli.launch", "run a command on N processes (accelerate launch), its one-line error last"),
     "embed": ("retrieval.cli.embed", "embed a split rank-sharded and merge the parts"),
     "eval": ("retrieval.cli.eval", "SOP protocol: Recall@K, MAP@R, R-Precision on saved embeddings"),
+    "embeddings": (
+        "retrieval.cli.embeddings",
+        "export an embeddings set as parquet or plain .npy (what autofaiss and vector databases load)",
+    ),
     "index": (
         "retrieval.cli.index",
         "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings; add, remove rows",
@@ -61,6 +66,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "benchmarks of a checkout's bench/ package (loader, shards, train, embed, search)",
     ),
 }
+
+
+# a missing optional package -> the extra that installs it (pyproject.toml's optional-dependencies)
+EXTRAS = {"starlette": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve"}
+EXTRAS |= {"onnx": "export", "onnxscript": "export", "onnxruntime": "export", "pyarrow": "interop"}
+EXTRAS |= {"tensorboard": "trackers", "tensorboardX": "trackers", "mlflow": "trackers"}
 
 
 def _usage() -> str:
@@ -94,19 +105,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, help_ = COMMANDS[name]
     _setup_logging()
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"retrieval {name}", description=help_)
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
     try:
+        module = importlib.import_module(module_name)
+        args = parse(module, argparse.ArgumentParser(prog=f"retrieval {name}", description=help_), rest)
         return int(module.run(args) or 0)
+    except ModuleNotFoundError as e:
+        package = (e.name or "").split(".")[0]
+        if package not in EXTRAS:
+            raise
+        return _fail(name, UserError(f"needs the package {package!r}: pip install 'retrieval[{EXTRAS[package]}]'"))
     except UserError as e:
-        line = f"retrieval {name}: error: {e}"
-        print(line, file=sys.stderr, flush=True)
-        from retrieval import dist
+        return _fail(name, e)
 
-        dist.record_error(line)  # under a launcher: its failure report names this line, not "enable traceback"
-        return 2
+
+def parse(module, parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command's arguments; options and positionals (dotted overrides) may come in any order, wherever the
+    parser allows it (argparse cannot intermix with subcommands or a REMAINDER: those parse as written)."""
+    module.add_arguments(parser)
+    try:
+        return parser.parse_intermixed_args(argv)
+    except TypeError:  # subparsers / REMAINDER: raised before anything is parsed
+        return parser.parse_args(argv)
+
+
+def _fail(name: str, error: UserError) -> int:
+    line = f"retrieval {name}: error: {error}"
+    print(line, file=sys.stderr, flush=True)
+    from retrieval import dist
+
+    dist.record_error(line)  # under a launcher: its failure report names this line, not "enable traceback"
+    return 2
 
 
 if __name__ == "__main__":

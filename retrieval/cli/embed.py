@@ -3,6 +3,8 @@
     retrieval embed --model runs/tiny --shards shards/out --split test --out runs/tiny/emb-test
     accelerate launch --num_processes 8 -m retrieval embed --model runs/sop --shards /data/sop --split test --out E
     retrieval embed --model runs/tiny --untrained ...   # the run's starting weights (seed table: "untrained")
+    retrieval embed --model swinv2_base_window16_256 --pretrained ...     # zero-shot (seed table: "pretrained")
+    retrieval embed --model swinv2_base_window16_256 --pretrained-file w.safetensors ...   # the same, offline
     retrieval embed ... --merge                        # one embeddings.npy instead of parts (holds N x d once)
     retrieval embed --model runs/sop --manifest new.csv --out runs/sop/emb-new --id-offset 200000   # no shards
     retrieval embed --model runs/sop --image-folder new_products/ --out E --id-offset 200000 --class-offset 30000
@@ -13,8 +15,8 @@ checks against ``stats.json`` that no image is missing or duplicated and writes 
 (:mod:`retrieval.embed.sharded`; the set is :class:`retrieval.embed.embeddings.EmbeddingSet`: every reader
 memory-maps the parts, ordered by image id). ``OUT`` is replaced as one unit once the new set is complete (a second
 ``embed`` into it, or one while ``eval``/``index build`` read it, is refused before any work); what was derived from
-the old set (``eval``'s ``metrics.json``) goes with it. ``--num-workers`` defaults to the CPUs per rank less one, at
-most 4 (:func:`retrieval.dist.cpu_share`).
+the old set (``eval``'s ``metrics.json``) goes with it. ``--workers`` defaults to the CPUs per rank less one, at
+most 4 (:func:`retrieval.cpus.cpu_share`).
 
 ``--manifest`` / ``--image-folder`` embed a few hundred new photos without shards, in one process, through the same
 model loader, decoder and input spec (:mod:`retrieval.embed.listed`); ``retrieval index add`` then takes the set.
@@ -27,9 +29,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from retrieval import dist
+from retrieval import cpus, dist
+from retrieval.cli._args import add_model_arguments, model_options, old_spelling
 from retrieval.data.check import check_split
-from retrieval.data.loader import read_stats
+from retrieval.data.loader import read_stats, shard_urls
 from retrieval.data.sop import ON_MISSING
 from retrieval.embed.listed import ListedJob, embed_listed
 from retrieval.embed.sharded import EmbedJob, embed_to_folder
@@ -38,13 +41,11 @@ from retrieval.model.loading import load_model
 
 log = logging.getLogger(__name__)
 
+DTYPES = ("float32", "float16")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        required=True,
-        help="run folder, export folder or model.safetensors, timm export folder, or a config YAML with --untrained",
-    )
+    add_model_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--shards",
@@ -58,19 +59,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-key", help="cls, txt or json:FIELD; default: the one stats.json names, else cls")
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--untrained", action="store_true", help="the run's architecture at its starting weights")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embedding dtype")
+    p.add_argument("--vector-dtype", choices=DTYPES, default="float32", help="stored embedding dtype")
+    old_spelling(p, "--dtype", "--vector-dtype", "vector_dtype", choices=DTYPES)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument(
-        "--num-workers",
+        "--workers",
         type=int,
         default=None,
         help="loader workers per rank (default: from the CPUs per rank, at most 4; 4 on 2 cores were slower than 1)",
     )
-    p.add_argument("--precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
+    old_spelling(p, "--num-workers", "--workers", "workers", type=int)
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "no", "bf16", "fp16"),
+        help="auto: the launcher's, else bf16 on CUDA",
+    )
     p.add_argument("--img-size", type=int, help="default: the run's data.img_size or the model's input size")
     p.add_argument("--part-rows", type=int, default=65536, help="rows per part file (a rank holds one part)")
     p.add_argument("--merge", action="store_true", help="merge the parts into one file per column at the end")
+    p.add_argument(
+        "--allow-listed-commands",
+        action="store_true",
+        help="let the shard URLs the shards' stats.json lists run programs: pipe: shell commands, gs:// s3:// "
+        "hf:// (they run as you; only for an index you wrote). Without it such URLs read from data are refused",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,19 +96,21 @@ def run(args: argparse.Namespace) -> int:
     if args.split not in stats:
         raise UserError(f"{args.shards}/stats.json has no split {args.split!r}; found {sorted(stats)}")
     check_split(args.shards, args.split, stats)  # a missing or truncated shard: one line, before any work
-    acc = dist.make_accelerator(args.precision, 1, args.out)
-    workers = dist.use_cpu_share(args.num_workers, "embed").workers
-    loaded = load_model(args.model, args.untrained)
+    shard_urls(args.shards, args.split, stats[args.split], args.allow_listed_commands)  # listed URLs trusted?
+    acc = dist.make_accelerator(args.precision, 1, args.out, setting="--precision")
+    workers = cpus.use_cpu_share(args.workers, "embed").workers
+    loaded = load_model(args.model, **model_options(args))
     job = EmbedJob(
         args.shards,
         args.split,
         Path(args.out),
-        args.dtype,
+        args.vector_dtype,
         args.batch_size,
         workers,
         args.part_rows,
         args.merge,
         args.label_key,
+        args.allow_listed_commands,
     )
     embed_to_folder(acc, loaded, loaded.spec.with_size(args.img_size), job, stats)
     acc.end_training()
@@ -108,10 +123,10 @@ def _run_listed(args: argparse.Namespace) -> int:
         raise UserError("--manifest / --image-folder embed in one process: run without a launcher")
     if args.id_offset < 0 or args.class_offset < 0:
         raise UserError(f"--id-offset, --class-offset: expected 0 or more, got {args.id_offset}, {args.class_offset}")
-    dist.use_cpu_share(0, "embed")
+    cpus.use_cpu_share(0, "embed")
     job = ListedJob(Path(args.out), args.manifest, args.image_folder, args.id_offset, args.class_offset)
-    job = dataclasses.replace(job, batch_size=args.batch_size, dtype=args.dtype, on_missing=args.on_missing)
-    loaded = load_model(args.model, args.untrained)
+    job = dataclasses.replace(job, batch_size=args.batch_size, dtype=args.vector_dtype, on_missing=args.on_missing)
+    loaded = load_model(args.model, **model_options(args))
     embed_listed(loaded, loaded.spec.with_size(args.img_size), job)
     return 0
 
@@ -119,8 +134,8 @@ def _run_listed(args: argparse.Namespace) -> int:
 def _check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num-workers: expected 0 or more, got {args.num_workers}")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers: expected 0 or more, got {args.workers}")
     if args.part_rows < 1:
         raise UserError(f"--part-rows: expected a positive integer, got {args.part_rows}")
     if args.img_size is not None and args.img_size < 1:

@@ -5,6 +5,8 @@ retrieval index build --embeddings DIR --out DIR --factory IVF1024,PQ32 --train-
 retrieval index build --embeddings DIR --out DIR --factory HNSW32
 retrieval index build --embeddings DIR --out DIR --gpu all --shard                          # every GPU, sharded
 retrieval index build --embeddings DIR --out DIR --factory auto --target-recall 0.95 --k 10 --max-memory 8G
+retrieval index build --embeddings vectors.npy --labels labels.npy --out DIR      # another tool's vectors
+retrieval index build --embeddings clip-out/ --out DIR                            # clip-retrieval's folder
 
 ``--factory auto`` chooses among Flat, IVF-Flat, IVF-PQ and HNSW and tunes nprobe / efSearch against exact
 search (:mod:`retrieval.index.auto`); index.json records every setting it tried.
@@ -27,6 +29,7 @@ import argparse
 import json
 from pathlib import Path
 
+from retrieval.cli._args import add_source_arguments, source_columns
 from retrieval.errors import UserError
 from retrieval.index.auto import Target, build_auto_folder, parse_bytes
 from retrieval.index.folder import build_folder
@@ -36,7 +39,10 @@ from retrieval.index.update import add_rows, remove_rows
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build and save an index over an embeddings folder")
-    b.add_argument("--embeddings", required=True, type=Path, help="folder written by `retrieval embed`")
+    b.add_argument(
+        "--embeddings", required=True, type=Path, help="embeddings folder, a .npy (with --labels) or clip-retrieval's"
+    )
+    add_source_arguments(b)
     b.add_argument("--out", required=True, type=Path, help="index folder to write")
     b.add_argument(
         "--factory", default="Flat", help="Faiss factory string (Flat, IVF1024,PQ32, HNSW32, IVF256,Flat) or auto"
@@ -76,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if args.train_sample < 1:
         raise UserError(f"--train-sample: expected a positive integer, got {args.train_sample}")
     if args.factory.lower() != "auto":
-        info = build_folder(args.embeddings, args.out, args.factory, args.gpu, args.shard, args.train_sample)
+        info = build_folder(
+            args.embeddings, args.out, args.factory, args.gpu, args.shard, args.train_sample, source_columns(args)
+        )
         print(json.dumps(info, indent=1))
         return 0
     if not 0 < args.target_recall <= 1 or args.k < 1 or args.tune_queries < 1:
@@ -85,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
             f"{args.tune_queries}"
         )
     target = Target(args.target_recall, args.k, parse_bytes(args.max_memory), args.tune_queries)
-    info = build_auto_folder(args.embeddings, args.out, target, args.gpu, args.shard, args.train_sample)
+    info = build_auto_folder(
+        args.embeddings, args.out, target, args.gpu, args.shard, args.train_sample, source_columns(args)
+    )
     auto = info["auto"]
     summary = {k: v for k, v in info.items() if k != "auto"}
     summary["auto"] = {k: auto[k] for k in ("chosen", "met", "exact_streamed", "queries")}

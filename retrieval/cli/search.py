@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from retrieval import dist
+from retrieval import cpus
 from retrieval.errors import UserError
 from retrieval.search.searcher import Searcher, read_queries, same_class_summary
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.batch_size < 1:
         raise UserError(f"--k and --batch-size: expected positive integers, got {args.k} and {args.batch_size}")
     images, classes = read_queries(args.queries) if args.queries else (args.image, None)
-    dist.use_cpu_share(0, "search")  # torch threads from the CPUs this process has, not the host's cores
+    cpus.use_cpu_share(0, "search")  # torch threads from the CPUs this process has, not the host's cores
     searcher = Searcher(args.index, args.model, args.batch_size, force=args.force)
     searcher.index.set_params(nprobe=args.nprobe, ef_search=args.ef)
     results = searcher.search(images, args.k, progress=args.queries is not None)

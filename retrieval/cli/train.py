@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrieval.config.io import load_config
+from retrieval.config.io import config_yaml, load_config
 from retrieval.train.trainer import train
 
 PREEMPTED_EXIT = 3  # checkpointed and marked preempted: resume it (slurm/train.sbatch requeues)
@@ -46,12 +46,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--run-dir", help="output folder (default runs/<train.name>)")
     p.add_argument("--resume", help="auto (latest if present) | latest | path to a checkpoints/step_N folder")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 optim.lr=1e-4")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides anywhere on the line, e.g. train.epochs=3 optim.lr=1e-4"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data.shards={args.shards}"] if args.shards else [])
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     run_dir = Path(args.run_dir or f"runs/{cfg.train.name}")
     result = train(cfg, run_dir, resume=args.resume)
     return PREEMPTED_EXIT if result.get("preempted") else 0

@@ -4,6 +4,10 @@
 over the defaults, then the dotted overrides, then validates every field. Errors name the
 field (``optim.lr: expected a float, got 'abc'``) so a typo fails before any GPU time is spent.
 Every run writes its fully resolved config next to its outputs (:func:`save_config`).
+
+A config file is bounded before it is used: at most :data:`MAX_CONFIG_BYTES` of UTF-8 text, whose YAML (aliases
+expanded) holds at most :data:`MAX_CONFIG_NODES` values and never contains itself; a "billion laughs" file, a
+self-referencing alias, a binary or a directory each fail in one line naming the file.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from typing import Any
 import yaml
 
 from retrieval.config.schema import Config, ConfigError
+
+MAX_CONFIG_BYTES = 1 << 20  # an experiment config is a few kB
+MAX_CONFIG_NODES = 100_000  # values after YAML aliases are expanded (a real config holds a few hundred)
 
 
 def _type_name(tp: Any) -> str:
@@ -149,19 +156,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     values: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping at top level")
-        values = loaded or {}
+        values = _read_yaml(path)
     try:
         return config_from_dict(values, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    """The mapping of a config file, checked for size, text, YAML, and the size and shape of what it expands to."""
+    name = repr(str(path))
+    if path.is_dir():
+        raise ConfigError(f"config file {name} is a directory; expected a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file {name} does not exist")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {name}: {path.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES}")
+    try:
+        loaded = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {name} is not UTF-8 text (a binary?); expected a YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {name} is not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {name}: expected a mapping at top level")
+    _check_expanded(loaded or {}, name)
+    return loaded or {}
+
+
+def _check_expanded(tree: Any, name: str) -> None:
+    """Walk what the YAML expands to (aliases followed), bounded: no node inside itself, at most
+    :data:`MAX_CONFIG_NODES` values (a few-kB file of nested aliases can expand to billions)."""
+    count, stack = 0, [(tree, ())]
+    while stack:
+        node, ancestors = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(f"config file {name} expands to more than {MAX_CONFIG_NODES} values (YAML aliases?)")
+        if isinstance(node, (dict, list)):
+            if id(node) in ancestors:
+                raise ConfigError(f"config file {name} contains itself (a YAML alias inside its own anchor)")
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, (*ancestors, id(node))) for child in children)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -177,9 +213,15 @@ def to_dict(cfg: Any) -> dict:
     return plain(asdict(cfg))
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, in the schema's field order (what ``save_config`` writes, ``--print-config``
+    prints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def _deepcopy(x: Any) -> Any:

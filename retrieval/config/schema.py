@@ -56,6 +56,9 @@ class DataConfig:
     allow_incomplete: bool = False  # train/validate although shards are missing or differ from stats.json (warns)
     max_skipped_fraction: float = 0.01  # stop when more of the samples read than this were undecodable/incomplete
     label_key: str | None = None  # cls | txt | json:FIELD (e.g. json:product_id); None = the index's, else cls
+    # let the shard URLs a stats.json lists run programs: `pipe:` shell commands, gs:// s3:// hf:// ... (they run
+    # as you); only for an index you wrote yourself. Off: such URLs read from data files are refused (README)
+    allow_listed_commands: bool = False
     hard_negatives: str | None = None  # class pairs users judged "not the same" (`retrieval feedback export`): a
     # P x K batch holding one holds the other when the worker's class pool has it (retrieval.data.negatives)
 
@@ -265,14 +268,23 @@ class EvalConfig:
             raise ConfigError(f"eval.ks: expected positive integers, got {list(self.ks)}")
 
 
+TRACKERS = ("wandb", "tensorboard", "mlflow")
+
+
 @dataclass
 class LogConfig:
-    wandb: str = "offline"  # online | offline | disabled; offline writes into the run folder
-    project: str = "retrieval"  # wandb project
-    entity: str | None = None  # wandb entity (team); None = your default
+    trackers: tuple[str, ...] | None = None  # wandb | tensorboard | mlflow (accelerate's log_with), one or several;
+    # null = wandb unless log.wandb=disabled (the setting before log.trackers, kept for one release)
+    wandb: str = "offline"  # wandb's mode when WANDB_MODE is unset: online | offline | disabled (offline: run folder)
+    project: str | None = None  # project / experiment; null = WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME, else retrieval
+    entity: str | None = None  # wandb entity (team); None = WANDB_ENTITY or your default
 
     def __post_init__(self) -> None:
         _choice("log.wandb", self.wandb, ("online", "offline", "disabled"))
+        for name in self.trackers or ():
+            _choice("log.trackers", name, TRACKERS)
+        if self.trackers is not None and len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"log.trackers: each tracker once, got {list(self.trackers)}")
 
 
 @dataclass

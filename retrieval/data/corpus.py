@@ -3,6 +3,11 @@
     retrieval shards index /data/img2ds/train --split train --label-key json:product_id --out idx/
     retrieval shards index 'pipe:aws s3 cp s3://b/c/{00000..00099}.tar -' --split train --label-key txt --out idx/
     retrieval train ... --shards idx/        # idx/stats.json lists the shards' URLs per split
+    retrieval train ... --shards idx/ data.allow_listed_commands=true   # when it lists pipe: (or gs://...) URLs
+
+URLs listed in a ``stats.json`` that run a program when read (``pipe:``, ``gs://``, ...) are refused unless the
+user opts in (``data.allow_listed_commands``, ``embed --allow-listed-commands``): the index is a data file, and
+anyone who can write it could otherwise make the trainer run a command (:mod:`retrieval.data.source`).
 
 The loader needs per split the number of samples (equal steps per rank, the schedule) and the embed command
 needs it to check completeness; foreign corpora (img2dataset, other tools' shards) lack both. The index

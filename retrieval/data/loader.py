@@ -298,7 +298,7 @@ def train_loader(
     """Exactly ``span.steps - span.start_step`` P×K batches of ``data_cfg.train_split`` for this rank and epoch."""
     rank, world = reader.place()
     entry = split_entry(shards_dir, data_cfg.train_split)
-    urls = shard_urls(shards_dir, data_cfg.train_split, entry)
+    urls = shard_urls(shards_dir, data_cfg.train_split, entry, data_cfg.allow_listed_commands)
     layout = train_layout(urls, data_cfg, entry, span.epoch, rank, world)
     dataset = _TrainStream(
         layout.urls,
@@ -369,15 +369,17 @@ def eval_loader(
     num_workers: int,
     reader: Reader = Reader(),
     label_key: str | None = None,
+    allow_commands: bool = False,
 ) -> DataLoader:
     """Every sample of ``split`` exactly once across ranks (this rank's part; empty when it has nothing).
 
     ``label_key``: ``cls``, ``txt`` or ``json:FIELD``; None = the one the split's stats.json names, else ``cls``.
+    ``allow_commands``: see :func:`retrieval.data.source.shard_urls`.
     """
     rank, world = reader.place()
     entry = split_entry(shards_dir, split)
     stream = Stream(label_key or entry.get("label_key", "cls"))
-    layout = split_readers(shard_urls(shards_dir, split, entry), rank, world, num_workers, stream)
+    layout = split_readers(shard_urls(shards_dir, split, entry, allow_commands), rank, world, num_workers, stream)
     workers = num_workers if layout.in_shard else min(num_workers, len(layout.urls))
     dataset = _EvalStream(layout, max(workers, 1), batch_size, tfm.eval_transform(spec), spec.size, rank)
     return _dataloader(dataset, workers, reader.pin_memory)

@@ -15,6 +15,13 @@ Accepted sources (the same for train, validation and ``embed``):
 ``urls`` (the split's shards), ``label_key`` and ``grouped`` (whether every class is one contiguous
 run in one shard, as the builder writes them; when not, the P×K planner buffers classes).
 
+Trust: a ``pipe:`` URL runs a shell command, and webdataset's other schemes (``gs://``, ``s3://``, ``hf://``,
+``ais://``, ...) run a program. Only what the user typed (``--shards``, ``data.shards``) may be such a URL. URLs
+read from a data file (the ``urls`` of a ``stats.json``, the shard names of a remote prefix's ``stats.json``) are
+resolved against where that file was read and must be local paths or ``http(s)`` URLs (from a remote
+``stats.json``: ``http(s)`` only); anything else is a :class:`UserError` unless the user opts in
+(``data.allow_listed_commands``, ``embed --allow-listed-commands``) for an index they wrote themselves.
+
 Remote shards (anything but a local path) are read whole into memory with retries and exponential
 backoff (``RETRIEVAL_FETCH_ATTEMPTS``, default 5; 0.5 s doubling to 8 s); a URL that stays unreachable
 is a :class:`UserError` naming it, never a silently smaller epoch.
@@ -29,6 +36,7 @@ import os
 import re
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import IO
@@ -45,6 +53,11 @@ FETCH_TIMEOUT_S = 120
 
 def is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url and not url.startswith("file://")
+
+
+def runs_program(url: str) -> bool:
+    """Whether reading ``url`` runs a command: ``pipe:`` (a shell) or a scheme webdataset opens with a tool."""
+    return url.startswith("pipe:") or is_remote(url) and not url.startswith(("http://", "https://"))
 
 
 def _local(url: str) -> str:
@@ -176,21 +189,57 @@ def split_entry(source: str | Path, split: str) -> dict:
     return entry if isinstance(entry, dict) else {}
 
 
-def shard_urls(source: str | Path, split: str, entry: dict | None = None) -> list[str]:
-    """The split's shard URLs, in a fixed order (see the module docstring for the accepted sources)."""
+def shard_urls(source: str | Path, split: str, entry: dict | None = None, allow_commands: bool = False) -> list[str]:
+    """The split's shard URLs, in a fixed order (see the module docstring for the accepted sources).
+
+    ``allow_commands``: let the URLs a ``stats.json`` lists run programs (``pipe:``, ``gs://``, ...): the user's
+    explicit opt-in (``data.allow_listed_commands``); without it they are refused (the module's "Trust")."""
     source = str(source)
     kind = _kind(source)
     if kind == "folder" and not Path(source).is_dir():
         raise UserError(f"shards folder {source!r} does not exist; build it with `retrieval shards build`")
     entry = split_entry(source, split) if entry is None else entry
     if entry.get("urls"):
-        return list(entry["urls"])
+        stats_url = _sibling(source, "stats.json")
+        return [_listed(u, stats_url, split, allow_commands) for u in entry["urls"]]
     if kind == "folder":
         urls = sorted(str(p) for p in Path(source).glob(f"{split}-*.tar"))
     elif kind == "prefix":
-        urls = [source + name for name in sorted(entry.get("shard_samples", {}))]
+        urls = [source + _plain_name(name, source) for name in sorted(entry.get("shard_samples", {}))]
     else:
         urls = [u for u in expand(source) if tar_name(u).startswith(f"{split}-")]
     if not urls:
         raise UserError(f"{source}: no shards for split {split!r} (expected {split}-000000.tar, ...)")
     return urls
+
+
+def _listed(url: object, stats_url: str, split: str, allow_commands: bool) -> str:
+    """One URL a ``stats.json`` lists, resolved against where that file was read; refused when it would run a
+    program (unless ``allow_commands``) or, listed by a remote file, when it is not ``http(s)``."""
+    if not isinstance(url, str) or not url:
+        raise UserError(f"{stats_url}: split {split!r} lists {url!r} as a shard URL; expected a path or URL string")
+    if stats_url.startswith(("http://", "https://")):
+        url = urllib.parse.urljoin(stats_url, url)  # relative names are the server's, never this machine's files
+    elif not is_remote(url) and not is_remote(stats_url) and not Path(_local(url)).is_absolute():
+        url = str(Path(_local(stats_url)).parent / _local(url))
+    if runs_program(url) and not allow_commands:
+        raise UserError(
+            f"{stats_url}: split {split!r} lists the shard URL {url[:120]!r}, which runs a program when read; a URL "
+            "read from a data file may only be a local path or an http(s) URL. If you wrote this index yourself, "
+            "allow it with data.allow_listed_commands=true (`retrieval embed --allow-listed-commands`)"
+        )
+    if is_remote(stats_url) and not is_remote(url) and not allow_commands:
+        raise UserError(
+            f"{stats_url}: split {split!r} lists {url[:120]!r}, a path on this machine; a remote stats.json may "
+            "only list http(s) URLs"
+        )
+    return url
+
+
+def _plain_name(name: str, source: str) -> str:
+    """A shard name a remote prefix's ``stats.json`` lists: appended to the prefix, so a plain file name only."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise UserError(
+            f"{source}stats.json: shard name {name[:120]!r} is not a plain file name (letters, digits, _.-)"
+        )
+    return name

@@ -106,6 +106,15 @@ def check_vectors(path: Path, emb: np.ndarray, n: int, chunk: int = BLOCK_ROWS) 
     return emb
 
 
+def check_dim(path: Path, claimed: Any, dim: int) -> None:
+    """``path`` (a manifest or meta.json) claims the vectors' dimension: it must be the one they have."""
+    if claimed is not None and (not isinstance(claimed, int) or isinstance(claimed, bool) or claimed != dim):
+        raise UserError(
+            f"{path}: says dim {claimed!r}, but the vectors are {dim}-dimensional; the folder is inconsistent "
+            "(edited or mixed from two runs): embed again"
+        )
+
+
 def read_columns(folder: Path) -> tuple[dict[str, np.ndarray], list[str], dict]:
     """The int64 columns, paths and meta of one merged-layout folder, each checked."""
     meta = read_json(folder / META, "the provenance written last by `retrieval embed`")
@@ -217,10 +226,13 @@ def read_parted(folder: Path, vectors: bool) -> tuple[PartedVectors | None, dict
         for k in COLUMNS:
             cols[k].append(c[k])
         paths += p
+        array = load_array(pdir / VECTORS, mmap=True)  # the header only: its shape
+        check_dim(folder / MANIFEST, manifest["dim"], array.shape[1] if array.ndim == 2 else -1)
         if vectors:
-            check_vectors(pdir / VECTORS, load_array(pdir / VECTORS, mmap=True), part["count"])
+            check_vectors(pdir / VECTORS, array, part["count"])
         files.append(pdir / VECTORS)
         counts.append(part["count"])
+    check_dim(folder / META, meta.get("dim"), manifest["dim"])  # after the parts: they hold the truth
     ids = np.concatenate(cols["ids"]) if counts else np.zeros(0, np.int64)
     if len(ids) != manifest["count"]:
         raise UserError(f"{folder / MANIFEST}: lists {manifest['count']} rows, its parts hold {len(ids)}")

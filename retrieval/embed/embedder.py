@@ -53,11 +53,18 @@ class Embedder:
 
     @classmethod
     def load(
-        cls, model: str | os.PathLike, untrained: bool = False, batch_size: int = 64, device: str | None = None
+        cls,
+        model: str | os.PathLike,
+        untrained: bool = False,
+        batch_size: int = 64,
+        device: str | None = None,
+        pretrained: bool = False,
+        pretrained_file: str | os.PathLike | None = None,
     ) -> Embedder:
         """Any model :func:`~retrieval.model.loading.load_model` takes: a run folder, an export folder or
-        ``model.safetensors``, a timm export folder, or (``untrained``) a config YAML."""
-        return cls(load_model(model, untrained), batch_size, device)
+        ``model.safetensors``, a timm export folder, a timm model name with ``pretrained``/``pretrained_file``
+        (zero-shot), or (``untrained``) a config YAML."""
+        return cls(load_model(model, untrained, pretrained, pretrained_file), batch_size, device)
 
     @property
     def dim(self) -> int:

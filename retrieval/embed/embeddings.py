@@ -68,7 +68,10 @@ class EmbeddingSet:
 
     @property
     def training(self) -> str:
-        return "untrained" if self.meta.get("untrained") else "finetuned"
+        """The seed table's rows: untrained, pretrained (zero-shot: a timm model's own weights), fine-tuned."""
+        if self.meta.get("untrained"):
+            return "untrained"
+        return "pretrained (zero-shot)" if self.meta.get("zero_shot") else "finetuned"
 
     # ----------------------------------------------------------------------------------- write
     def save(self, folder: str | Path, dtype: str = "float32", vectors: bool = True) -> Path:
@@ -159,23 +162,50 @@ class EmbeddingSet:
         if vectors:
             path = folder / store.VECTORS
             emb = store.check_vectors(path, store.load_array(path, mmap), n)
+            if n:  # an empty set's vectors have no width to compare
+                store.check_dim(folder / store.META, meta.get("dim"), emb.shape[1])
         return cls(emb, columns["ids"], columns["labels"], columns["super_labels"], paths, meta)
+
+    @classmethod
+    def open(cls, path: str | Path, columns=None) -> EmbeddingSet:
+        """Our folder (:meth:`load`), or another tool's embeddings (:mod:`retrieval.embed.interop`): a plain .npy
+        with its labels (``columns``: an :class:`~retrieval.embed.interop.Columns`), clip-retrieval's folder."""
+        from retrieval.embed import interop  # pyarrow only when a parquet file is read
+
+        path = Path(path)
+        if not interop.is_foreign(path):
+            return cls.load(path)
+        emb, ids, labels, super_labels, paths, meta = interop.read_foreign(path, columns or interop.Columns())
+        return cls(emb, ids, labels, super_labels, paths, {**meta, "count": len(ids), "dim": int(emb.shape[1])})
 
     def vectors32(self) -> np.ndarray:
         """The vectors as contiguous float32 (a copy only when stored as float16, memory-mapped or parted)."""
         if isinstance(self.embeddings, PartedVectors):
             return self.embeddings.materialize()
+        if isinstance(self.embeddings, np.memmap):  # a mapped .npy (another tool's): a writable copy for torch
+            return np.array(self.embeddings, dtype=np.float32)
         return np.ascontiguousarray(self.embeddings, dtype=np.float32)
 
     def blocks(self, rows: int = store.BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(image ids, float32 vectors)`` blocks covering every row once: for consumers that stream
         (an index build adds rows without holding all vectors twice)."""
+        for set_rows, block in self.row_blocks(rows):
+            yield self.ids[set_rows], block
+
+    def block_count(self, rows: int = store.BLOCK_ROWS) -> int:
+        """How many blocks :meth:`blocks` yields (a progress bar's total)."""
         if isinstance(self.embeddings, PartedVectors):
-            for set_rows, block in self.embeddings.blocks(rows):
-                yield self.ids[set_rows], block
+            return int(sum(-(-int(n) // rows) for n in np.diff(self.embeddings.offsets)))
+        return -(-len(self) // rows)
+
+    def row_blocks(self, rows: int = store.BLOCK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(row numbers, float32 vectors)`` blocks covering every row once, in storage order (memory O(block))."""
+        if isinstance(self.embeddings, PartedVectors):
+            yield from self.embeddings.blocks(rows)
             return
         for s0 in range(0, len(self), rows):
-            yield self.ids[s0 : s0 + rows], np.ascontiguousarray(self.embeddings[s0 : s0 + rows], dtype=np.float32)
+            rows_here = np.arange(s0, min(s0 + rows, len(self)))
+            yield rows_here, np.ascontiguousarray(self.embeddings[s0 : s0 + rows], dtype=np.float32)
 
     # ----------------------------------------------------------------------------------- merge
     @classmethod

@@ -52,6 +52,7 @@ class EmbedJob:
     part_rows: int = 65536  # rows per part file (a rank holds one part in memory)
     merge: bool = False  # one file per column at the end instead of parts
     label_key: str | None = None
+    allow_commands: bool = False  # --allow-listed-commands: stats.json may list pipe: URLs (the user's opt-in)
 
 
 def autocast(device: torch.device, mixed_precision: str):
@@ -93,6 +94,7 @@ def embed_split(
     writer: PartWriter | None = None,
     label_key: str | None = None,
     batches: Iterable[dict] | None = None,
+    allow_commands: bool = False,
 ) -> EmbeddingSet:
     """This rank's share of ``split`` (its ``meta`` holds ``skipped``, ``seconds``, ``count``).
 
@@ -105,7 +107,8 @@ def embed_split(
     world = dist.world_size()
     loader = batches
     if loader is None:
-        loader = eval_loader(shards, split, spec, batch_size, num_workers, Reader(dist.rank(), world), label_key)
+        reader = Reader(dist.rank(), world)
+        loader = eval_loader(shards, split, spec, batch_size, num_workers, reader, label_key, allow_commands)
     total = -(-int(split_entry(shards, split).get("samples", 0)) // world) or None
     dim = int(getattr(model, "embed_dim", 0))
     out: dict[str, list] = {k: [] for k in ("embeddings", *COLUMNS)}
@@ -180,6 +183,7 @@ def embed_to_folder(accelerator, loaded: LoadedModel, spec: InputSpec, job: Embe
             accelerator.mixed_precision,
             writer,
             label_key=job.label_key,
+            allow_commands=job.allow_commands,
         )
         count, seconds = local.meta["count"], local.meta["seconds"]
         rate = count / max(seconds, 1e-9)

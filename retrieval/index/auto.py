@@ -168,7 +168,8 @@ def tune(
 
     Returns the chosen trial (else the best one), every trial, and whether the target was met."""
     trials: list[dict] = []
-    for value in cand.values or (None,):
+    values = cand.values or (None,)  # the bar's ETA is for the whole ladder; the first setting that meets ends it
+    for value in knn.bar(values, f"index auto: tune {cand.factory}" if len(values) > 1 else None):
         set_search_params(
             index, value if cand.param == "nprobe" else None, value if cand.param == "ef_search" else None
         )
@@ -226,7 +227,7 @@ def _build_candidate(es: EmbeddingSet, cand: Candidate, train_rows: np.ndarray, 
     if not base.is_trained:
         base = train_base(base, es.embeddings[train_rows], cand.factory, gpus)
     trained = time.perf_counter()
-    index = fill(base, es, skip)
+    index = fill(base, es, skip, progress=f"index auto: add to {cand.factory}")
     timing = {"train_seconds": round(trained - t0, 3), "add_seconds": round(time.perf_counter() - trained, 3)}
     return index, timing
 
@@ -311,11 +312,17 @@ def auto_index(
 
 
 def build_auto_folder(
-    embeddings_dir: Path, out: Path, target: Target, gpu: str = "auto", shard: bool = False, train_sample: int = 100_000
+    embeddings_dir: Path,
+    out: Path,
+    target: Target,
+    gpu: str = "auto",
+    shard: bool = False,
+    train_sample: int = 100_000,
+    columns=None,
 ) -> dict[str, Any]:
     """``--factory auto``: choose, tune and save; index.json holds the chosen setting and every tried one. The
     spilled candidate waits in the stage folder, so a killed build leaves nothing in ``out``."""
-    with building(out, embeddings_dir) as (stage, es):
+    with building(out, embeddings_dir, columns) as (stage, es):
         if len(es) < target.k + 2:
             raise UserError(f"{embeddings_dir}: {len(es)} rows; --k {target.k} needs at least {target.k + 2}")
         gpus = parse_gpus(gpu)

@@ -42,12 +42,12 @@ from retrieval import knn, util
 from retrieval.embed.embeddings import EmbeddingSet
 from retrieval.errors import UserError
 from retrieval.index import versions
+from retrieval.index.params import default_params, live_params, set_search_params
 from retrieval.util import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE, INFO_FILE = "index.faiss", versions.INFO_FILE
-LIVE_IDS = faiss.IDSelectorRange(0, 2**63 - 1)  # image ids are >= 0; a removed row of an IVF or HNSW has id < -1
 SEARCH_FILE = "search-queries.json"  # the summary of the last `retrieval search --queries` against the index
 
 
@@ -85,30 +85,6 @@ def place(index: faiss.Index, gpus: list[int], shard: bool) -> faiss.Index:
 
 
 # ------------------------------------------------------------------------------------------------ build
-def set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
-    """IVF ``nprobe`` (capped at nlist) and HNSW ``efSearch`` of a CPU index (IDMap-wrapped or not) or its GPU form."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    ivf = faiss.try_extract_index_ivf(inner)
-    if ivf is not None and nprobe:
-        ivf.nprobe = min(nprobe, ivf.nlist)
-    elif nprobe and hasattr(faiss, "GpuParameterSpace"):  # placed on GPU(s): the GPU parameter space reaches it
-        with contextlib.suppress(RuntimeError):
-            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
-    if isinstance(inner, faiss.IndexHNSW) and ef_search:
-        inner.hnsw.efSearch = ef_search
-
-
-def live_params(index: faiss.Index) -> faiss.SearchParameters:
-    """Search parameters that skip removed rows (:data:`LIVE_IDS`) and keep the index's nprobe / efSearch."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    ivf = faiss.try_extract_index_ivf(inner)
-    if ivf is not None:
-        return faiss.SearchParametersIVF(sel=LIVE_IDS, nprobe=ivf.nprobe)
-    if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=LIVE_IDS, efSearch=inner.hnsw.efSearch)
-    return faiss.SearchParameters(sel=LIVE_IDS)
-
-
 def make_base(d: int, factory: str) -> faiss.Index:
     try:
         return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -149,12 +125,14 @@ def blocks_without(es: EmbeddingSet, skip: np.ndarray | None = None):
         yield ids[keep], np.ascontiguousarray(block[keep])
 
 
-def fill(base: faiss.Index, es: EmbeddingSet, skip: np.ndarray | None = None) -> faiss.Index:
+def fill(
+    base: faiss.Index, es: EmbeddingSet, skip: np.ndarray | None = None, progress: str | None = "index: add"
+) -> faiss.Index:
     """``IndexIDMap2(base)`` with the rows of ``es`` added block by block (never all vectors twice), but those whose
-    image id is in ``skip`` (:func:`blocks_without`)."""
+    image id is in ``skip`` (:func:`blocks_without`); ``progress`` names the progress bar (ETA), None: none."""
     index = faiss.IndexIDMap2(base)
     log.info("index: adding %d vectors of dimension %d", len(es) - (0 if skip is None else len(skip)), es.dim)
-    for ids, block in blocks_without(es, skip):
+    for ids, block in knn.bar(blocks_without(es, skip), progress, total=es.block_count()):
         index.add_with_ids(block, np.ascontiguousarray(ids, dtype=np.int64))
     return index
 
@@ -167,32 +145,25 @@ def build_index(es: EmbeddingSet, factory: str = "Flat", train_sample: int = 100
     return fill(base, es)
 
 
-def default_params(factory: str) -> dict[str, int]:
-    """Search parameters stored in index.json; searches may override them."""
-    params = {}
-    if "IVF" in factory.upper():
-        params["nprobe"] = 32
-    if "HNSW" in factory.upper():
-        params["ef_search"] = 128
-    return params
-
-
-def load_embeddings(embeddings_dir: Path) -> EmbeddingSet:
-    es = EmbeddingSet.load(embeddings_dir)
+def load_embeddings(embeddings_dir: Path, columns=None) -> EmbeddingSet:
+    """Our embeddings folder or another tool's (``columns``: :class:`~retrieval.embed.interop.Columns`)."""
+    es = EmbeddingSet.open(embeddings_dir, columns)
     if len(np.unique(es.ids)) != len(es):
-        raise UserError(f"{embeddings_dir}/ids.npy: ids must be unique")
+        raise UserError(f"{embeddings_dir}: image ids must be unique (ids.npy, --ids or the image_id column)")
     return es
 
 
 @contextlib.contextmanager
-def building(out: Path, embeddings_dir: Path) -> Iterator[tuple[Path, EmbeddingSet]]:
+def building(out: Path, embeddings_dir: Path, columns=None) -> Iterator[tuple[Path, EmbeddingSet]]:
     """The whole build of the index folder ``out`` from ``embeddings_dir``: ``out``'s lock (checked before any work),
-    the embeddings held against a re-embed while they are read, and a stage folder to write into, which replaces
-    ``out`` in one rename when the block completes (removed if it fails). Yields (stage, embeddings)."""
+    the embeddings held against a re-embed while they are read (our sets; another tool's are read as they are), and
+    a stage folder to write into, which replaces ``out`` in one rename when the block completes (removed if it
+    fails). Yields (stage, embeddings)."""
     _check_out(out, embeddings_dir)
+    held = EmbeddingSet.reading(embeddings_dir) if EmbeddingSet.is_folder(embeddings_dir) else contextlib.nullcontext()
     try:
-        with util.new_version(out) as stage, EmbeddingSet.reading(embeddings_dir):
-            yield stage, load_embeddings(embeddings_dir)
+        with util.new_version(out) as stage, held:
+            yield stage, load_embeddings(embeddings_dir, columns)
     except util.Busy as e:
         raise UserError(
             f"{out} is being written by another `retrieval index build` (pid {e.holder}): one build per folder; "
@@ -255,9 +226,10 @@ def build_folder(
     gpu: str = "auto",
     shard: bool = False,
     train_sample: int = 100_000,
+    columns=None,
 ) -> dict[str, Any]:
     """Build and save ``index.faiss`` + ``index.json`` with the catalogue columns; returns index.json's content."""
-    with building(out, embeddings_dir) as (stage, es):
+    with building(out, embeddings_dir, columns) as (stage, es):
         gpus = parse_gpus(gpu)
         t0 = time.perf_counter()
         index = build_index(es, factory, train_sample, gpus)

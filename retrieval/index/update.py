@@ -67,7 +67,8 @@ def updating(folder: Path) -> Iterator[tuple[Path, faiss.Index, dict, EmbeddingS
 def add_rows(folder: Path, embeddings_dir: Path, replace: bool = False) -> dict[str, Any]:
     """Append the rows of ``embeddings_dir`` (same model, new ids; ``replace``: ids already held get the new row)."""
     t0 = time.perf_counter()
-    with updating(folder) as (stage, index, info, catalogue), EmbeddingSet.reading(embeddings_dir):
+    held = EmbeddingSet.reading(embeddings_dir) if EmbeddingSet.is_folder(embeddings_dir) else contextlib.nullcontext()
+    with updating(folder) as (stage, index, info, catalogue), held:
         es = load_embeddings(embeddings_dir)
         check_same_model(info, es, folder, embeddings_dir)
         held = es.ids[np.isin(es.ids, catalogue.ids)]
@@ -154,7 +155,7 @@ def drop_ids(index: faiss.IndexIDMap2, ids: np.ndarray) -> int:
     Only an index that stores its rows in order (Flat, PQ, SQ: ``IndexFlatCodes``) renumbers them as
     ``IndexIDMap2.remove_ids`` assumes; an IVF keeps its rows' numbers in its lists (the id map's compaction would
     then name other images: a silent wrong answer) and an HNSW graph cannot delete at all. Their removed rows keep
-    their place under a unique negative id, which searches filter out (:data:`retrieval.index.folder.LIVE_IDS`)."""
+    their place under a unique negative id, which searches filter out (:data:`retrieval.index.params.LIVE_IDS`)."""
     if not len(ids):
         return 0
     if isinstance(faiss.downcast_index(index.index), faiss.IndexFlatCodes):

@@ -40,6 +40,7 @@ from retrieval.knn._base import (
     _as_f32,
     _check_k,
     _self_exclude,
+    bar,
     cuda_available,
     faiss_has_gpu,
     faiss_search,
@@ -50,6 +51,7 @@ from retrieval.knn._stream import stream_topk
 
 __all__ = [
     "BACKENDS",
+    "bar",
     "DTYPES",
     "METRICS",
     "SYMMETRIC_MIN_N",
@@ -108,6 +110,7 @@ def search(
     chunk: int = 4096,
     symmetric: bool | None = None,
     shards: int = 1,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of ``queries`` against ``database`` (``None``: self-search, own row excluded by index).
 
@@ -115,6 +118,7 @@ def search(
     ``symmetric`` (torch, CPU, fp32 self-search) selects :func:`symmetric_self_search`; default: when
     N >= ``SYMMETRIC_MIN_N``.
     ``shards`` (faiss) searches an ``IndexShards``; on CUDA Faiss uses all visible GPUs as shards.
+    ``progress`` names the work for a progress bar with ETA (stderr); None: no bar.
     """
     if metric not in METRICS or backend not in BACKENDS or dtype not in DTYPES:
         raise ValueError(
@@ -134,10 +138,10 @@ def search(
         device = "cuda" if cuda_available() else "cpu"
     if backend == "faiss":
         gpus = list(range(faiss.get_num_gpus())) if device.startswith("cuda") and faiss_has_gpu() else None
-        return faiss_search(q, xb, k, metric, exclude, shards=shards, gpus=gpus)
+        return faiss_search(q, xb, k, metric, exclude, shards=shards, gpus=gpus, progress=progress)
     if symmetric is None:
         symmetric = len(q) >= SYMMETRIC_MIN_N
     use_sym = plain_self and device == "cpu" and dtype == "fp32" and symmetric
     if use_sym:
-        return symmetric_self_search(q, k, metric, chunk=chunk)
-    return torch_search(q, xb, k, metric, exclude, device=device, dtype=dtype, chunk=chunk)
+        return symmetric_self_search(q, k, metric, chunk=chunk, progress=progress)
+    return torch_search(q, xb, k, metric, exclude, device=device, dtype=dtype, chunk=chunk, progress=progress)

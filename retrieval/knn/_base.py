@@ -107,6 +107,17 @@ def _drop_excluded(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, k: 
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
+def bar(steps, desc: str | None, total: int | None = None):
+    """``steps`` under a tqdm progress bar with rate and ETA (stderr) when ``desc`` names the work, else as they are
+    (also when there is one step: nothing to estimate)."""
+    total = len(steps) if total is None and hasattr(steps, "__len__") else total
+    if desc is None or (total is not None and total <= 1):
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=desc, total=total, unit="block", mininterval=1.0, dynamic_ncols=True)
+
+
 def faiss_search(
     queries: np.ndarray,
     database: np.ndarray | None,
@@ -116,6 +127,7 @@ def faiss_search(
     shards: int = 1,
     gpus: Sequence[int] | None = None,
     chunk: int = 16384,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact search with a flat Faiss index (CPU, ``IndexShards`` or GPUs); asks k+1 when excluding."""
     xb = queries if database is None else database
@@ -125,7 +137,7 @@ def faiss_search(
     kk = k + (1 if exclude is not None else 0)
     scores = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
-    for q0 in range(0, len(queries), chunk):
+    for q0 in bar(range(0, len(queries), chunk), progress):
         q1 = min(len(queries), q0 + chunk)
         d_, i_ = index.search(queries[q0:q1], kk)
         if exclude is not None:

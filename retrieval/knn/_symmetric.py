@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import torch
 
-from retrieval.knn._base import _as_f32, _check_k, _self_exclude
+from retrieval.knn._base import _as_f32, _check_k, _self_exclude, bar
 from retrieval.knn._torch import _block_scores, torch_search
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def symmetric_self_search(
     target: float = 2.0,
     chunk: int = 4096,
     seed: int = 0,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact all-vs-all top-k on CPU (self excluded by index), computing each score block once.
 
@@ -107,7 +108,7 @@ def symmetric_self_search(
     heaps = _Heaps(n, k, floor)
     col_ids = np.arange(n, dtype=np.int64)
     buf, buf_t = torch.empty(tile * tile), torch.empty(tile * tile)
-    for i0 in range(0, n, tile):
+    for i0 in bar(range(0, n, tile), progress):  # the rows' tiles: later ones hold fewer blocks (ETA pessimistic)
         xi = xt[i0 : i0 + tile]
         for j0 in range(i0, n, tile):
             xj = xt[j0 : j0 + tile]

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from retrieval.knn._base import bar
+
 log = logging.getLogger(__name__)
 
 
@@ -102,6 +104,7 @@ def torch_search(
     dtype: str = "fp32",
     chunk: int = 4096,
     to_host: bool = True,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
     """Chunked matmul + ``torch.topk``: memory ``O(chunk x N)``.
 
@@ -123,7 +126,7 @@ def torch_search(
     scores = torch.empty((len(q32), k), dtype=torch.float32, device=out_device)
     ids = torch.empty((len(q32), k), dtype=torch.int64, device=out_device)
     with _matmul_precision(dtype):
-        for q0 in range(0, len(q32), chunk):
+        for q0 in bar(range(0, len(q32), chunk), progress):
             q = q32[q0 : q0 + chunk]
             s = scorer(q)
             if excl is not None:

@@ -112,7 +112,8 @@ def resolve_export(path: str | os.PathLike) -> tuple[Path, Path]:
         weights = path
     else:
         raise UserError(
-            f"model {str(path)!r} does not exist (expected a run dir, an export folder or a {WEIGHTS_NAME} file)"
+            f"model {str(path)!r} does not exist (expected a run dir, an export folder, a {WEIGHTS_NAME} file, "
+            "or a timm model name with --pretrained / --pretrained-file)"
         )
     config = weights.parent / CONFIG_NAME
     if not config.is_file():

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from retrieval.errors import UserError
+from retrieval.errors import UserError, require
 from retrieval.model.files import INPUT_NAME
 from retrieval.model.loading import LoadedModel, load_model
 from retrieval.model.network import EmbeddingModel
@@ -43,11 +43,12 @@ FORMATS = ("timm", "onnx")
 ONNX_NAME = "model.onnx"
 
 
-def export(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
-    """Export the model of a run folder / export folder as ``fmt`` into ``out``; returns the folder."""
+def export(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike, **weights: Any) -> Path:
+    """Export the model of a run folder / export folder (any form :func:`load_model` takes, ``weights`` its
+    keyword arguments) as ``fmt`` into ``out``; returns the folder."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    return (export_timm if fmt == "timm" else export_onnx)(model_path, out)
+    return (export_timm if fmt == "timm" else export_onnx)(model_path, out, **weights)
 
 
 # ---------------------------------------------------------------------------------------------------- timm
@@ -75,11 +76,11 @@ def timm_model(loaded: LoadedModel, model_name: str, kwargs: dict[str, Any]) -> 
     return net.eval()
 
 
-def export_timm(model_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_timm(model_path: str | os.PathLike, out: str | os.PathLike, **weights: Any) -> Path:
     """``out/config.json`` + ``out/model.safetensors`` in timm's hub format (see the module docstring)."""
     from timm.models import save_for_hf
 
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, **weights)
     cfg = loaded.config
     net = timm_model(loaded, cfg.name, dict(cfg.kwargs))
     spec = loaded.spec
@@ -105,9 +106,11 @@ def export_timm(model_path: str | os.PathLike, out: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------------- onnx
 
 
-def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, opset: int = 18) -> Path:
+def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, opset: int = 18, **weights: Any) -> Path:
     """``out/model.onnx`` (input ``images``, output ``embeddings``, dynamic batch) + ``out/input.json``."""
-    loaded = load_model(model_path)
+    for module in ("onnx", "onnxscript"):  # torch.onnx's exporter imports them deep inside, as a traceback
+        require(module, "export", "ONNX export")
+    loaded = load_model(model_path, **weights)
     model, spec = loaded.model.eval(), loaded.spec
     example = torch.zeros(2, 3, spec.size, spec.size)
     out = Path(out)

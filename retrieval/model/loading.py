@@ -3,6 +3,8 @@
     loaded = load_model("runs/sop")             # a run folder (its best export)
     loaded = load_model("exports/sop-timm")     # a folder written by `retrieval export --format timm`
     loaded = load_model("configs/x.yaml", untrained=True)   # an architecture at its seeded starting weights
+    loaded = load_model("swinv2_base_window16_256", pretrained=True)           # zero-shot: timm's pooled features
+    loaded = load_model("swinv2_base_window16_256", pretrained_file="w.safetensors")   # the same, offline
     loaded.model, loaded.spec, loaded.provenance  # eval-mode model, its InputSpec, where it came from (+ sha256)
 
 Forms accepted, wherever a model is taken (``retrieval embed --model``, ``Embedder.load``, ``Searcher``,
@@ -12,6 +14,11 @@ Forms accepted, wherever a model is taken (``retrieval embed --model``, ``Embedd
 * an export folder or a ``model.safetensors`` path (``model.yaml`` beside it, ``input.json`` when written);
 * a timm export folder (``config.json`` + ``model.safetensors``, :mod:`retrieval.model.formats`): timm's own
   model, L2-normalised as its ``config.json`` says;
+* a timm model name (or ``hf-hub:org/name``) with ``pretrained`` (timm's hub or its cache) or ``pretrained_file``
+  (a local ``.safetensors``/``.pth``): zero-shot, the backbone's pooled features (``num_classes=0``), no
+  projection, L2-normalised (the seed table's "pretrained" row); with ``untrained``, timm's own random
+  initialisation (seed 0) of that architecture; a config YAML with ``pretrained``/``pretrained_file``: the same
+  for the config's architecture (``model.kwargs``) at its ``data.img_size``;
 * with ``untrained``: a config YAML or any of the above, rebuilt at its seeded starting weights (those of its
   ``model.init_from`` parent for a continued run: :func:`starting_model`).
 
@@ -34,7 +41,7 @@ from typing import Any
 import torch
 
 from retrieval.config.io import load_config
-from retrieval.config.schema import Config, ModelConfig
+from retrieval.config.schema import Config, DataConfig, ModelConfig
 from retrieval.data.input_spec import InputSpec
 from retrieval.errors import UserError
 from retrieval.model.files import CONFIG_NAME, load_exported, read_input_spec, read_loss_state, resolve_export
@@ -55,14 +62,30 @@ class LoadedModel:
     config: ModelConfig | None = None  # the architecture (timm name and kwargs) the weights belong to
 
 
-def load_model(model_path: str | os.PathLike, untrained: bool = False) -> LoadedModel:
+def load_model(
+    model_path: str | os.PathLike,
+    untrained: bool = False,
+    pretrained: bool = False,
+    pretrained_file: str | os.PathLike | None = None,
+) -> LoadedModel:
     """The model at ``model_path`` in eval mode on the CPU (see the module docstring for the accepted forms).
 
     ``untrained`` rebuilds the architecture at its seeded starting weights (the seed table's "untrained" row).
     The input spec is the one the model was trained with: ``input.json`` beside the weights, else the run's
-    config, else the model's defaults.
+    config, else the model's defaults. ``pretrained``/``pretrained_file`` go with a timm model name or a config
+    YAML (zero-shot: the config's architecture, ``model.kwargs`` and input size included, with those weights).
     """
     path = Path(model_path)
+    if is_timm_name(model_path):
+        return _load_timm_name(ModelConfig(name=str(model_path)), None, untrained, pretrained, pretrained_file)
+    if path.suffix in (".yaml", ".yml") and (pretrained or pretrained_file):
+        cfg = load_config(path)
+        return _load_timm_name(cfg.model, cfg.data, False, pretrained, pretrained_file, str(path))
+    if pretrained or pretrained_file:
+        raise UserError(
+            f"--pretrained/--pretrained-file: {model_path} is not a timm model name or a config YAML (they choose "
+            "an architecture's weights; a run or export folder holds its own)"
+        )
     if not untrained and is_timm_export(path):
         return _load_timm_export(path)
     return _load_ours(path, untrained)
@@ -119,7 +142,8 @@ def starting_model(cfg: Config) -> tuple[EmbeddingModel, Parent | None]:
     if problem:
         raise UserError(f"model.init_from: {source} is not the architecture of this run's model section: {problem}")
     model.load_state_dict(weights, strict=True)
-    loss = None if parent.provenance.get("format") == "timm" else read_loss_state(source)
+    ours = Path(source).exists() and parent.provenance.get("format") != "timm"  # a timm export or name: no loss
+    loss = read_loss_state(source) if ours else None
     log.info("model: starting from the weights of %s (sha256 %s)", source, str(digest)[:12])
     return model, Parent(str(source), str(digest), loss)
 
@@ -185,3 +209,67 @@ def _load_timm_export(folder: Path) -> LoadedModel:
     return LoadedModel(
         model, spec, {"model": str(folder), "untrained": False, "format": "timm", "model_sha256": digest}
     )
+
+
+# ------------------------------------------------------------------------------------------ a timm model name
+
+
+def is_timm_name(model: str | os.PathLike) -> bool:
+    """A timm model name (``swinv2_base_window16_256``) or hub id (``hf-hub:timm/...``), not a path on disk."""
+    import timm
+
+    text = str(model)
+    if Path(text).exists():
+        return False
+    return text.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(text)
+
+
+def _load_timm_name(
+    arch: ModelConfig, data: DataConfig | None, untrained: bool, pretrained: bool, pretrained_file, source=None
+) -> LoadedModel:
+    """Zero-shot: timm's backbone of ``arch`` (name, kwargs) as it comes (pooled features, no projection,
+    L2-normalised); ``data`` (a config's) sets the input size; ``source`` names the model in the provenance."""
+    name = source or arch.name
+    if not (untrained or pretrained or pretrained_file):
+        raise UserError(
+            f"--model {name}: a timm model name needs its weights: --pretrained (timm's hub or its cache), "
+            "--pretrained-file FILE (a local .safetensors/.pth), or --untrained (timm's random initialisation)"
+        )
+    weights = None if untrained else (pretrained_file, pretrained)
+    cfg = ModelConfig(
+        name=arch.name,
+        kwargs=dict(arch.kwargs),
+        pretrained=bool(weights and pretrained),
+        pretrained_file=str(pretrained_file) if weights and pretrained_file else None,
+        embed_dim=None,
+        normalize=True,
+    )
+    torch.manual_seed(0)  # untrained: timm's initialisation, the same for every call
+    model = build_model(cfg, scratch_init=False).eval()
+    check_finite_weights(model, pretrained_file or name)
+    digest = None
+    if cfg.pretrained_file:
+        digest = file_sha256(cfg.pretrained_file)
+    elif cfg.pretrained:
+        digest = _state_sha256(model)  # hub weights have no file of ours: the tensors identify them
+    provenance = {"model": name, "untrained": cfg.pretrained_file is None and not cfg.pretrained, "zero_shot": True}
+    provenance.update(pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, model_sha256=digest)
+    return LoadedModel(model, _timm_spec(model, data), provenance, cfg)
+
+
+def _timm_spec(model: EmbeddingModel, data: DataConfig | None) -> InputSpec:
+    """A config's data section when given, else timm's own data config (its resize filter too, where ours has a
+    choice)."""
+    if data is not None:
+        return InputSpec.of(model, data)
+    dc = model.data_config
+    interpolation = dc.get("interpolation") if dc.get("interpolation") in ("bilinear", "bicubic") else "bicubic"
+    return InputSpec.of(model, DataConfig(interpolation=interpolation))
+
+
+def _state_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -72,9 +72,12 @@ def initial_model(cfg: Config) -> EmbeddingModel:
     return build_model(cfg.model)
 
 
-def build_model(cfg: ModelConfig) -> EmbeddingModel:
-    """The model described by ``cfg``, with pretrained weights when ``cfg.pretrained``/``cfg.pretrained_file``."""
-    backbone = _create_backbone(cfg)
+def build_model(cfg: ModelConfig, scratch_init: bool = True) -> EmbeddingModel:
+    """The model described by ``cfg``, with pretrained weights when ``cfg.pretrained``/``cfg.pretrained_file``.
+
+    ``scratch_init=False`` keeps timm's own initialisation when no weights are loaded (a zero-shot baseline of
+    timm's architecture exactly as ``timm.create_model`` makes it); see :func:`_scratch_init` for the default."""
+    backbone = _create_backbone(cfg, scratch_init)
     feat_dim = int(backbone.num_features)
     if cfg.embed_dim is None:
         head, embed_dim = nn.Identity(), feat_dim
@@ -103,7 +106,7 @@ def _timm_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return {**cfg.kwargs, "num_classes": 0, "drop_path_rate": cfg.drop_path_rate}
 
 
-def _create_backbone(cfg: ModelConfig) -> nn.Module:
+def _create_backbone(cfg: ModelConfig, scratch_init: bool = True) -> nn.Module:
     kwargs = _timm_kwargs(cfg)
     _check_name(cfg.name)
     if cfg.pretrained_file:
@@ -121,7 +124,8 @@ def _create_backbone(cfg: ModelConfig) -> nn.Module:
                 f"or its cache ({type(e).__name__}: {e}); offline, set model.pretrained_file to a "
                 "local .safetensors/.pth, or fill the HF cache and set HF_HUB_OFFLINE=1"
             ) from None
-    return _scratch_init(_create(cfg.name, pretrained=False, **kwargs))
+    backbone = _create(cfg.name, pretrained=False, **kwargs)
+    return _scratch_init(backbone) if scratch_init else backbone
 
 
 def _scratch_init(backbone: nn.Module) -> nn.Module:

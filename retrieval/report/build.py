@@ -1,7 +1,7 @@
-"""``retrieval report RUN_DIR``: one self-contained HTML page for a run, to open anywhere or attach to a ticket.
+"""``retrieval report --run-dir RUN_DIR``: one self-contained HTML page for a run, to open anywhere or attach to a ticket.
 
-    retrieval report runs/tiny                                  # -> runs/tiny/report.html
-    retrieval report runs/sop --embeddings runs/sop/emb-test --shards /data/sop-shards --out sop.html
+    retrieval report --run-dir runs/tiny                        # -> runs/tiny/report.html
+    retrieval report --run-dir runs/sop --embeddings runs/sop/emb-test --shards /data/sop-shards --html sop.html
 
 The page holds, in order: the metrics table (``results.json`` rows when the demo wrote them, else each
 evaluation folder's ``metrics.json``, else the last validation line), loss / recall / throughput curves

@@ -39,16 +39,17 @@ def index_model(index: IndexFolder, override: str | None = None, force: bool = F
     the recorded path retrained since) embeds queries into another space, even at the same dimension, and the
     results would be silently meaningless; refused unless ``force``.
     """
-    if override:
-        loaded = load_model(override)
-    else:
-        model = index.info.get("model")
-        if not model:
-            raise UserError(f"{index.path}/index.json names no model (the embeddings had no provenance); pass --model")
-        if not Path(model).exists():
-            raise UserError(f"{index.path}/index.json: model {model!r} does not exist any more; pass --model")
-        untrained = bool(index.info.get("untrained", index.catalogue.meta.get("untrained")))
-        loaded = load_model(model, untrained=untrained)
+    meta = index.catalogue.meta
+    model = override or index.info.get("model")
+    if not model:
+        raise UserError(f"{index.path}/index.json names no model (the embeddings had no provenance); pass --model")
+    weights = {}
+    if meta.get("zero_shot") and meta.get("model") == model:  # a timm name: its weights as the catalogue's were
+        weights = {"pretrained": bool(meta.get("pretrained")), "pretrained_file": meta.get("pretrained_file")}
+    if not override and not weights and not Path(model).exists():
+        raise UserError(f"{index.path}/index.json: model {model!r} does not exist any more; pass --model")
+    untrained = (not override or bool(weights)) and bool(index.info.get("untrained", meta.get("untrained")))
+    loaded = load_model(model, untrained=untrained, **weights)
     expected, got = index.info.get("model_sha256"), loaded.provenance.get("model_sha256")
     if expected and got != expected and not force:
         raise UserError(

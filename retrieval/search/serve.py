@@ -4,77 +4,64 @@
     uvicorn.run(app, host="127.0.0.1", port=8080)      # what `retrieval serve` does
 
 ``POST /search?k=K`` takes images as multipart files (field ``image``, several allowed), as the raw request body,
-or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``), and answers ``{"queries": [{"query",
-"results": [{rank, image_id, class_id, super_class_id, path, score}]}]}`` and the index version it came from
-(``"index": {version, build_id, count}``). ``GET /healthz`` answers what is loaded, the version included. Bad
-input answers 4xx with ``{"detail": "..."}``; the server never dies of a request.
+or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``; only with ``path_root``), or embeddings made
+elsewhere as JSON ``{"vectors": [[...], ...]}`` (the index's dimension, as the index's model makes them: searched as
+they are), and answers ``{"queries": [{"query", "results": [{rank, image_id, class_id, super_class_id, path,
+score}]}]}`` with the index version it came from (``"index": {version, build_id, count}``). ``GET /healthz``
+answers what is loaded, the version included. Bad input answers 4xx with ``{"detail": "..."}``; the server
+never dies of a request. Every request is bounded (body bytes and time, images, pixels, JSON, paths:
+:mod:`retrieval.search.serve_request`) and, with ``token``, must carry ``Authorization: Bearer <token>`` (401
+otherwise).
+
+Batching: requests are decoded in worker threads (``decoders`` at a time) into model inputs, then queued; one
+worker takes what has queued up within ``max_wait_ms`` of the first waiting request, up to ``max_batch`` images,
+and embeds it in one forward pass and one index search (at the largest k asked; each request gets its own top k
+back). A request of more than ``max_batch`` images is queued as several parts, so it never makes a larger forward
+pass and other requests are served between its parts. A lone request waits at most ``max_wait_ms``; under load,
+throughput comes from the batch.
 
 A new version of the index folder (``retrieval index add|remove|build``) is picked up without a restart
-(:mod:`retrieval.search.live`): the folder is watched every ``watch_s`` seconds, or ``POST /admin/reload`` (with
-``Authorization: Bearer ADMIN_TOKEN``; off without ``--admin-token``) loads it at once. Each batch is answered from
-one version, named in every answer; a version built from another model's embeddings is refused and the service
-stays on the one it has. ``POST /feedback`` (with ``--feedback-dir``) records users' judgements of results
+(:mod:`retrieval.search.live`): the folder is checked every ``watch_s`` seconds, and ``POST /admin/reload`` loads it
+at once (behind the token like every route). A request is pinned to the version current when it was queued (all its
+parts too) and answered from it whole, naming it; a version built from another model's embeddings is refused and
+the service stays on the one it has. ``POST /feedback`` (with ``feedback_dir``) records users' judgements of results
 (:mod:`retrieval.search.serve_feedback`).
-
-Batching: requests are decoded in the thread pool, then queued; one worker takes what has queued up within
-``max_wait_ms`` of the first waiting request (up to ``max_batch`` images) and embeds it in one forward pass and one
-index search (at the largest k asked; each request gets its own top k back). A lone request waits at most
-``max_wait_ms``; under load, throughput comes from the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import hmac
 import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import anyio
+import numpy as np
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from retrieval.data.decode import decode_image
 from retrieval.errors import UserError
+from retrieval.search import serve_request as rq
 from retrieval.search.feedback import FeedbackLog
 from retrieval.search.live import LiveIndex, version_of
 from retrieval.search.searcher import Searcher
 from retrieval.search.serve_feedback import feedback_route
+from retrieval.search.serve_request import IMAGE_FIELDS, Query, ServeOptions
 
+__all__ = ["IMAGE_FIELDS", "Batcher", "ServeOptions", "create_app", "read_queries"]
 log = logging.getLogger(__name__)
-
-IMAGE_FIELDS = ("image", "images", "file")
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    max_batch: int = 32  # images per forward pass
-    max_wait_ms: float = 5.0  # how long the first queued request waits for company
-    max_k: int = 1000
-    max_bytes: int = 20 * 2**20  # per request body
-    path_root: str | None = None  # JSON path queries must lie under it (None: any path the server can read)
-    watch_s: float = 2.0  # how often the index folder is checked for a new version (0: only POST /admin/reload)
-    admin_token: str | None = None  # enables POST /admin/reload for requests that carry it (Bearer)
-    feedback_dir: str | None = None  # enables POST /feedback: the append-only log's folder
-    feedback_max_bytes: int = 2**30  # the log and its photos stay under it (507 past it)
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_k < 1 or self.watch_s < 0:
-            raise UserError(
-                f"serve options: expected max_batch >= 1, max_wait_ms >= 0, max_k >= 1, watch_s >= 0, got {self}"
-            )
 
 
 class Batcher:
-    """Groups queued queries into one forward pass and one index search."""
+    """Groups queued queries into forward passes of at most ``max_batch`` images and one index search each."""
 
     def __init__(self, searcher: Searcher, options: ServeOptions, live: LiveIndex | None = None) -> None:
         self.searcher, self.options, self.live = searcher, options, live or LiveIndex(searcher)
@@ -90,68 +77,65 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def search(self, images: list[Image.Image], names: list[str], k: int) -> tuple[list[dict], dict]:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((images, names, k, future))
-        return await future
+    async def search(self, images: list, names: list[str], k: int) -> tuple[list[dict], dict]:
+        """Top-k results per image (PIL images or prepared inputs), queued in parts of at most ``max_batch``, all
+        answered from the index version current now; returns them and that version."""
+        loop, step = asyncio.get_running_loop(), self.options.max_batch
+        index, futures = self.live.current, []  # the version this request is answered from, every part of it
+        for start in range(0, len(images), step):
+            futures.append(loop.create_future())
+            await self.queue.put((images[start : start + step], names[start : start + step], k, index, futures[-1]))
+        return [r for part in await asyncio.gather(*futures) for r in part], version_of(index)
 
     async def _work(self) -> None:
+        carried = None  # a part that did not fit the last forward pass: it opens the next
         while True:
-            group = [await self.queue.get()]
+            group = [carried or await self.queue.get()]
+            carried, size = None, len(group[0][0])
             deadline = time.perf_counter() + self.options.max_wait_ms / 1000
-            size = len(group[0][0])
             while size < self.options.max_batch:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), max(deadline - time.perf_counter(), 0))
                 except asyncio.TimeoutError:
                     break
+                if size + len(item[0]) > self.options.max_batch:
+                    carried = item
+                    break
                 group.append(item)
                 size += len(item[0])
-            try:
-                answers = await run_in_threadpool(self._run, group)
-            except Exception as e:  # one bad batch answers its requests with the error; the worker lives on
-                answers = [e] * len(group)
-            for (*_, future), answer in zip(group, answers, strict=True):
-                if not future.done():
-                    (future.set_exception if isinstance(answer, Exception) else future.set_result)(answer)
+            await self._answer(group)
 
-    def _run(self, group: list[tuple]) -> list[tuple[list[dict], dict]]:
-        images = [im for item in group for im in item[0]]
-        names = [n for item in group for n in item[1]]
-        k = max(item[2] for item in group)
-        vectors = self.searcher.embed(images)
-        index = self.live.current  # once: every query of the batch is answered from this version
-        results = self.searcher.search_vectors(vectors, names, k, index=index)
-        version = version_of(index)
+    async def _answer(self, group: list[tuple]) -> None:
+        try:
+            answers = await anyio.to_thread.run_sync(self._run, group)
+        except Exception as e:  # one bad batch answers its requests with the error; the worker lives on
+            answers = [e] * len(group)
+        for (*_, future), answer in zip(group, answers, strict=True):
+            if not future.done():
+                (future.set_exception if isinstance(answer, Exception) else future.set_result)(answer)
+
+    def _run(self, group: list[tuple]) -> list[list[dict]]:
+        """One forward pass for the group, one index search per version its requests are pinned to (one but
+        during a swap), at the largest k asked of it; each request gets its own top k back."""
+        vectors = self.searcher.embed([im for item in group for im in item[0]])
         self.batches += 1
-        out, start = [], 0
-        for item_images, _, item_k, _ in group:
-            chunk = results[start : start + len(item_images)]
-            out.append(([{**r, "results": r["results"][:item_k]} for r in chunk], version))
-            start += len(item_images)
+        bounds = np.cumsum([0] + [len(item[0]) for item in group])
+        out: list = [None] * len(group)
+        for index in {id(item[3]): item[3] for item in group}.values():
+            mine = [i for i, item in enumerate(group) if item[3] is index]
+            rows = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in mine])
+            names = [n for i in mine for n in group[i][1]]
+            results = self.searcher.search_vectors(vectors[rows], names, max(group[i][2] for i in mine), index=index)
+            for i in mine:
+                chunk, results = results[: len(group[i][0])], results[len(group[i][0]) :]
+                out[i] = [{**r, "results": r["results"][: group[i][2]]} for r in chunk]
         return out
 
 
 # ------------------------------------------------------------------------------------------ reading a request
 
 
-def _decode(data: bytes, name: str) -> Image.Image:
-    try:
-        return decode_image(data)  # the catalogue's own decoder: a catalogue image finds itself
-    except Exception as e:  # PIL raises many types for bad data: all mean "not an image"
-        raise HTTPException(415, f"{name}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def _open_path(path: str, root: str | None) -> Image.Image:
-    resolved = Path(path).resolve()
-    if root is not None and not resolved.is_relative_to(Path(root).resolve()):
-        raise HTTPException(403, f"path {path!r}: outside the served folder (--path-root)")
-    if not resolved.is_file():
-        raise HTTPException(404, f"path {path!r}: no such file on the server")
-    return _decode(resolved.read_bytes(), f"path {path!r}")
-
-
-def _k(value: Any, options: ServeOptions) -> int:
+def _k(value, options: ServeOptions) -> int:
     try:
         k = int(value)
     except (TypeError, ValueError):
@@ -161,76 +145,116 @@ def _k(value: Any, options: ServeOptions) -> int:
     return k
 
 
-async def _from_json(request: Request, options: ServeOptions) -> tuple[list[Image.Image], list[str], Any]:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HTTPException(400, f"JSON body: not valid JSON ({e})") from None
-    if not isinstance(body, dict) or not ("path" in body or "paths" in body):
-        raise HTTPException(422, 'JSON body: expected {"path": "..."} or {"paths": ["...", ...]}')
-    paths = [body["path"]] if "path" in body else body["paths"]
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-        raise HTTPException(422, "JSON body: 'path' must be a string, 'paths' a non-empty list of strings")
-    images = [await run_in_threadpool(_open_path, p, options.path_root) for p in paths]
-    return images, paths, body.get("k")
-
-
-async def _from_form(request: Request) -> tuple[list[Image.Image], list[str]]:
-    form = await request.form()
-    files = [f for field in IMAGE_FIELDS for f in form.getlist(field) if hasattr(f, "read")]
-    if not files:
-        raise HTTPException(422, f"multipart body: expected one or more files in the field {IMAGE_FIELDS[0]!r}")
-    names = [f.filename or f"image {i}" for i, f in enumerate(files)]
-    images = [await run_in_threadpool(_decode, await f.read(), n) for f, n in zip(files, names, strict=True)]
-    return images, names
-
-
-async def read_queries(request: Request, options: ServeOptions) -> tuple[list[Image.Image], list[str], int]:
-    """(images, names, k) of a search request, or an HTTPException saying what was expected."""
-    length = int(request.headers.get("content-length") or 0)
-    if length > options.max_bytes:
-        raise HTTPException(413, f"request body of {length} bytes: the limit is {options.max_bytes}")
+async def _blobs(request: Request, options: ServeOptions, limiter) -> tuple[list[bytes], list[str], object]:
+    """The request's encoded images, their names and the k its body asks for (None: the query string's)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    k = request.query_params.get("k")
-    if kind == "application/json":
-        images, names, json_k = await _from_json(request, options)
-        k = json_k if json_k is not None else k
-    elif kind == "multipart/form-data":
-        images, names = await _from_form(request)
-    else:  # the raw body is the image (image/jpeg, application/octet-stream, or no type at all)
-        data = await request.body()
-        if not data:
-            raise HTTPException(400, "empty body: send an image (raw, multipart field 'image') or JSON {'path': ...}")
-        images, names = [await run_in_threadpool(_decode, data, "body")], ["body"]
-    return images, names, _k(10 if k is None else k, options)
+    body = await rq.read_body(request, options)
+    if kind == "multipart/form-data":
+        return (*await rq.form_files(request, body, options), None)
+    if not body:  # the raw body is the image (image/jpeg, application/octet-stream, or no type at all)
+        raise HTTPException(400, "empty body: send an image (raw, multipart field 'image') or JSON {'path': ...}")
+    return [body], ["body"], None
+
+
+async def read_queries(request: Request, options: ServeOptions, searcher: Searcher, limiter) -> Query | VectorQuery:
+    """The request's images as model inputs, their names and k (or, for ``{"vectors": ...}``, the vectors), or an
+    HTTPException saying what was expected."""
+    k = request.query_params.get("k", 10)
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+        body = await rq.read_body(request, options)  # vectors may be long: the body limit, then JSON's below
+        query = rq.parse_json(body)
+        if isinstance(query, dict) and "vectors" in query:
+            return read_vectors(query, options, int(searcher.index.info["dim"]), k)
+        if len(body) > options.max_json_bytes:
+            raise HTTPException(413, f"JSON body: over {options.max_json_bytes} bytes")
+        paths, asked = rq.json_paths(query, options)
+        blobs = [await anyio.to_thread.run_sync(rq.read_path, p, options, limiter=limiter) for p in paths]
+        names = paths
+    else:
+        blobs, names, asked = await _blobs(request, options, limiter)
+    embedder = searcher.embedder
+    inputs = await rq.prepare_all(blobs, names, embedder.spec, embedder.prepare, options, limiter)
+    return Query(inputs, names, _k(asked if asked is not None else k, options))
+
+
+@dataclass(frozen=True)
+class VectorQuery:
+    array: Any  # N x dim float32
+    k: int
+
+
+def read_vectors(query: dict, options: ServeOptions, dim: int, k: Any) -> VectorQuery:
+    """A JSON ``{"vectors": [[...], ...], "k": K}`` query as an N x ``dim`` float32 array (at most ``max_images``)."""
+    import numpy as np
+
+    try:
+        array = np.asarray(query["vectors"], dtype=np.float32)
+    except (TypeError, ValueError):
+        raise HTTPException(422, "vectors: expected a list of lists of numbers") from None
+    if array.ndim != 2 or not len(array) or array.shape[1] != dim or not np.isfinite(array).all():
+        raise HTTPException(
+            422,
+            f"vectors: expected a non-empty list of finite vectors of dimension {dim}, got shape {list(array.shape)}",
+        )
+    if len(array) > options.max_images:
+        raise HTTPException(
+            413, f"{len(array)} vectors in one request; the limit is {options.max_images} (--max-images)"
+        )
+    return VectorQuery(array, _k(query.get("k", k), options))
 
 
 # ------------------------------------------------------------------------------------------------ the app
 
 
+class BearerToken:
+    """ASGI middleware: with a token, every HTTP request must carry ``Authorization: Bearer <token>``; 401 before
+    any work (the body is not read)."""
+
+    def __init__(self, app, token: str) -> None:
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        given = Request(scope).headers.get("authorization", "").encode() if scope["type"] == "http" else None
+        if given is not None and not hmac.compare_digest(given, self.expected):  # constant time: no guessing
+            detail = {"detail": "missing or wrong bearer token (send Authorization: Bearer <token>)"}
+            await JSONResponse(detail, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starlette:
     """The Starlette app: ``POST /search``, ``GET /healthz``, ``POST /admin/reload`` and (with a feedback folder)
-    ``POST /feedback``; the batcher and the folder's watch run while the app does."""
+    ``POST /feedback``; the batcher and the index folder's watch run while the app does."""
     options = options or ServeOptions()
     live = LiveIndex(searcher)
     batcher = Batcher(searcher, options, live)
     feedback = FeedbackLog(options.feedback_dir, options.feedback_max_bytes) if options.feedback_dir else None
+    limits: dict = {}  # the decoders' limiter, made in the app's event loop
 
     async def search(request: Request) -> JSONResponse:
-        images, names, k = await read_queries(request, options)
+        query = await read_queries(request, options, searcher, limits["decoders"])
+        if isinstance(query, VectorQuery):  # embeddings made elsewhere: no model, no batching with image queries
+            names, index = [f"vector {i}" for i in range(len(query.array))], live.current
+            results = await anyio.to_thread.run_sync(searcher.search_vectors, query.array, names, query.k, index)
+            return JSONResponse({"k": query.k, "index": version_of(index), "queries": results})
         try:
-            results, version = await batcher.search(images, names, k)
+            results, version = await batcher.search(query.inputs, query.names, query.k)
         except UserError as e:
             raise HTTPException(400, str(e)) from None
-        return JSONResponse({"k": k, "index": version, "queries": results})
+        return JSONResponse({"k": query.k, "index": version, "queries": results})
 
-    healthz, reload = _healthz(live, batcher, options, feedback), _reload(live, options)
+    async def reload(request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(await anyio.to_thread.run_sync(live.reload))
+        except UserError as e:
+            raise HTTPException(409, str(e)) from None
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        limits["decoders"] = anyio.CapacityLimiter(options.decoders)
         batcher.start()
         watch = asyncio.get_running_loop().create_task(_watch(live, options.watch_s)) if options.watch_s else None
         yield
@@ -241,15 +265,15 @@ def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starl
         if feedback is not None:
             feedback.close()
 
-    routes = [Route("/search", search, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])]
-    routes.append(Route("/admin/reload", reload, methods=["POST"]))
+    routes = [Route("/search", search, methods=["POST"]), Route("/admin/reload", reload, methods=["POST"])]
+    routes.append(Route("/healthz", _healthz(live, batcher, feedback), methods=["GET"]))
     if feedback is not None:
-        route = feedback_route(live, feedback, options.path_root, options.max_bytes)
-        routes.append(Route("/feedback", route, methods=["POST"]))
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+        routes.append(Route("/feedback", feedback_route(live, feedback, options, limits), methods=["POST"]))
+    guard = [Middleware(BearerToken, token=options.token)] if options.token else []
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan, middleware=guard)
 
 
-def _healthz(live: LiveIndex, batcher: Batcher, options: ServeOptions, feedback: FeedbackLog | None):
+def _healthz(live: LiveIndex, batcher: Batcher, feedback: FeedbackLog | None):
     async def healthz(request: Request) -> JSONResponse:
         index = live.current
         return JSONResponse(
@@ -263,7 +287,7 @@ def _healthz(live: LiveIndex, batcher: Batcher, options: ServeOptions, feedback:
                 "dim": int(index.info["dim"]),
                 "device": str(batcher.searcher.embedder.device),
                 "batches": batcher.batches,
-                "feedback": str(options.feedback_dir) if feedback else None,
+                "feedback": str(feedback.folder) if feedback else None,
                 "pid": os.getpid(),
             }
         )
@@ -271,24 +295,10 @@ def _healthz(live: LiveIndex, batcher: Batcher, options: ServeOptions, feedback:
     return healthz
 
 
-def _reload(live: LiveIndex, options: ServeOptions):
-    async def reload(request: Request) -> JSONResponse:
-        if not options.admin_token:
-            raise HTTPException(404, "POST /admin/reload is off: start the service with --admin-token")
-        if request.headers.get("authorization", "") != f"Bearer {options.admin_token}":
-            raise HTTPException(401, "POST /admin/reload: expected the header Authorization: Bearer ADMIN_TOKEN")
-        try:
-            return JSONResponse(await run_in_threadpool(live.reload))
-        except UserError as e:
-            raise HTTPException(409, str(e)) from None
-
-    return reload
-
-
 async def _watch(live: LiveIndex, every_s: float) -> None:
     """Reload when the folder was switched to another version; a refused one is not retried until it changes."""
     while True:
         await asyncio.sleep(every_s)
         if live.changed():
-            with contextlib.suppress(UserError):  # logged, shown in /healthz; the old version keeps answering
-                await run_in_threadpool(live.reload)
+            with contextlib.suppress(UserError):  # logged and shown in /healthz; the old version keeps answering
+                await anyio.to_thread.run_sync(live.reload)

@@ -6,37 +6,38 @@
 
 The query photo comes as a multipart file (field ``image``) or a JSON ``path`` on the server (under
 ``--path-root``, as for ``/search``); ``result_id`` must be an image id of the index version answered from now,
-``same`` a boolean (multipart: true/false, 1/0, yes/no). The judged image's product (``result_class``) and the index
-version are recorded with it, so the export does not depend on later versions. Answers 201 with the entry; a
-malformed judgement 4xx naming the field (415: not an image, 404: an id the index does not hold), a full log 507.
+``same`` a boolean (multipart: true/false, 1/0, yes/no). The request is read under the service's bounds (body bytes
+and time, JSON size, the photo's pixels from its header: :mod:`retrieval.search.serve_request`). The judged image's
+product (``result_class``) and the index version are recorded with it, so the export does not depend on later
+versions. Answers 201 with the entry; a malformed judgement 4xx naming the field (415: not an image, 404: an id the
+index does not hold), a full log 507.
 """
 
 from __future__ import annotations
 
-import io
-import json
-from pathlib import Path
 from typing import Any
 
-from PIL import Image
-from starlette.concurrency import run_in_threadpool
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from retrieval.search import serve_request as rq
 from retrieval.search.feedback import FeedbackLog, LogFull
 from retrieval.search.live import LiveIndex, version_of
+from retrieval.search.serve_request import ServeOptions
 
 TRUE, FALSE = ("true", "1", "yes", "same"), ("false", "0", "no", "not the same")
 
 
-def _format(data: bytes, name: str) -> str:
-    """The image format of ``data`` (checked by decoding it whole), or 415."""
+def _format(data: bytes, name: str, spec, options: ServeOptions) -> str:
+    """The photo's format, its header read and its pixels checked (the search bounds), then decoded whole: or 4xx."""
+    image = rq.open_checked(data, name, spec, options)
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return str(im.format or "img")
-    except Exception as e:  # PIL raises many types for bad data: all mean "not an image"
+        with image:
+            image.load()
+            return str(image.format or "img")
+    except Exception as e:  # a header that reads and a body that does not: still "not an image"
         raise HTTPException(415, f"{name}: not a readable image ({type(e).__name__}: {e})") from None
 
 
@@ -57,46 +58,40 @@ def _result_id(value: Any) -> int:
         raise HTTPException(422, f"result_id: expected an integer image id, got {value!r}") from None
 
 
-async def _read(request: Request, path_root: str | None) -> tuple[bytes, str, Any, Any]:
+async def _read(request: Request, options: ServeOptions, limiter) -> tuple[bytes, str, Any, Any]:
     """(photo bytes, its name, result_id, same) of a JSON or multipart judgement."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPException(400, f"JSON body: not valid JSON ({e})") from None
+        body = rq.parse_json(await rq.read_body(request, options, options.max_json_bytes))
         if not isinstance(body, dict) or not isinstance(body.get("path"), str):
             raise HTTPException(422, 'JSON body: expected {"path": "...", "result_id": ID, "same": true|false}')
-        photo = await run_in_threadpool(_read_path, body["path"], path_root)
+        photo = await anyio.to_thread.run_sync(rq.read_path, body["path"], options, limiter=limiter)
         return photo, body["path"], body.get("result_id"), body.get("same")
     if kind != "multipart/form-data":
         raise HTTPException(415, "expected multipart (image, result_id, same) or JSON (path, result_id, same)")
-    form = await request.form()
+    body = await rq.read_body(request, options)
+    try:
+        form = await rq.replayed(request, body).form(max_files=1, max_fields=8)
+    except HTTPException as e:
+        raise HTTPException(400, f"multipart body: {e.detail}") from None
     image = form.get("image")
     if image is None or not hasattr(image, "read"):
         raise HTTPException(422, "multipart body: expected the query photo in the field 'image'")
-    return await image.read(), image.filename or "image", form.get("result_id"), form.get("same")
+    photo = await image.read()
+    fields = form.get("result_id"), form.get("same")
+    await form.close()
+    return photo, image.filename or "image", *fields
 
 
-def _read_path(path: str, root: str | None) -> bytes:
-    resolved = Path(path).resolve()
-    if root is not None and not resolved.is_relative_to(Path(root).resolve()):
-        raise HTTPException(403, f"path {path!r}: outside the served folder (--path-root)")
-    if not resolved.is_file():
-        raise HTTPException(404, f"path {path!r}: no such file on the server")
-    return resolved.read_bytes()
-
-
-def feedback_route(live: LiveIndex, log: FeedbackLog, path_root: str | None, max_bytes: int):
-    """The handler of ``POST /feedback`` over the service's live index and its feedback log."""
+def feedback_route(live: LiveIndex, log: FeedbackLog, options: ServeOptions, limits: dict):
+    """The handler of ``POST /feedback`` over the service's live index and its feedback log (``limits``: the
+    service's decoder limiter, made when it starts)."""
 
     async def feedback(request: Request) -> JSONResponse:
-        length = int(request.headers.get("content-length") or 0)
-        if length > max_bytes:
-            raise HTTPException(413, f"request body of {length} bytes: the limit is {max_bytes}")
-        photo, name, result_id, same = await _read(request, path_root)
+        photo, name, result_id, same = await _read(request, options, limits["decoders"])
         result_id, same = _result_id(result_id), _same(same)
-        image_format = await run_in_threadpool(_format, photo, name)
+        spec = live.searcher.embedder.spec
+        image_format = await anyio.to_thread.run_sync(_format, photo, name, spec, options, limiter=limits["decoders"])
         index = live.current  # the version judged: the result's product as this version has it
         row = int(index.rows([result_id])[0])
         if row < 0:
@@ -106,7 +101,7 @@ def feedback_route(live: LiveIndex, log: FeedbackLog, path_root: str | None, max
         fields.update(result_super=int(cat.super_labels[row]), index_version=version_of(index)["version"])
         fields["index_build_id"] = index.info.get("build_id")
         try:
-            entry = await run_in_threadpool(log.record, photo, image_format, fields)
+            entry = await anyio.to_thread.run_sync(log.record, photo, image_format, fields)
         except LogFull as e:
             raise HTTPException(507, f"feedback log full: {e}") from None
         return JSONResponse({"recorded": entry}, status_code=201)

@@ -4,7 +4,7 @@ The shards are checked against ``stats.json``/``sizes.json`` first (a missing or
 process group or GPU work), then the Accelerator, the model, its input spec, the batch arithmetic, AdamW over the
 parameter groups (layer-wise lr decay with ``optim.layer_decay``), the warmup + cosine schedule, DeepSpeed's
 batch settings, and the loss (built before the model is prepared: ProxyAnchor's proxies join the model and the
-optimizer; a cross-batch memory is checkpointed with the run).
+optimizer; a cross-batch memory is checkpointed with the run, as tensors: :mod:`retrieval.train.checkpoint`).
 
 A run with ``model.init_from`` continues a trained model as a NEW run (:func:`retrieval.model.loading.starting_model`):
 its weights (backbone and head) are the start, the optimizer and the lr schedule are fresh, the run folder is its own,
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from retrieval import dist, losses
+from retrieval import cpus, dist, losses
 from retrieval.config.schema import Config, Derived, derived
 from retrieval.data.check import check_split
 from retrieval.data.input_spec import InputSpec
-from retrieval.data.loader import read_stats
+from retrieval.data.loader import read_stats, shard_urls
 from retrieval.data.negatives import count_pairs, read_pairs
 from retrieval.errors import UserError
 from retrieval.losses.global_criterion import GlobalCriterion
@@ -34,7 +34,8 @@ from retrieval.model.files import LOSS_MODULE
 from retrieval.model.loading import Parent, starting_model
 from retrieval.model.network import maybe_compile
 from retrieval.run_folder import RunFolder
-from retrieval.train.log import tracker_for
+from retrieval.train.checkpoint import TensorStates
+from retrieval.train.log import trackers_of
 from retrieval.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class TrainParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     spec: InputSpec  # how the run's images are prepared (exported beside the weights)
     derived: Derived  # the batch arithmetic: per-rank and global batch, steps per epoch and in all
+    states: TensorStates  # what checkpoints hold beside accelerate's files (the memory; the trainer adds the EMA)
 
 
 def prepare(cfg: Config, run: RunFolder) -> TrainParts:
@@ -58,6 +60,7 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     stats = read_stats(cfg.data.shards)  # bad input fails here, before any process group or GPU work
     for split in (cfg.data.train_split, *([cfg.data.val_split] if cfg.train.eval_every else [])):
         check_split(cfg.data.shards, split, stats, cfg.data.allow_incomplete)
+        shard_urls(cfg.data.shards, split, stats.get(split) or {}, cfg.data.allow_listed_commands)  # trusted URLs
     if cfg.data.hard_negatives:  # a bad file fails here, not in a loader worker
         pairs = count_pairs(read_pairs(cfg.data.hard_negatives))
         log.info("data: %d hard-negative class pairs from %s forced into batches", pairs, cfg.data.hard_negatives)
@@ -65,9 +68,9 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     if not train_samples:
         raise UserError(f"{cfg.data.shards}/stats.json: split {cfg.data.train_split!r} has no samples")
     accelerator = dist.make_accelerator(
-        cfg.train.precision, cfg.optim.grad_accum, str(run.path), tracker_for(cfg.log.wandb)
+        cfg.train.precision, cfg.optim.grad_accum, str(run.path), trackers_of(cfg.log) or None
     )
-    dist.use_cpu_share(cfg.data.num_workers, "train")  # threads beside the workers: the loader's are set, not sized
+    cpus.use_cpu_share(cfg.data.num_workers, "train")  # threads beside the workers: the loader's are set, not sized
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     d = derived(cfg, accelerator.num_processes, train_samples)
@@ -88,9 +91,10 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model = maybe_compile(model, cfg.model)
     criterion = criterion.to(accelerator.device)
+    states = TensorStates(accelerator.is_main_process)
     if criterion.memory is not None:  # the queue is part of the run's state: a resume continues it bitwise
-        accelerator.register_for_checkpointing(criterion.memory)
-    return TrainParts(accelerator, model, criterion, optimizer, scheduler, spec, d)
+        states.add("memory", criterion.memory)
+    return TrainParts(accelerator, model, criterion, optimizer, scheduler, spec, d, states)
 
 
 def inherit_proxies(proxies: torch.nn.Parameter, parent: Parent) -> None:

@@ -10,9 +10,9 @@ The EMA is float32 whatever the training precision (a bf16 average would round e
 and lives on every rank as one full copy: data-parallel ranks hold equal weights, hence equal averages (the run's
 ``weights_agree`` checks both). Under DeepSpeed ZeRO-2 only gradients and optimizer state are sharded, so the
 unwrapped module holds the full parameters and the EMA follows them; ZeRO-3 partitions the parameters themselves
-and is refused. The EMA is registered with the accelerator, so it is saved with every checkpoint (rank 0 writes
-``custom_checkpoint_0.pkl``) and every rank loads it on a resume: a resume is bitwise equal to an uninterrupted run,
-and it does not depend on the number of processes (an elastic resume loads it as is).
+and is refused. The EMA is one of the run's tensor states (:mod:`retrieval.train.checkpoint`), so it is saved with
+every checkpoint (rank 0 writes ``ema.safetensors``) and every rank loads it on a resume: a resume is bitwise equal
+to an uninterrupted run, and it does not depend on the number of processes (an elastic resume loads it as is).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from torch import nn
 from retrieval.config.schema import TrainConfig
 from retrieval.errors import UserError
 from retrieval.model.network import unwrap
+from retrieval.train.checkpoint import TensorStates
 
 
 class RunWeights:
     """The run's model (as prepared by the accelerator) and, when ``train.ema_decay`` is set, its EMA."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, model: nn.Module) -> None:
+    def __init__(self, cfg: TrainConfig, accelerator, model: nn.Module, states: TensorStates) -> None:
         self.accelerator, self.model = accelerator, model
         self.ema: ModelEmaV3 | None = None
         if cfg.ema_decay is None:
@@ -39,7 +40,7 @@ class RunWeights:
             raise UserError("train.ema_decay: not with DeepSpeed ZeRO-3 (its parameters are partitioned); use ZeRO-2")
         self.ema = ModelEmaV3(unwrap(model), decay=cfg.ema_decay, use_warmup=cfg.ema_warmup, dtype=torch.float32)
         self.ema.requires_grad_(False)
-        accelerator.register_for_checkpointing(_EmaState(self.ema))
+        states.add("ema", _EmaState(self.ema))
 
     def update(self, step: int) -> None:
         """After optimizer step ``step`` (1-based): fold the new weights into the average."""
@@ -63,7 +64,7 @@ class RunWeights:
 
 
 class _EmaState:
-    """The EMA as accelerate checkpoints it: the averaged module's state dict (no decay or step: those come from the
+    """The EMA as a checkpoint holds it: the averaged module's state dict (no decay or step: those come from the
     config and the trainer's state, which a resume already checks)."""
 
     def __init__(self, ema: ModelEmaV3) -> None:

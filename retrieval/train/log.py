@@ -1,8 +1,17 @@
-"""Run logging on rank 0: console lines, ``metrics.jsonl``, and wandb through accelerate's trackers.
+"""Run logging on rank 0: console lines, ``metrics.jsonl``, and the trackers through accelerate's ``log_with``.
 
-wandb is never imported at module import and never prompts for a login: ``log.wandb`` is
-``offline`` by default (files under ``<run>/wandb``, sync later with ``wandb sync``), ``disabled`` turns
-it off, and ``online`` is only used when asked for. At the end of a run (:func:`log_run_end`) the run page gets
+``log.trackers`` picks any of wandb, tensorboard (event files under ``<run>/tensorboard/<project>``) and MLflow
+(an SQLite store, MLflow 3's default kind, in ``<run>/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` names another:
+a server, or a file store ``file:DIR`` with ``MLFLOW_ALLOW_FILE_STORE=true``); every train and val record
+goes to each. Environment variables the trackers document win over our defaults: ``WANDB_MODE``,
+``WANDB_PROJECT``, ``WANDB_DIR``, ``WANDB_NAME``, ``WANDB_RUN_ID``, ``MLFLOW_TRACKING_URI``,
+``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_RUN_ID`` (an explicit ``log.project``/``log.entity`` in the config wins
+over the environment). Without ``log.trackers`` the setting before it holds for one release: wandb unless
+``log.wandb=disabled``.
+
+wandb is never imported at module import and never prompts for a login: its mode is ``log.wandb`` (``offline``
+by default: files under ``<run>/wandb``, sync later with ``wandb sync``) unless ``WANDB_MODE`` is set; ``online``
+is only used when asked for. At the end of a run (:func:`log_run_end`) the run page gets
 a table of the final metrics (also in the run summary) and the last validation's worst failures as a table of
 images and a gallery (query | wrong top-1 | best correct match), the same failures ``retrieval report`` shows.
 A training run is one wandb run: its id is kept in the
@@ -21,27 +30,76 @@ from typing import Any
 
 import torch
 
+from retrieval import dist
+from retrieval.errors import require
 from retrieval.run_folder import RunFolder
 from retrieval.util import peak_rss_gb
 
 log = logging.getLogger(__name__)
 
 
-def tracker_for(mode: str) -> str | None:
-    return None if mode == "disabled" else "wandb"
+# what each tracker needs installed (the `trackers` extra; wandb is a core dependency)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+MLFLOW_DB = "mlflow.db"
+# wandb.init keyword -> the variable that wins over it when set
+WANDB_ENV = {"mode": "WANDB_MODE", "dir": "WANDB_DIR", "name": "WANDB_NAME", "id": "WANDB_RUN_ID"}
 
 
-def init_trackers(accelerator, cfg, run_dir: Path, config_dict: dict) -> None:
-    if tracker_for(cfg.log.wandb) is None:
-        return
-    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+def trackers_of(log_cfg) -> list[str]:
+    """accelerate's ``log_with`` for ``log`` (its packages checked: a missing one is one line naming the extra)."""
+    names = ["wandb"] if log_cfg.trackers is None else list(log_cfg.trackers)
+    names = [n for n in names if not (n == "wandb" and log_cfg.wandb == "disabled")]
+    for name in names:
+        if name in TRACKER_PACKAGES:
+            require(TRACKER_PACKAGES[name], "trackers", f"log.trackers: {name}")
+    return names
+
+
+def project_name(log_cfg) -> str:
+    return log_cfg.project or dist.env("WANDB_PROJECT") or dist.env("MLFLOW_EXPERIMENT_NAME") or "retrieval"
+
+
+def wandb_init(cfg, run_dir: Path, main: bool) -> dict[str, Any]:
+    """wandb.init's keywords: ours where the user's environment says nothing."""
     init = {"mode": cfg.log.wandb, "dir": str(run_dir), "name": cfg.train.name}
-    if accelerator.is_main_process:  # trackers live on the main process only
-        # one wandb run per training run: the id is kept in the run folder, a resume or requeue continues it
+    if main:  # one wandb run per training run: the id is kept in the run folder, a resume or requeue continues it
         init.update(id=RunFolder(run_dir).wandb_id(), resume="allow")
     if cfg.log.entity:
         init["entity"] = cfg.log.entity
-    accelerator.init_trackers(cfg.log.project, config=config_dict, init_kwargs={"wandb": init})
+    return {k: v for k, v in init.items() if k not in WANDB_ENV or dist.env(WANDB_ENV[k]) is None}
+
+
+def init_trackers(accelerator, cfg, run_dir: Path, config_dict: dict) -> None:
+    names = trackers_of(cfg.log)
+    if not names:
+        return
+    init: dict[str, dict] = {}
+    if "wandb" in names:
+        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        init["wandb"] = wandb_init(cfg, run_dir, accelerator.is_main_process)
+    if "mlflow" in names:
+        init["mlflow"] = {"run_name": cfg.train.name}
+        if accelerator.is_main_process:
+            import mlflow
+
+            # the user's MLFLOW_TRACKING_URI as it is; else MLflow 3's own default kind of store (an SQLite file) in
+            # the run folder instead of the working directory. Set every time: the URI is global to the process.
+            default = f"sqlite:///{(run_dir / MLFLOW_DB).resolve()}"
+            mlflow.set_tracking_uri(dist.env("MLFLOW_TRACKING_URI") or default)
+    accelerator.init_trackers(project_name(cfg.log), init_kwargs=init)
+    flat = _flat(config_dict)  # tensorboard's hparams and MLflow's params take scalars only
+    for tracker in accelerator.trackers:
+        tracker.store_init_configuration(config_dict if tracker.name == "wandb" else flat)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 class MetricsLog:
@@ -68,7 +126,13 @@ class MetricsLog:
         record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
         self.run.append_metrics(record)
         numeric = {f"{record['kind']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
-        self.accelerator.log(numeric, step=record.get("step"))
+        for tracker in self.accelerator.trackers:  # what accelerator.log does, with each tracker's names
+            tracker.log(tracker_names(tracker.name, numeric), step=record.get("step"))
+
+
+def tracker_names(tracker: str, values: dict[str, Any]) -> dict[str, Any]:
+    """MLflow refuses ``@`` in a metric name: ``val/recall@1`` is ``val/recall_at_1`` there; others keep ours."""
+    return {k.replace("@", "_at_"): v for k, v in values.items()} if tracker == "mlflow" else values
 
 
 class StageClock:

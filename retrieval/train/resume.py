@@ -41,6 +41,7 @@ from retrieval.config.io import to_dict
 from retrieval.config.schema import Config, Derived
 from retrieval.errors import UserError
 from retrieval.run_folder import RunFolder, TrainerState
+from retrieval.train.checkpoint import check_loadable
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ MAY_CHANGE = (
     "data.num_workers",
     "data.eval_batch_size",
     "data.val_cache_mb",
+    "data.allow_listed_commands",
     "model.compile",
     "model.grad_checkpointing",
     "model.channels_last",
@@ -80,8 +82,26 @@ def open_run(run: RunFolder, accelerator, resume: str | None, cfg: Config, shape
     """Lock the folder, check what we resume (before writing anything), then begin the folder on rank 0.
 
     ``resume``: None (a fresh run), ``auto`` (latest checkpoint if any), ``latest``, or a checkpoint folder;
-    ``shape``: this run's world size, per-rank batch and accumulation."""
+    ``shape``: this run's world size, per-rank batch and accumulation. A start that fails into a folder it
+    created removes that folder again (no run folder holding only ``.lock``)."""
+    created = not run.path.exists()
     lock_run(run, accelerator)
+    try:
+        opened, saved = _start_point(run, resume, cfg, shape, d)
+    except UserError:
+        if created and accelerator.is_main_process:
+            run.discard_if_only_lock()
+        raise
+    if accelerator.is_main_process:  # the log's numbering is the checkpoint's (an elastic resume renumbers steps)
+        run.begin(cfg, fresh=opened.checkpoint is None, resumed=saved)
+    accelerator.wait_for_everyone()
+    return opened
+
+
+def _start_point(
+    run: RunFolder, resume: str | None, cfg: Config, shape: dict[str, int], d: Derived
+) -> tuple[Opened, TrainerState | None]:
+    """Where this start begins (and the checkpoint's saved state), every check done, nothing written."""
     start = run.resolve_resume(resume)
     if start is None and run.has_checkpoints():
         raise UserError(
@@ -89,16 +109,15 @@ def open_run(run: RunFolder, accelerator, resume: str | None, cfg: Config, shape
             "continue it, or choose a new --run-dir"
         )
     saved = TrainerState.load(start) if start is not None else None
+    if start is not None:
+        check_loadable(start)  # before anything unpickles it: data only, never code (README "Trust model")
     saved_cfg = run.read_config() if start is not None and RunFolder.is_run(run.path) else None
     opened = Opened(TrainerState(**shape))
     if saved is not None:
         check_config(saved_cfg, cfg, run.config_path)
         state, elastic = adapt(saved, shape, start, d, cfg.optim.grad_accum)
         opened = Opened(state, start, elastic)
-    if accelerator.is_main_process:  # the log's numbering is the checkpoint's (an elastic resume renumbers steps)
-        run.begin(cfg, fresh=start is None, resumed=saved)
-    accelerator.wait_for_everyone()
-    return opened
+    return opened, saved
 
 
 def lock_run(run: RunFolder, accelerator) -> None:

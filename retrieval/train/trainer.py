@@ -62,9 +62,9 @@ class Trainer:
         self.cfg, self.run, self.stop = cfg, run, stop
         self.accelerator, self.model, self.criterion = parts.accelerator, parts.model, parts.criterion
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
-        self.spec, self.derived = parts.spec, parts.derived
+        self.spec, self.derived, self.states = parts.spec, parts.derived, parts.states
         self.state = TrainerState(**self._shape())
-        self.weights = RunWeights(cfg.train, self.accelerator, self.model)  # validated and exported: model or EMA
+        self.weights = RunWeights(cfg.train, self.accelerator, self.model, self.states)  # validated, exported
         self.mlog = runlog.MetricsLog(self.accelerator, run)
         self.guard = FiniteGuard(self.accelerator.device)
         self.skips = SkipTally(cfg.data.max_skipped_fraction, cfg.data.shards)
@@ -111,7 +111,8 @@ class Trainer:
         self.state = opened.state
         runlog.init_trackers(acc, self.cfg, self.run.path, to_dict(self.cfg))
         if opened.checkpoint is not None:
-            acc.load_state(str(opened.checkpoint))
+            acc.load_state(str(opened.checkpoint))  # open_run checked that it unpickles nothing but data
+            self.states.load(opened.checkpoint)
             if opened.elastic:  # the lr schedule of the new world, at the converted step
                 seek_schedule(self.scheduler, self.state.global_step)
             if acc.is_main_process:  # one line, not one per rank
@@ -273,7 +274,9 @@ class Trainer:
         self._check_finite("a checkpoint", weights=True)
         needed = (2 + len(self.weights.all())) * self._weight_bytes() + 2**20  # weights (+ EMA), AdamW's 2 moments
         with self.clock("checkpoint"):
-            ckpt = self.run.save_checkpoint(self.accelerator, self.state, self.cfg.train.keep_checkpoints, needed)
+            ckpt = self.run.save_checkpoint(
+                self.accelerator, self.state, self.cfg.train.keep_checkpoints, needed, self.states.save
+            )
         fault_point("after_checkpoint")
         return ckpt
 

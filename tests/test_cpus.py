@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from retrieval import dist
+from retrieval import cpus
 
 
 def _cgroup(tmp_path, text: str, v1: bool = False):
@@ -30,39 +30,39 @@ def no_launcher(monkeypatch):
 
 def test_a_cgroup_quota_caps_the_cpus(tmp_path, no_launcher):
     affinity = len(os.sched_getaffinity(0))
-    assert dist.cpu_quota(_cgroup(tmp_path / "a", "max 100000")) is None
-    assert dist.available_cpus(tmp_path / "a") == affinity
-    assert dist.cpu_quota(_cgroup(tmp_path / "b", "150000 100000")) == 1.5
-    assert dist.available_cpus(tmp_path / "b") == 1  # a container of 1.5 CPUs: one thread busy, not the host's
-    assert dist.cpu_quota(_cgroup(tmp_path / "c", "50000 100000", v1=True)) == 0.5
-    assert dist.available_cpus(tmp_path / "c") == 1  # never 0
+    assert cpus.cpu_quota(_cgroup(tmp_path / "a", "max 100000")) is None
+    assert cpus.available_cpus(tmp_path / "a") == affinity
+    assert cpus.cpu_quota(_cgroup(tmp_path / "b", "150000 100000")) == 1.5
+    assert cpus.available_cpus(tmp_path / "b") == 1  # a container of 1.5 CPUs: one thread busy, not the host's
+    assert cpus.cpu_quota(_cgroup(tmp_path / "c", "50000 100000", v1=True)) == 0.5
+    assert cpus.available_cpus(tmp_path / "c") == 1  # never 0
 
 
 def test_workers_take_a_cpu_each_and_threads_the_rest(tmp_path, monkeypatch, no_launcher):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     root = tmp_path  # no quota
-    assert dist.cpu_share(None, root) == dist.CpuShare(cpus=16, ranks=1, workers=4, threads=12)
-    assert dist.cpu_share(1, root).threads == 15  # workers set by the config: the threads follow
+    assert cpus.cpu_share(None, root) == cpus.CpuShare(cpus=16, ranks=1, workers=4, threads=12)
+    assert cpus.cpu_share(1, root).threads == 15  # workers set by the config: the threads follow
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on this machine: 2 CPUs each
-    assert dist.cpu_share(None, root) == dist.CpuShare(cpus=16, ranks=8, workers=1, threads=1)
+    assert cpus.cpu_share(None, root) == cpus.CpuShare(cpus=16, ranks=8, workers=1, threads=1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "16(x2)")  # Slurm's form for 2 nodes of 16 tasks
-    assert dist.cpu_share(None, root) == dist.CpuShare(cpus=16, ranks=16, workers=0, threads=1)
+    assert cpus.cpu_share(None, root) == cpus.CpuShare(cpus=16, ranks=16, workers=0, threads=1)
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's (and launch_env's) choice stands
-    assert dist.cpu_share(2, root).threads == 3
+    assert cpus.cpu_share(2, root).threads == 3
 
 
 def test_the_choice_is_applied_and_logged_once(tmp_path, monkeypatch, caplog, no_launcher):
     """Two cores, one rank, one loader worker: one torch thread (torch's default would be 2, beside the worker)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(dist, "CGROUP", str(tmp_path))
+    monkeypatch.setattr(cpus, "CGROUP", str(tmp_path))
     before = torch.get_num_threads()
-    caplog.set_level(logging.INFO, logger="retrieval.dist")
+    caplog.set_level(logging.INFO, logger="retrieval.cpus")
     try:
-        share = dist.use_cpu_share(1, "train")
+        share = cpus.use_cpu_share(1, "train")
         assert (share.workers, share.threads, torch.get_num_threads()) == (1, 1, 1)
-        dist.use_cpu_share(4, "embed")
+        cpus.use_cpu_share(4, "embed")
     finally:
         torch.set_num_threads(before)
     lines = [r.getMessage() for r in caplog.records]
