@@ -5,6 +5,7 @@ parent recorded in its config; bad parents are one line before any training."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,20 @@ def test_bad_parents_are_one_line_before_training(parent, synth_shards, tmp_path
     assert _train(synth_shards, run, f"model.pretrained_file={weights}", "train.max_steps=1") == 2
     assert f"start a new run from it with model.init_from={parent}" in capsys.readouterr().err
     assert not (run / "checkpoints").exists()
+
+
+def test_a_run_takes_hard_negatives_and_refuses_a_bad_file_before_training(parent, synth_shards, tmp_path, caplog):
+    """data.hard_negatives (`retrieval feedback export`): read before any work (one line naming file:line), used by
+    the loader (tests/test_loader.py checks the batches)."""
+    from retrieval.data.negatives import write_pairs
+
+    caplog.set_level(logging.INFO, logger="retrieval.train.build")
+    write_pairs(tmp_path / "neg.tsv", {(1, 2): 3, (5, 9): 1})
+    argv = [f"model.init_from={parent}", f"data.hard_negatives={tmp_path / 'neg.tsv'}", "train.max_steps=1"]
+    assert _train(synth_shards, tmp_path / "run", *argv) == 0
+    assert "2 hard-negative class pairs" in caplog.text
+    (tmp_path / "bad.tsv").write_text("1\t2\n3\n")
+    assert (
+        _train(synth_shards, tmp_path / "bad", f"data.hard_negatives={tmp_path / 'bad.tsv'}", "train.max_steps=1") == 2
+    )
+    assert not (tmp_path / "bad" / "checkpoints").exists()
