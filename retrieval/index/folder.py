@@ -317,7 +317,11 @@ class IndexFolder:
                 break
         params = info.get("search_params", {})
         set_search_params(index, params.get("nprobe"), params.get("ef_search"))
-        return cls(folder, place(index, parse_gpus(gpu), shard), info, catalogue)
+        gpus = parse_gpus(gpu)
+        if gpus and info.get("tombstones"):  # the removed-row filter is a CPU search parameter
+            log.warning("index: %s holds removed rows (index remove): searching on CPU; rebuild it for GPUs", folder)
+            gpus = []
+        return cls(folder, place(index, gpus, shard), info, catalogue)
 
     @staticmethod
     def find(root: str | Path) -> list[Path]:
