@@ -48,7 +48,9 @@ def test_a_killed_reembed_leaves_the_old_set_complete(scored, synth_shards, tmp_
     shutil.copytree(scored, out)
     before = EmbeddingSet.load(out)
     cmd = [sys.executable, "-m", "retrieval", *embed_args(TINY, synth_shards, out, "--num-workers", "0")]
-    cmd += ["--untrained", "--part-rows", "8"]
+    # batches of 8 with a part per batch: ~20 parts still to write when the second appears, so the kill lands
+    # mid-embed (with the default batch the last part and the switch could follow within one poll)
+    cmd += ["--untrained", "--part-rows", "8", "--batch-size", "8"]
     proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

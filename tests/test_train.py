@@ -148,6 +148,32 @@ def test_signal_checkpoints_marks_preempted_and_exits_3(synth_shards, tmp_path):
     assert [r["step"] for r in run.read_metrics()][-2:] == [step, step + 1]
 
 
+def test_a_signal_is_agreed_at_a_log_step(synth_shards, tmp_path):
+    """The stop flag's all-reduce and host read run at log steps only (not every step: on a GPU each is a stall), so
+    a preempted run stops at a multiple of train.log_every."""
+    from _launch import cpu_env
+
+    run = RunFolder(tmp_path / "run")
+    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run.path), *FAST]
+    argv += ["train.epochs=1", "data.steps_per_epoch=400", "train.eval_every=0", "train.log_every=7"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retrieval", *argv], env=cpu_env(), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r["kind"] == "train" for r in run.read_metrics()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no train step logged"
+            time.sleep(0.2)
+        time.sleep(0.3)  # between two log steps, most likely
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err[-3000:]
+    step = int(run.preempted_path.read_text())
+    assert step % 7 == 0 and 7 <= step < 400, step
+
+
 def test_resume_latest_without_checkpoint_is_a_clear_error(synth_shards, tmp_path, capsys):
     assert _train(synth_shards, tmp_path / "none", resume="latest") == 2
     assert "no complete checkpoint" in capsys.readouterr().err

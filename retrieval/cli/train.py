@@ -16,8 +16,9 @@ The same code path runs on one CPU, one GPU, eight GPUs or many nodes; the launc
     # 2 CPU processes (gloo), as the tests do
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m retrieval train --config configs/tiny.yaml
 
-On SIGUSR1/SIGTERM the trainer finishes the step, checkpoints, writes ``<run>/preempted`` and this command
-exits with code 3 (``--resume auto`` continues from there, at the same position in the data stream).
+On SIGUSR1/SIGTERM the trainer runs on to its next log step (``train.log_every``), checkpoints, writes
+``<run>/preempted`` and this command exits with code 3 (``--resume auto`` continues from there, at the same position
+in the data stream).
 One trainer per run folder: rank 0 holds an exclusive lock on it (a second trainer is refused; the OS drops the
 lock when the trainer dies), and workers exit when their launcher dies. A resume must use the run's config: only
 budgets, logging, checkpoint cadence and execution settings may change (:data:`retrieval.train.resume.MAY_CHANGE`); a

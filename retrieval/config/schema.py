@@ -224,7 +224,7 @@ class TrainConfig:
     epochs: int = 10  # each epoch is data.steps_per_epoch P x K batches per rank
     seed: int = 0  # model init and the seed miner
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or no | bf16 | fp16
-    log_every: int = 10  # optimizer steps between log lines
+    log_every: int = 10  # optimizer steps between log lines; also where a stop (signal, max_minutes) is agreed
     eval_every: int = 1  # epochs between validations (0 = never)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0 = end of epoch only)
     keep_checkpoints: int = 2  # newest step_N folders kept (best is always kept)

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM or by the train.max_minutes budget; acted on at the next step boundary once all
+    """Set by SIGUSR1/SIGTERM or by the train.max_minutes budget; acted on at the next log step once all
     ranks agree. ``reason`` is then "signal" (preemption: exit 3) or "time" (budget spent: finish normally)."""
 
     def __init__(self, max_minutes: float | None = None) -> None:
@@ -29,7 +29,7 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
-        log.warning("received signal %d: checkpointing at the next step boundary", signum)
+        log.warning("received signal %d: checkpointing at the next log step", signum)
 
     def _out_of_time(self, accelerator) -> bool:
         # rank 0's clock alone decides, so ranks whose clocks straddle the deadline cannot stop a step apart

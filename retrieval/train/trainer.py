@@ -6,9 +6,9 @@ recipes: one CPU, one GPU, DDP, DeepSpeed, multi-node, Slurm) is :mod:`retrieval
 the world itself.
 
 Epochs are a fixed number of P x K batches per rank, so every rank runs the same number of steps.
-On SIGUSR1/SIGTERM the trainer finishes the step, checkpoints, marks the run folder preempted and returns
-``{"preempted": True, ...}`` (the command exits 3; ``--resume auto`` continues at the same position in the
-data stream). What goes where in the run folder is :class:`retrieval.run_folder.RunFolder`'s business.
+On SIGUSR1/SIGTERM the trainer runs on to its next log step (``train.log_every``), checkpoints, marks the run
+folder preempted and returns ``{"preempted": True, ...}`` (the command exits 3; ``--resume auto`` continues at the
+same position in the data stream). What goes where in the run folder is :class:`retrieval.run_folder.RunFolder`'s business.
 """
 
 from __future__ import annotations
@@ -185,9 +185,13 @@ class Trainer:
                 continue
             state.global_step += 1
             state.samples_seen += d.global_batch
-            if self._logs_at(state.global_step):
+            logs = self._logs_at(state.global_step)
+            if logs:
                 self._log_train(loss, stats, meter)
-            if self.stop.agreed(acc):
+            # the stop flag is agreed at log steps only: its all-reduce and host read would otherwise stall a GPU
+            # every step; the step it stops at stays the same on every rank (keep log_every x step time well under
+            # the preemption signal's lead: 120 s in slurm/train.sbatch)
+            if logs and self.stop.agreed(acc):
                 if self.stop.reason == "time":
                     log.info(
                         "train.max_minutes=%s spent at step %d: stopping", cfg.train.max_minutes, state.global_step
