@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -72,16 +73,24 @@ class TrainerState:
     last_metric: float | None = None  # the latest validation's selection metric, and its step
     last_step: int | None = None
     val_queries: int = 0  # queries the latest validation scored (the metric's standard error)
+    top_metric: float | None = None  # the highest validation so far (best_metric may be a later one within noise)
 
     def record_eval(self, value: float, queries: int = 0, select_last: bool = False) -> bool:
-        """A validation's selection metric at ``global_step``: True if it is the best so far (then remembered);
-        with ``select_last`` every validation is the best (``train.select_metric: last``)."""
+        """A validation's selection metric at ``global_step``: True if it becomes ``best`` (then remembered).
+
+        ``best`` is the latest validation within one standard error (``sqrt(p (1 - p) / n)``, p the highest value, n
+        queries; none for n = 0) of the highest so far: a tie the val split cannot resolve goes to the longer-trained
+        weights (issue 31). With ``select_last`` every validation is the best (``train.select_metric: last``)."""
         self.last_metric, self.last_step, self.val_queries = value, self.global_step, queries
-        improved = select_last or self.best_metric is None or value > self.best_metric
+        top = self.top_metric if self.top_metric is not None else self.best_metric  # older states: no top_metric
+        margin = math.sqrt(max(top * (1 - top), 0.0) / queries) if top is not None and queries > 0 else 0.0
+        new_top = top is None or value > top
+        improved = select_last or new_top or value >= top - margin
+        self.top_metric = value if new_top else top
         if improved:
-            self.best_metric, self.best_step, self.evals_since_best = value, self.global_step, 0
-        else:
-            self.evals_since_best += 1
+            self.best_metric, self.best_step = value, self.global_step
+        # early stopping counts from the highest value: a plateau within the noise is no improvement
+        self.evals_since_best = 0 if new_top or select_last else self.evals_since_best + 1
         return improved
 
     @classmethod

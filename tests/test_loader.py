@@ -293,3 +293,24 @@ def test_hard_negative_pairs_meet_in_batches(shards, tmp_path):
     bad.write_text("4\tnine\n")
     with pytest.raises(UserError, match="bad.tsv:1: expected two class ids"):
         _train(d, _cfg(hard_negatives=str(bad)), steps=1)
+
+
+def test_a_pool_that_holds_every_class_reads_the_shards_once(shards, tmp_path):
+    """A pool of at least the worker's classes keeps them (re-reading a pass per batch cost 200 ms a plan at 255
+    classes); every usable class comes once per cycle, never twice in a batch."""
+    d, classes = shards
+    copy = tmp_path / "shards"
+    copy.mkdir()
+    for f in d.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    usable = {c for c, n in _class_sizes(classes).items() if n >= 2}  # a 1-image class has no positive
+    cycle = len(usable) // 3  # batches of P = 3 classes
+    batches = iter(L.train_loader(copy, _cfg(class_pool=64), SPEC, L.EpochSpan(0, 3 * cycle)))
+    first = next(batches)
+    for tar in copy.glob("train-*.tar"):
+        tar.unlink()  # a planner that reads its shards again fails from here on
+    per_batch = [set(b["label"].tolist()) for b in [first, *batches]]
+    assert len(per_batch) == 3 * cycle and all(len(labels) == 3 for labels in per_batch)
+    for k in range(3):  # each cycle: distinct classes
+        assert len(set().union(*per_batch[k * cycle : (k + 1) * cycle])) == 3 * cycle
+    assert set().union(*per_batch) == usable

@@ -14,7 +14,7 @@ from conftest import TINY
 
 from retrieval.cli import main
 from retrieval.report import plots
-from retrieval.run_folder import RunFolder
+from retrieval.run_folder import RunFolder, TrainerState
 from retrieval.train import select
 
 FAST = ["log.wandb=disabled", "data.num_workers=0", "train.log_every=1"]
@@ -73,6 +73,26 @@ def test_standard_error_and_the_noise_rule():
     assert select.standard_error(0.5, 100) == pytest.approx(0.05)
     assert select.standard_error(0.2, 10_000) == pytest.approx(0.004)
     assert 1.96 * select.standard_error(0.2, 10_000) < select.NOISY <= 1.96 * select.standard_error(0.2, 300)
+
+
+def _select(values: list[float], queries: int) -> TrainerState:
+    state = TrainerState()
+    for step, value in enumerate(values, 1):
+        state.global_step = step
+        state.record_eval(value, queries)
+    return state
+
+
+def test_best_is_the_latest_validation_the_val_split_cannot_tell_from_the_highest():
+    """A tie within one standard error goes to the later weights; a drop past it does not; patience counts from the
+    highest value, so a plateau within the noise still stops a run."""
+    small = _select([0.10, 0.18, 0.225, 0.225, 0.20], queries=240)  # the demo's val split: se(0.225) = 0.027
+    assert (small.best_step, small.best_metric, small.top_metric) == (5, 0.20, 0.225)
+    assert small.evals_since_best == 2
+    assert _select([0.10, 0.225, 0.15], queries=240).best_step == 2  # 0.075 below: a real drop
+    large = _select([0.80, 0.81, 0.805], queries=60_000)  # se(0.81) = 0.0016: 0.005 apart is a real difference
+    assert (large.best_step, large.best_metric) == (2, 0.81)
+    assert _select([0.3, 0.2], queries=0).best_step == 1  # no query count (older states): the strict maximum
 
 
 @pytest.mark.dist

@@ -38,7 +38,7 @@ class DataConfig:
     classes_per_batch: int = 32  # P: classes in one per-rank batch
     images_per_class: int = 4  # K: images of each class in a batch
     small_class: str = "repeat"  # classes with < K images: "repeat" (sample with replacement) or "drop"
-    class_pool: int = 256  # complete classes buffered per worker to draw P from (shuffle quality vs memory)
+    class_pool: int = 256  # classes buffered per loader worker to draw P from; >= its classes: all kept, read once
     steps_per_epoch: int | None = None  # per-rank batches per epoch; None = train samples // global batch
     num_workers: int = 4  # DataLoader workers per rank (shards are split across them)
     eval_batch_size: int = 128  # images per batch when embedding val/test

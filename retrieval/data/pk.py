@@ -21,9 +21,14 @@ scattered corpora rebuild with ``retrieval shards build --manifest`` or use few 
 in-shard split then gives every reader all shards and whole classes, by label hash).
 
 Pool: up to ``class_pool`` complete classes are buffered; a batch takes P of them at random
-(without replacement) and removes them; the pool is refilled from the stream. When the worker's
-shards hold fewer usable classes than the pool size, a batch is formed at each pass end as soon as P
-classes are buffered, so small data sets still work; fewer than P usable classes is a UserError.
+(without replacement) and removes them; the pool is refilled from the stream. A refill reads about
+P * n / (n - class_pool) groups when the worker's shards hold n classes, so a pool close to n re-reads
+most of a pass for every batch (at 250 of 255 classes: 82 ms a plan against 7 ms at 32).
+Resident: when the worker's shards hold no more usable classes than ``class_pool`` (a small catalogue,
+or SOP's 11k classes over 64 loader workers), the first pass reads them all and they stay: the shards
+are read once, and batches take the classes in a seeded order, each class once per cycle through them
+(what a sampler over an in-memory dataset does). A class's images are then all of its images in the
+worker's shards, wherever they lie. Fewer than P usable classes is a UserError.
 
 Classes with fewer than K images: a 1-image class is always dropped (it has no positive). With
 ``small_class="repeat"`` a class with 2..K-1 images is used with all its images once plus
@@ -336,8 +341,41 @@ class PKPlanner:
             return rng.choice(n, self.K, replace=False).tolist()
         return list(range(n)) + rng.choice(n, self.K - n, replace=True).tolist()
 
+    def resident(self) -> dict[int, list[Sample]] | None:
+        """Every usable class of the worker's shards (one pass, a class's groups joined), or None as soon as they
+        are more than the pool holds (the planner then streams; it reads those groups again from the start)."""
+        classes: dict[int, list[Sample]] = {}
+        for g in self._groups():
+            if g is _PASS_END:
+                break
+            if g[0].label not in classes and len(classes) == self.pool_size:
+                return None
+            classes.setdefault(g[0].label, []).extend(g)
+        usable = {label: g for label, g in classes.items() if self.usable(g)}
+        if len(usable) < self.P:
+            raise UserError(self._too_few_classes())
+        return usable
+
+    def _resident_plans(self, classes: dict[int, list[Sample]], rng: np.random.Generator) -> Iterator[Plan]:
+        """Batches over resident classes: each class once per cycle in a seeded order; a batch never repeats a
+        class (a cycle's last few classes open the next batch, the next cycle's order fills it without them)."""
+        labels, queue = list(classes), deque()
+        while True:
+            if len(queue) < self.P:
+                rest = [c for c in labels if c not in queue]
+                queue.extend(rest[i] for i in rng.permutation(len(rest)))
+            picked = [queue.popleft() for _ in range(self.P)]
+            if self.negatives:
+                picked = self.with_negatives(picked, classes, rng)
+            chosen = [(classes[c], self.choose(rng, len(classes[c]))) for c in picked]
+            yield Plan(chosen, tuple(g for c, g in classes.items() if c not in picked))
+
     def __iter__(self) -> Iterator[Plan]:
         rng = rng_for(TAG_PICK, *self.seed_words)
+        classes = self.resident()
+        if classes is not None:
+            yield from self._resident_plans(classes, rng)
+            return
         pool: dict[int, list[Sample]] = {}
         groups, added = self._groups(), [0]
         recent: deque[list[Sample]] = deque(maxlen=2 * self.P)

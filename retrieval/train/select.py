@@ -1,6 +1,8 @@
 """Which weights a run exports as its model, and how much the choice means.
 
-``train.select_metric`` names the validation metric that picks ``best`` (the run root's ``model.safetensors``);
+``train.select_metric`` names the validation metric that picks ``best`` (the run root's ``model.safetensors``): the
+latest validation within one standard error (below) of the highest so far, since the val split cannot tell those
+apart and the later weights trained longer (:meth:`retrieval.run_folder.TrainerState.record_eval`);
 ``last`` exports the last validated weights instead (each validation then becomes ``best``). Either way the summary
 and the report show both: the best validation and the last one, with their steps.
 

@@ -83,7 +83,7 @@ class Validation:
             )
             improved = self._select(state, {**metrics, "skipped": skipped})
             self.last = merged
-        keys = ("best_metric", "best_step", "evals_since_best", "last_metric", "last_step", "val_queries")
+        keys = ("best_metric", "best_step", "top_metric", "evals_since_best", "last_metric", "last_step", "val_queries")
         improved, shared = dist.broadcast_object((improved, {k: getattr(state, k) for k in keys}))
         for key, value in shared.items():  # every rank decides alike what comes next (selection, a stop's validation)
             setattr(state, key, value)
