@@ -41,7 +41,7 @@ lint: install
 # SIGKILL index builds (plain, auto) at 20 instants each and race two embeds into one folder, read what is left
 faults: install
 	$(BIN)/python bench/faults.py --trials 20
-	$(BIN)/python bench/faults_folders.py --trials 20 --embed-trials 10
+	$(BIN)/python bench/faults_folders.py --trials 20 --update-trials 20 --embed-trials 10
 
 demo: install
 	$(BIN)/python -m retrieval demo

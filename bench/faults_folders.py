@@ -1,8 +1,9 @@
 """Fault campaign for the output folders (``make faults``; a few trials run in the default suite): kill -9
-``retrieval index build`` (plain and ``--factory auto``) at instants, and run two ``retrieval embed`` into one folder
-at once (one of them killed in some trials), then read the folder as search and eval would.
+``retrieval index build`` (plain and ``--factory auto``) and ``retrieval index add`` / ``index remove`` at instants,
+and run two ``retrieval embed`` into one folder at once (one of them killed in some trials), then read the folder as
+search and eval would.
 
-    python bench/faults_folders.py --trials 20 --embed-trials 10 --seed 0 [--work DIR]
+    python bench/faults_folders.py --trials 20 --update-trials 20 --embed-trials 10 --seed 0 [--work DIR]
 
 Index trials: the folder first holds an index over embeddings set A; a build over set B (other vectors, another
 count) is killed at an instant, half uniform over a build's duration and half right after an event in the folder
@@ -15,7 +16,10 @@ count) is killed at an instant, half uniform over a build's duration and half ri
 - MIXED: anything else (it loads but answers with another set's rows, or a file is missing): must never happen.
 
 Then a build that is not killed must succeed and leave nothing beside the folder (what the killed one left is
-cleaned). Embed trials: the folder holds model A's set; embeds of model B and model A start 0-1 s apart, and half
+cleaned). Update trials: the folder holds a build over set A (Flat, then IVF, then HNSW in turn); ``index add`` of
+set C (the same model, new ids) or ``index remove`` of a quarter of A's ids is killed at an instant, as above. The
+folder must then load as the old version (A's build id, A's rows) or the new one (the next version: its rows find
+themselves, a removed id is never returned), and an update that is not killed must succeed and leave it clean. Embed trials: the folder holds model A's set; embeds of model B and model A start 0-1 s apart, and half
 of the trials kill one of them at a random instant. The folder must then load (as eval loads it) with exactly the
 vectors of one model's complete set (old, new A or new B), and a run that did not finish must have been refused
 with a line naming the folder, or killed.
@@ -65,12 +69,14 @@ def _env() -> dict[str, str]:
     return dist.launch_env(cpu=True, WANDB_MODE="disabled", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
 
 
-def _vectors(folder: Path, n: int, d: int, seed: int) -> None:
+def _vectors(folder: Path, n: int, d: int, seed: int, model: int | None = None) -> None:
+    """``n`` unit vectors with ids ``3 i + seed`` (sets of seeds 0, 1, 2 never share an id) of model ``model``."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     labels = rng.integers(0, n // 4, n)
-    meta = {"model": f"set-{seed}", "model_sha256": f"{seed:064d}"}
+    model = seed if model is None else model
+    meta = {"model": f"set-{model}", "model_sha256": f"{model:064d}"}
     EmbeddingSet(x, np.arange(n, dtype=np.int64) * 3 + seed, labels, labels % 7, [], meta).save(folder)
 
 
@@ -134,6 +140,80 @@ def index_trials(work: Path, trials: int, rng: random.Random, auto: bool) -> dic
         counts["clean rebuild"] += clean
         print(f"{out.name} trial {i + 1:2d}/{trials}: killed {where}: {outcome}; rebuild clean: {clean}", flush=True)
     return counts
+
+
+# ------------------------------------------------------------------------------------------------ updates
+UPDATE_FACTORIES = ("Flat", "IVF64,Flat", "HNSW16")
+
+
+def _update_cmd(out: Path, kind: str, work: Path) -> list[str]:
+    if kind == "add":
+        return [*PY, "index", "add", "--index", str(out), "--embeddings", str(work / "emb-c")]
+    return [*PY, "index", "remove", "--index", str(out), "--ids", str(work / "gone.txt")]
+
+
+def update_outcome(out: Path, old_id: str, expected: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """old | add | remove | refused | MIXED: the folder as search and serve load it (module docstring).
+    ``expected``: what each outcome's index must hold, (ids, vectors); a removed id must never come back."""
+    try:
+        folder = IndexFolder.load(out)
+    except UserError as e:
+        return "refused" if str(out) in str(e) else f"MIXED (a refusal that names no folder: {e})"
+    name = "old" if folder.info["build_id"] == old_id else folder.info["versions"][-1]["change"]
+    if name not in expected or folder.info["count"] != len(expected[name][0]):
+        return "MIXED"
+    ids, x = expected[name]
+    rows = np.linspace(0, len(ids) - 1, 300).astype(np.int64)
+    _, found = folder.search(x[rows], 10)
+    gone = np.setdiff1d(expected["old"][0], ids)
+    if not np.array_equal(found[:, 0], ids[rows]) or np.isin(found, gone).any():
+        return "MIXED"
+    return name
+
+
+def _sets(work: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    a, c = EmbeddingSet.load(work / "emb-a"), EmbeddingSet.load(work / "emb-c")
+    gone = np.loadtxt(work / "gone.txt", dtype=np.int64)
+    keep = ~np.isin(a.ids, gone)
+    both = np.concatenate([a.ids, c.ids]), np.concatenate([a.vectors32(), c.vectors32()])
+    return {"old": (a.ids, a.vectors32()), "add": both, "remove": (a.ids[keep], a.vectors32()[keep])}
+
+
+def update_trials(work: Path, trials: int, rng: random.Random) -> dict[str, int]:
+    """Kill ``index add`` / ``index remove`` at instants (module docstring); the counts of each outcome."""
+    out, log = work / "index-update", work / "index-update.log"
+    expected = _sets(work)
+    counts = {"old": 0, "add": 0, "remove": 0, "refused": 0, "MIXED": 0, "clean update": 0}
+    for i in range(trials):
+        factory, kind = UPDATE_FACTORIES[i % 3], ("add", "remove")[(i // 3) % 2]
+        shutil.rmtree(out, ignore_errors=True)
+        assert _run([*_build_cmd(work / "emb-a", out, False), "--factory", factory], log) == 0, f"see {log}"
+        old_id = IndexFolder.load(out).info["build_id"]
+        shutil.rmtree(work / "index-timing", ignore_errors=True)
+        shutil.copytree(out, work / "index-timing")
+        t0 = time.monotonic()
+        assert _run(_update_cmd(work / "index-timing", kind, work), log) == 0, f"see {log}"  # how long it takes
+        event = rng.choice([None, *EVENTS]) if i % 2 else None
+        when = (event, rng.uniform(0, 0.05)) if event else (None, rng.uniform(0.2, 1.5) * (time.monotonic() - t0))
+        where = _killed(_update_cmd(out, kind, work), out, when, log)
+        outcome = update_outcome(out, old_id, expected)
+        counts[outcome if outcome in counts else "MIXED"] += 1
+        if outcome == "old":  # the update that was killed, run to its end, must give its version
+            clean = _run(_update_cmd(out, kind, work), log) == 0 and update_outcome(out, old_id, expected) == kind
+        else:
+            clean = outcome == kind and _run(_build_cmd(work / "emb-a", out, False), log) == 0
+        clean = clean and sorted(p.name for p in work.glob(f".{out.name}.*")) in ([], [f".{out.name}.lock"])
+        counts["clean update"] += clean
+        print(f"{factory} {kind} trial {i + 1:2d}/{trials}: killed {where}: {outcome}; clean: {clean}", flush=True)
+    return counts
+
+
+def update_sets(work: Path, rows: int) -> None:
+    """Set A (the index's rows), set C (the same model, new ids) and a quarter of A's ids to remove."""
+    _vectors(work / "emb-a", rows, 64, seed=1, model=1)
+    _vectors(work / "emb-c", rows // 10, 64, seed=0, model=1)
+    ids = EmbeddingSet.load(work / "emb-a", vectors=False).ids
+    (work / "gone.txt").write_text("\n".join(map(str, ids[::4])) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ embed
@@ -206,6 +286,7 @@ def embed_trials(work: Path, trials: int, rng: random.Random) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=20, help="kills of each index build (plain, auto)")
+    p.add_argument("--update-trials", type=int, default=20, help="kills of index add / remove")
     p.add_argument("--embed-trials", type=int, default=10)
     p.add_argument("--rows", type=int, default=300_000, help="rows of set A (B has 1.5x): the plain builds")
     p.add_argument("--auto-rows", type=int, default=60_000, help="rows of set A for --factory auto (tuning is slow)")
@@ -221,12 +302,16 @@ def main(argv: list[str] | None = None) -> int:
             _vectors(work / "emb-a", rows, 64, seed=1)
             _vectors(work / "emb-b", rows + rows // 2, 64, seed=2)
             results["index build" + (" --factory auto" if auto else "")] = index_trials(work, args.trials, rng, auto)
+    if args.update_trials:
+        update_sets(work, args.rows // 3)
+        results["index add / remove"] = update_trials(work, args.update_trials, rng)
     if args.embed_trials:
         results["two embeds into one folder"] = embed_trials(work, args.embed_trials, rng)
     bad = 0
     for what, counts in results.items():
         print(f"{what}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
         bad += counts["MIXED"] + (counts["clean rebuild"] != args.trials if "clean rebuild" in counts else 0)
+        bad += counts["clean update"] != args.update_trials if "clean update" in counts else 0
     if args.work is None and not bad:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if bad else 0

@@ -45,22 +45,28 @@ EXACT_REPEATS, AUTO_REPEATS = 3, 7  # the search step's timings are medians of t
 
 
 # --------------------------------------------------------------------------------------------- data
-def write_set(folder: Path, n: int, classes_of: int, seed: int, world: int = 2) -> None:
+def write_set(folder: Path, n: int, classes_of: int, seed: int, world: int = 2, more: tuple[int, int] = (0, 0)) -> None:
     """``n`` rows of the classes of size ``classes_of``, written as parts by ``world`` writers (ranks), block by
-    block."""
+    block; ``more`` = (rows, seed): also the rows ``write_set(..., rows, ..., seed)`` writes, by one more writer (the
+    union of a catalogue and an update: what a full rebuild reads)."""
     from retrieval.embed.embeddings import EmbeddingSet
 
     c = centres(classes_of)
-    writers = [EmbeddingSet.writer(folder, r, ROWS_PER_PART) for r in range(world)]
-    block = 16384
+    writers = [EmbeddingSet.writer(folder, r, ROWS_PER_PART) for r in range(world + bool(more[0]))]
+    _write_rows(writers[:world], c, n, seed)
+    if more[0]:
+        _write_rows(writers[world:], c, *more)
+    for w in writers:
+        w.close({"seconds": 0.0})
+    count = EmbeddingSet.finish_parts(folder, len(writers), D)["count"]
+    EmbeddingSet.write_meta(folder, {"model": "synthetic", "split": folder.name}, count, D)
+
+
+def _write_rows(writers: list, c, n: int, seed: int, block: int = 16384) -> None:
     for b, s0 in enumerate(range(0, n, block)):
         x, labels = clustered(c, min(block, n - s0), [seed, b])
         ids = np.arange(s0, s0 + len(x), dtype=np.int64) + 1 + seed * 10**9
-        writers[b % world].add(x, {"ids": ids, "labels": labels, "super_labels": labels % 12}, [])
-    for w in writers:
-        w.close({"seconds": 0.0})
-    count = EmbeddingSet.finish_parts(folder, world, D)["count"]
-    EmbeddingSet.write_meta(folder, {"model": "synthetic", "split": folder.name}, count, D)
+        writers[b % len(writers)].add(x, {"ids": ids, "labels": labels, "super_labels": labels % 12}, [])
 
 
 # --------------------------------------------------------------------------------------------- steps

@@ -206,6 +206,33 @@ def test_peer_tiny_both_trainers_train_and_are_scored_alike(tmp_path, work):
     assert peer["precision_at_1"] * 100 == pytest.approx(pml["recall_at_1"], abs=0.01)
 
 
+def test_index_update_tiny_adds_faster_than_it_rebuilds(tmp_path):
+    """bench/index_update.py on 20k rows: the figures of `index add` and of the full rebuild, each in its process."""
+    from bench import index_update
+
+    out = tmp_path / "iu"
+    assert index_update.main(["--rows", "20000", "--new", "500", "--repeats", "2", "--factories", "HNSW16", "--out", str(out)]) == 0  # fmt: skip
+    r = json.loads((out / "index_update.json").read_text())["results"]["HNSW16"]
+    assert r["add"]["seconds"]["repeats"] == 2 and r["add"]["peak_rss_gb"]["median"] > 0
+    assert r["add"]["seconds"]["median"] < r["rebuild"]["seconds"]["median"]
+    assert json.loads((out / "index-HNSW16" / "index.json").read_text())["count"] == 20000
+
+
+@pytest.mark.slow
+def test_continued_and_feedback_tiny(tmp_path):
+    """`pytest -m slow tests/test_bench.py -k continued` (about 5 minutes on 2 busy cores): both acceptance
+    experiments end to end at a tiny size (the README's tables are their full runs)."""
+    from bench import continued, feedback
+
+    assert continued.main(["--out", str(tmp_path / "c"), "--classes", "60", "--steps", "8"]) == 0
+    rows = json.loads((tmp_path / "c" / "continued.json").read_text())["rows"]
+    assert set(rows) == {"A", "A -> B + replay of A", "A -> B alone", "B from scratch"}
+    argv = ["--out", str(tmp_path / "f"), "--classes", "120", "--steps", "8", "--continued-steps", "8"]
+    assert feedback.main([*argv, "--same", "10", "--not-same", "10"]) == 0
+    result = json.loads((tmp_path / "f" / "feedback.json").read_text())
+    assert result["export"]["judgements"] >= 10 and set(result["rows"]) == {"base", "feedback", "replay"}
+
+
 @pytest.mark.slow
 def test_serve_hostile_tiny(tmp_path, work):
     """The service's acceptance at the tiny size (~40 s): 16 clients, the hostile requests at once, memory."""

@@ -26,4 +26,12 @@ def test_a_killed_index_build_leaves_the_old_folder_or_the_new_one(tmp_path):
 @pytest.mark.slow
 def test_the_campaign(tmp_path):
     """`pytest -m slow tests/test_faults_folders.py` (about 15 minutes on 2 busy cores)."""
-    assert ff.main(["--trials", "20", "--embed-trials", "10", "--work", str(tmp_path)]) == 0
+    assert ff.main(["--trials", "20", "--update-trials", "20", "--embed-trials", "10", "--work", str(tmp_path)]) == 0
+
+
+def test_a_killed_index_update_leaves_the_old_version_or_the_new_one(tmp_path):
+    """index add and index remove (Flat, IVF, HNSW) killed at an instant or right after an event of the update."""
+    ff.update_sets(tmp_path, 12_000)
+    counts = ff.update_trials(tmp_path, 4, random.Random(3))
+    assert counts["MIXED"] == 0 and sum(counts[k] for k in ("old", "add", "remove", "refused")) == 4
+    assert counts["clean update"] == 4

@@ -268,6 +268,33 @@ def test_a_cls_that_is_no_integer_is_refused_not_hashed():
     assert parse_sample({**raw, "cls": b" 12\n"}, "cls").label == 12
 
 
+def test_hard_negative_pairs_meet_in_batches(shards, tmp_path):
+    """data.hard_negatives (retrieval feedback export): a batch that draws one class of a pair draws the other when
+    the worker's pool holds it; without the file the batches are those of before (no extra random draws)."""
+    from retrieval.data.negatives import write_pairs
+
+    d, _ = shards
+    pairs = [(4, 20), (9, 26), (5, 13)]  # classes of 5 + 7, 3 + 6, 6 + 7 images, in different shards
+    write_pairs(tmp_path / "neg.tsv", {p: 1 for p in pairs})
+
+    def met(batches: list[dict]) -> tuple[int, int]:
+        """(batches holding a whole pair, batches holding one class of a pair without its partner)."""
+        labels = [set(b["label"].tolist()) for b in batches]
+        whole = sum(any({a, b} <= s for a, b in pairs) for s in labels)
+        half = sum(any(len({a, b} & s) == 1 for a, b in pairs) for s in labels)
+        return whole, half
+
+    cfg = _cfg(class_pool=32)
+    plain = _train(d, cfg, steps=12)
+    forced = _train(d, _cfg(class_pool=32, hard_negatives=str(tmp_path / "neg.tsv")), steps=12)
+    assert met(plain)[0] <= 2 and met(forced)[0] >= 10, (met(plain), met(forced))
+    assert _same(plain, _train(d, cfg, steps=12))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("4\tnine\n")
+    with pytest.raises(UserError, match="bad.tsv:1: expected two class ids"):
+        _train(d, _cfg(hard_negatives=str(bad)), steps=1)
+
+
 def test_a_pool_that_holds_every_class_reads_the_shards_once(shards, tmp_path):
     """A pool of at least the worker's classes keeps them (re-reading a pass per batch cost 200 ms a plan at 255
     classes); every usable class comes once per cycle, never twice in a batch."""

@@ -158,8 +158,9 @@ def test_batcher_groups_concurrent_queries(world: World) -> None:
     answers, batches = _with_batcher(searcher, ServeOptions(max_batch=16, max_wait_ms=300), ask)
     assert batches == 1
     expected = searcher.search(images, 5)
-    for i, (answer, want) in enumerate(zip(answers, expected, strict=True)):
+    for i, ((answer, version), want) in enumerate(zip(answers, expected, strict=True)):
         assert answer[0]["query"] == f"q{i}" and answer[0]["results"] == want["results"][: i + 1]
+        assert version == {"version": 1, "build_id": searcher.index.info["build_id"], "count": len(world.images)}
 
 
 # ------------------------------------------------------------------------------------ the service's bounds
@@ -276,8 +277,9 @@ def test_a_request_larger_than_max_batch_is_split(world: World):
     images = [Image.open(p).convert("RGB") for p in world.images[:5]]
 
     ask = lambda batcher: batcher.search(images, [f"q{i}" for i in range(5)], 3)  # noqa: E731
-    answers, batches = _with_batcher(searcher, ServeOptions(max_batch=2, max_wait_ms=50), ask)
+    (answers, version), batches = _with_batcher(searcher, ServeOptions(max_batch=2, max_wait_ms=50), ask)
     assert batches == 3, "5 images in forward passes of at most 2"
+    assert version["version"] == 1  # every part answered from the version the request was pinned to
     for got, want in zip(answers, searcher.search(images, 3), strict=True):
         assert [h["image_id"] for h in got["results"]] == [h["image_id"] for h in want["results"]]
         assert [h["score"] for h in got["results"]] == pytest.approx([h["score"] for h in want["results"]], abs=1e-5)

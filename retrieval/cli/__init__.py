@@ -18,6 +18,7 @@ imports from here (ARCHITECTURE.md; ``tests/test_layers.py`` checks it).
     retrieval search --index runs/tiny/index --image some.jpg --k 10
     retrieval export --model runs/tiny --format timm --out exports/tiny-timm
     retrieval serve --index runs/tiny/index --port 8080
+    retrieval feedback export --log feedback/ --index runs/tiny/index --out fb/
     retrieval report --run-dir runs/tiny
     retrieval demo
     retrieval bench all --quick
@@ -50,10 +51,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "retrieval.cli.embeddings",
         "export an embeddings set as parquet or plain .npy (what autofaiss and vector databases load)",
     ),
-    "index": ("retrieval.cli.index", "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings"),
+    "index": (
+        "retrieval.cli.index",
+        "build a Faiss index (CPU / GPU / multi-GPU) over saved embeddings; add, remove rows",
+    ),
     "search": ("retrieval.cli.search", "image-to-image search against a built index"),
     "export": ("retrieval.cli.export", "the trained model as a timm hub folder or ONNX"),
     "serve": ("retrieval.cli.serve", "HTTP JSON search service over an index (model and index loaded once)"),
+    "feedback": ("retrieval.cli.feedback", "export users' judgements (POST /feedback) as training input"),
     "report": ("retrieval.cli.report", "self-contained HTML report of a run"),
     "demo": ("retrieval.cli.demo", "the whole product in miniature on synthetic data (make demo)"),
     "bench": (

@@ -6,6 +6,8 @@
     retrieval embed --model swinv2_base_window16_256 --pretrained ...     # zero-shot (seed table: "pretrained")
     retrieval embed --model swinv2_base_window16_256 --pretrained-file w.safetensors ...   # the same, offline
     retrieval embed ... --merge                        # one embeddings.npy instead of parts (holds N x d once)
+    retrieval embed --model runs/sop --manifest new.csv --out runs/sop/emb-new --id-offset 200000   # no shards
+    retrieval embed --model runs/sop --image-folder new_products/ --out E --id-offset 200000 --class-offset 30000
 
 Each rank embeds its own shards (every image exactly once across ranks) and writes its rows as it goes into
 ``OUT/parts/`` (a part every ``--part-rows`` rows: memory stays one part, whatever the split's size); rank 0 then
@@ -15,11 +17,15 @@ memory-maps the parts, ordered by image id). ``OUT`` is replaced as one unit onc
 ``embed`` into it, or one while ``eval``/``index build`` read it, is refused before any work); what was derived from
 the old set (``eval``'s ``metrics.json``) goes with it. ``--workers`` defaults to the CPUs per rank less one, at
 most 4 (:func:`retrieval.cpus.cpu_share`).
+
+``--manifest`` / ``--image-folder`` embed a few hundred new photos without shards, in one process, through the same
+model loader, decoder and input spec (:mod:`retrieval.embed.listed`); ``retrieval index add`` then takes the set.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -27,6 +33,8 @@ from retrieval import cpus, dist
 from retrieval.cli._args import add_model_arguments, model_options, old_spelling
 from retrieval.data.check import check_split
 from retrieval.data.loader import read_stats, shard_urls
+from retrieval.data.sop import ON_MISSING
+from retrieval.embed.listed import ListedJob, embed_listed
 from retrieval.embed.sharded import EmbedJob, embed_to_folder
 from retrieval.errors import UserError
 from retrieval.model.loading import load_model
@@ -38,11 +46,16 @@ DTYPES = ("float32", "float16")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--shards",
-        required=True,
         help="shard folder with stats.json, URL prefix/, or webdataset URLs (brace, '::', http(s)://, pipe:)",
     )
+    source.add_argument("--manifest", type=Path, help="CSV/TSV path,label[,group] of images to embed (no shards)")
+    source.add_argument("--image-folder", type=Path, help="one subfolder of images per class (no shards)")
+    p.add_argument("--id-offset", type=int, default=0, help="--manifest/--image-folder: added to every image id")
+    p.add_argument("--class-offset", type=int, default=0, help="--manifest/--image-folder: added to every class id")
+    p.add_argument("--on-missing", choices=ON_MISSING, default="error", help="--manifest: a listed file is missing")
     p.add_argument("--label-key", help="cls, txt or json:FIELD; default: the one stats.json names, else cls")
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="output folder")
@@ -75,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    if args.shards is None:
+        return _run_listed(args)
+    if args.id_offset or args.class_offset:
+        raise UserError("--id-offset / --class-offset: only with --manifest or --image-folder (shards carry their ids)")
     stats = read_stats(args.shards)  # bad input fails here, before any process group or GPU work
     if args.split not in stats:
         raise UserError(f"{args.shards}/stats.json has no split {args.split!r}; found {sorted(stats)}")
@@ -97,6 +114,20 @@ def run(args: argparse.Namespace) -> int:
     )
     embed_to_folder(acc, loaded, loaded.spec.with_size(args.img_size), job, stats)
     acc.end_training()
+    return 0
+
+
+def _run_listed(args: argparse.Namespace) -> int:
+    """``--manifest`` / ``--image-folder``: one process, no shards (:mod:`retrieval.embed.listed`)."""
+    if dist.world_size() > 1:
+        raise UserError("--manifest / --image-folder embed in one process: run without a launcher")
+    if args.id_offset < 0 or args.class_offset < 0:
+        raise UserError(f"--id-offset, --class-offset: expected 0 or more, got {args.id_offset}, {args.class_offset}")
+    cpus.use_cpu_share(0, "embed")
+    job = ListedJob(Path(args.out), args.manifest, args.image_folder, args.id_offset, args.class_offset)
+    job = dataclasses.replace(job, batch_size=args.batch_size, dtype=args.vector_dtype, on_missing=args.on_missing)
+    loaded = load_model(args.model, **model_options(args))
+    embed_listed(loaded, loaded.spec.with_size(args.img_size), job)
     return 0
 
 

@@ -8,10 +8,17 @@
     curl -H 'Content-Type: application/json' -d '{"path": "/data/queries/q.jpg", "k": 5}' http://127.0.0.1:8080/search
     curl http://127.0.0.1:8080/healthz
     curl -H "Authorization: Bearer $(cat token)" -F image=@query.jpg 'http://host:8080/search'   # with a token
+    retrieval serve --index runs/sop/index --feedback-dir runs/sop/feedback --path-root /data/queries
+    curl -X POST http://127.0.0.1:8080/admin/reload                     # load a new index version now
+    curl -F image=@query.jpg -F result_id=17 -F same=false http://127.0.0.1:8080/feedback
 
 One process, one model: concurrent requests are grouped into one forward pass (:mod:`retrieval.search.serve`).
 Every request is bounded (bytes, seconds, images, pixels, JSON; README "Export and serve" lists the defaults).
 A token is read from ``--token`` or, better (not visible in ``ps``), from ``RETRIEVAL_SERVE_TOKEN``.
+A new version of the index folder (``retrieval index add|remove|build``) is answered from within ``--watch-s``
+seconds, or at once after ``POST /admin/reload``, without a restart and without a failed or mixed answer
+(:mod:`retrieval.search.live`); ``--feedback-dir`` records users' judgements (``POST /feedback``) for
+``retrieval feedback export``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "RETRIEVAL_SERVE_TOKEN"
 # ServeOptions fields set by a flag of the same name (--max-batch -> max_batch; --body-timeout's dest says it)
 OPTIONS = ("max_batch", "max_wait_ms", "max_bytes", "max_images", "max_pixels", "max_request_pixels")
-OPTIONS += ("body_timeout_s", "decoders", "path_root")
+OPTIONS += ("body_timeout_s", "decoders", "path_root", "watch_s", "feedback_dir")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--token",
         help=f"require 'Authorization: Bearer TOKEN' on every request (default: ${TOKEN_ENV} if set, else none)",
     )
+    p.add_argument("--watch-s", type=float, default=d.watch_s, help="check the index folder for a new version (0: off)")
+    p.add_argument("--feedback-dir", help="enables POST /feedback: the folder of the append-only judgement log")
+    p.add_argument("--feedback-max-mb", type=float, default=1024, help="the feedback log's bound (log + photos)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     options = _options(args)
     cpus.use_cpu_share(0, "serve")  # torch threads from the CPUs this process has, not the host's cores
     searcher = Searcher(args.index, args.model, batch_size=args.max_batch, device=args.device)
-    log.info("serving %s (%d images) on http://%s:%d", args.index, searcher.index.index.ntotal, args.host, args.port)
+    info = searcher.index.info
+    log.info("serving %s (version %s, %d images) on http://%s:%d", args.index, info.get("version", 1), info["count"],
+             args.host, args.port)  # fmt: skip
     uvicorn.run(create_app(searcher, options), host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -76,4 +88,5 @@ def _options(args: argparse.Namespace) -> ServeOptions:
     token = args.token or dist.env(TOKEN_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         log.warning("serving on %s without a token: anyone who reaches the port can search (--token)", args.host)
-    return ServeOptions(**{name: getattr(args, name) for name in OPTIONS}, token=token)
+    given = {name: getattr(args, name) for name in OPTIONS}
+    return ServeOptions(**given, token=token, feedback_max_bytes=int(args.feedback_max_mb * 2**20))

@@ -1,18 +1,20 @@
-"""``retrieval shards build|verify|merge-stats|index``: WebDataset shards from SOP, a manifest or an image folder,
-and the index of a corpus written by other tools.
+"""``retrieval shards build|verify|merge-stats|index|mix``: WebDataset shards from SOP, a manifest or an image folder,
+the index of a corpus written by other tools, and the manifest of a training mixture (new products + a replay).
 
     retrieval shards build --sop-root /data/Stanford_Online_Products --out /data/sop-shards --workers 16
     retrieval shards build --manifest catalogue.csv --out shards/out
     retrieval shards build --inshop-root "/data/In-shop Clothes Retrieval Benchmark" --out /data/inshop-shards
     retrieval shards verify shards/out
     retrieval shards index /data/img2ds --split train --label-key json:product_id --out idx   # then --shards idx
+    retrieval shards mix --new new.csv --replay /data/sop --replay-classes 0.3 --out mix.csv  # then build --manifest
 
-The layout and the builder are documented in :mod:`retrieval.data.shards`.
+The layout and the builder are documented in :mod:`retrieval.data.shards`, the mixture in :mod:`retrieval.data.mix`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from retrieval.data.shard_writer import verify
@@ -80,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("--out", required=True, help="index folder; then train/embed with --shards OUT")
     i.add_argument("--split", default="train", help="the split these shards are (index each split once)")
     i.add_argument("--label-key", default="cls", help="cls, txt or json:FIELD (e.g. json:product_id)")
+    x = sub.add_parser("mix", help="a manifest of new products' images plus a replay sample of old products' classes")
+    x.add_argument("--new", action="append", default=[], help="SOP root (train list), manifest or image folder")
+    x.add_argument("--replay", help="the old products: SOP root (train list), manifest or image folder")
+    x.add_argument("--replay-classes", type=_classes_arg, default=0.3, help="old classes replayed: count or fraction")
+    x.add_argument("--new-class-offset", type=int, default=0, help="added to the new sources' class ids")
+    x.add_argument("--seed", type=int, default=0, help="draws the replayed classes")
+    x.add_argument("--out", required=True, help="manifest to write (path,label,group; absolute paths)")
 
 
 # `shards build` options passed to data.shards.build as they are (--part is parsed first)
@@ -93,6 +102,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "merge-stats":
         merge_stats(args.dir)
+        return 0
+    if args.action == "mix":
+        from retrieval.data.mix import mix
+
+        counts = mix(args.new, args.replay, args.replay_classes, args.out, args.new_class_offset, args.seed)
+        print(json.dumps(counts))
         return 0
     if args.action == "index":
         from retrieval.data.corpus import index_corpus  # imports webdataset (and torch): only when indexing

@@ -59,6 +59,8 @@ class DataConfig:
     # let the shard URLs a stats.json lists run programs: `pipe:` shell commands, gs:// s3:// hf:// ... (they run
     # as you); only for an index you wrote yourself. Off: such URLs read from data files are refused (README)
     allow_listed_commands: bool = False
+    hard_negatives: str | None = None  # class pairs users judged "not the same" (`retrieval feedback export`): a
+    # P x K batch holding one holds the other when the worker's class pool has it (retrieval.data.negatives)
 
     def __post_init__(self) -> None:
         if self.label_key is not None and not (
@@ -123,9 +125,14 @@ class ModelConfig:
     grad_checkpointing: bool = False  # trade compute for activation memory (timm set_grad_checkpointing)
     channels_last: bool = False  # NHWC memory format (faster convs/patch embed on GPU)
     compile: bool = False  # torch.compile the model
+    init_from: str | None = None  # a trained run folder or export folder: a NEW run starts from its weights (backbone,
+    # head; proxy_anchor's proxies for the labels both have), with a fresh optimizer and schedule; not a resume
+    init_sha256: str | None = None  # the init_from weights' sha256: recorded at the start; if set, they must match
 
     def __post_init__(self) -> None:
         _positive("model.embed_dim", self.embed_dim)
+        if self.init_sha256 is not None and not self.init_from:
+            raise ConfigError("model.init_sha256: names the weights of model.init_from, which is not set")
         if not 0 <= self.drop_path_rate < 1:
             raise ConfigError(f"model.drop_path_rate: expected a value in [0, 1), got {self.drop_path_rate}")
 

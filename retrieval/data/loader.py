@@ -63,6 +63,7 @@ from retrieval.config.schema import DataConfig
 from retrieval.data import transforms as tfm
 from retrieval.data.decode import decode_image
 from retrieval.data.layout import Layout, split_readers, train_layout
+from retrieval.data.negatives import read_pairs
 from retrieval.data.pk import TAG_AUG, PKPlanner, Plan, Sample, SkipCounter, Stream, read_samples, seed_seq
 from retrieval.data.source import read_stats, shard_urls, split_entry
 from retrieval.errors import UserError
@@ -149,6 +150,7 @@ class _TrainStream(IterableDataset):
         self.urls, self.data, self.transform = urls, data, transform
         self.epoch, self.rank, self.workers, self.steps, self.start_step = epoch, rank, workers, steps, start_step
         self.layout = layout
+        self.negatives = read_pairs(data.hard_negatives) if data.hard_negatives else None
 
     def __len__(self) -> int:
         return self.steps - self.start_step
@@ -179,6 +181,7 @@ class _TrainStream(IterableDataset):
             counter,
             where,
             stream,
+            self.negatives,
         )
         for j, plan in enumerate(planner):
             g = j * W + logical

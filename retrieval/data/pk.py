@@ -252,12 +252,14 @@ class PKPlanner:
         counter: SkipCounter,
         where: str = "worker",
         stream: Stream = Stream(),
+        negatives: dict[int, tuple[int, ...]] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("PKPlanner needs at least one shard")
         self.urls, self.P, self.K, self.pool_size = list(urls), P, K, max(pool_size, P)
         self.small_class, self.seed_words, self.counter, self.where = small_class, tuple(seed_words), counter, where
         self.stream = stream
+        self.negatives = negatives or {}  # class -> classes it must meet in a batch (retrieval.data.negatives)
 
     def usable(self, group: list[Sample]) -> bool:
         n = len(group)
@@ -316,6 +318,23 @@ class PKPlanner:
             pool[label] = g
             added[0] += 1
 
+    def with_negatives(self, picked: list[int], pool: dict, rng: np.random.Generator) -> list[int]:
+        """``picked`` with the hard-negative partners (in the pool) of its classes forced in; when none of them has
+        one, a pool class that has one, with its partners. At most P // 2 forced classes; the rest of ``picked``
+        fills the batch. Draws from ``rng`` only in that second case (no negatives: the plans are unchanged)."""
+        anchors = [c for c in pool if any(b in pool for b in self.negatives.get(c, ()))]
+        if not anchors:
+            return picked
+        seeds = [c for c in picked if c in anchors] or [anchors[int(rng.integers(len(anchors)))]]
+        forced: list[int] = []
+        for c in seeds:
+            for label in (c, *(b for b in self.negatives[c] if b in pool)):
+                if label not in forced:
+                    forced.append(label)
+        forced = forced[: min(max(self.P // 2, 2), self.P)]
+        rest = [c for c in picked if c not in forced]
+        return forced + rest[: self.P - len(forced)]
+
     def choose(self, rng: np.random.Generator, n: int) -> list[int]:
         """K image indices of an n-image class: without replacement, or all n then K - n repeats."""
         if n >= self.K:
@@ -346,6 +365,8 @@ class PKPlanner:
                 rest = [c for c in labels if c not in queue]
                 queue.extend(rest[i] for i in rng.permutation(len(rest)))
             picked = [queue.popleft() for _ in range(self.P)]
+            if self.negatives:
+                picked = self.with_negatives(picked, classes, rng)
             chosen = [(classes[c], self.choose(rng, len(classes[c]))) for c in picked]
             yield Plan(chosen, tuple(g for c, g in classes.items() if c not in picked))
 
@@ -362,6 +383,8 @@ class PKPlanner:
             self._fill(pool, groups, added)
             labels = list(pool)
             picked = [labels[i] for i in rng.choice(len(labels), self.P, replace=False)]
+            if self.negatives:
+                picked = self.with_negatives(picked, pool, rng)
             classes = []
             for c in picked:
                 group = pool.pop(c)

@@ -41,11 +41,13 @@ import numpy as np
 from retrieval import knn, util
 from retrieval.embed.embeddings import EmbeddingSet
 from retrieval.errors import UserError
+from retrieval.index import versions
+from retrieval.index.params import default_params, live_params, set_search_params
 from retrieval.util import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE, INFO_FILE = "index.faiss", "index.json"
+INDEX_FILE, INFO_FILE = "index.faiss", versions.INFO_FILE
 SEARCH_FILE = "search-queries.json"  # the summary of the last `retrieval search --queries` against the index
 
 
@@ -83,19 +85,6 @@ def place(index: faiss.Index, gpus: list[int], shard: bool) -> faiss.Index:
 
 
 # ------------------------------------------------------------------------------------------------ build
-def set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
-    """IVF ``nprobe`` (capped at nlist) and HNSW ``efSearch`` of a CPU index (IDMap-wrapped or not) or its GPU form."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    ivf = faiss.try_extract_index_ivf(inner)
-    if ivf is not None and nprobe:
-        ivf.nprobe = min(nprobe, ivf.nlist)
-    elif nprobe and hasattr(faiss, "GpuParameterSpace"):  # placed on GPU(s): the GPU parameter space reaches it
-        with contextlib.suppress(RuntimeError):
-            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
-    if isinstance(inner, faiss.IndexHNSW) and ef_search:
-        inner.hnsw.efSearch = ef_search
-
-
 def make_base(d: int, factory: str) -> faiss.Index:
     try:
         return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -156,16 +145,6 @@ def build_index(es: EmbeddingSet, factory: str = "Flat", train_sample: int = 100
     return fill(base, es)
 
 
-def default_params(factory: str) -> dict[str, int]:
-    """Search parameters stored in index.json; searches may override them."""
-    params = {}
-    if "IVF" in factory.upper():
-        params["nprobe"] = 32
-    if "HNSW" in factory.upper():
-        params["ef_search"] = 128
-    return params
-
-
 def load_embeddings(embeddings_dir: Path, columns=None) -> EmbeddingSet:
     """Our embeddings folder or another tool's (``columns``: :class:`~retrieval.embed.interop.Columns`)."""
     es = EmbeddingSet.open(embeddings_dir, columns)
@@ -206,9 +185,13 @@ def _check_out(out: Path, embeddings_dir: Path) -> None:
         )
 
 
-def save_folder(stage: Path, index: faiss.Index, es: EmbeddingSet, info: dict[str, Any], out: Path) -> dict[str, Any]:
+def save_folder(
+    stage: Path, index: faiss.Index, es: EmbeddingSet, info: dict[str, Any], out: Path, change: dict | None = None
+) -> dict[str, Any]:
     """``index.faiss``, the catalogue columns and ``index.json`` (with provenance added to ``info``) into the stage
-    folder of ``out`` (:func:`building`); the three carry one build id that :meth:`IndexFolder.load` checks."""
+    folder of ``out`` (:func:`building`); the three carry one build id that :meth:`IndexFolder.load` checks.
+    ``index.json`` is the next version of ``out`` (:mod:`retrieval.index.versions`): ``change`` says what this
+    version did (default: a build from ``info["embeddings"]``)."""
     build_id = uuid.uuid4().hex
     with atomic_path(stage / INDEX_FILE) as tmp:
         faiss.write_index(index, str(tmp))
@@ -218,8 +201,8 @@ def save_folder(stage: Path, index: faiss.Index, es: EmbeddingSet, info: dict[st
     info = {
         "dim": es.dim,
         "metric": "inner_product",
-        "count": int(index.ntotal),
-        **info,
+        "count": int(index.ntotal) - int(info.get("tombstones", 0)),  # live rows (HNSW keeps removed ones filtered)
+        **{k: v for k, v in info.items() if k not in ("count", "version", "versions")},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": es.meta.get("model"),
         "untrained": bool(es.meta.get("untrained")),
@@ -227,8 +210,12 @@ def save_folder(stage: Path, index: faiss.Index, es: EmbeddingSet, info: dict[st
         "faiss_version": faiss.__version__,
         "build_id": build_id,
     }
+    change = change or {"change": "build", "factory": info.get("factory"), "embeddings": info.get("embeddings")}
+    info = versions.append_version(info, versions.previous_versions(out), change)
     write_atomic(stage / INFO_FILE, json.dumps(info, indent=1) + "\n")
-    log.info("index: %s over %d x %d written to %s", info["factory"], len(es), es.dim, out)
+    log.info(
+        "index: %s over %d x %d written to %s (version %d)", info["factory"], len(es), es.dim, out, info["version"]
+    )
     return info
 
 
@@ -287,11 +274,13 @@ def read_checked(folder: Path) -> tuple[faiss.Index, dict[str, Any], EmbeddingSe
     where = folder / INFO_FILE
     if index.d != info["dim"]:
         raise UserError(f"{where}: dim {info['dim']}, but {INDEX_FILE} holds vectors of dimension {index.d}")
-    if index.ntotal != info["count"]:
-        raise UserError(f"{where}: count {info['count']}, but {INDEX_FILE} holds {index.ntotal} vectors")
-    if len(catalogue) != index.ntotal:
+    dead = int(info.get("tombstones", 0))  # removed rows an HNSW graph keeps, filtered at search time
+    if index.ntotal != info["count"] + dead:
+        extra = f" + {dead} removed" if dead else ""
+        raise UserError(f"{where}: count {info['count']}{extra}, but {INDEX_FILE} holds {index.ntotal} vectors")
+    if len(catalogue) != info["count"]:
         raise UserError(
-            f"{folder}: the catalogue columns (ids.npy ...) hold {len(catalogue)} rows, {INDEX_FILE} {index.ntotal}: "
+            f"{folder}: the catalogue columns (ids.npy ...) hold {len(catalogue)} rows, {INDEX_FILE} {info['count']}: "
             "parts of different builds; rebuild the index"
         )
     for key in ("build_id", "model_sha256"):  # absent in folders of older builds: nothing to compare
@@ -328,7 +317,11 @@ class IndexFolder:
                 break
         params = info.get("search_params", {})
         set_search_params(index, params.get("nprobe"), params.get("ef_search"))
-        return cls(folder, place(index, parse_gpus(gpu), shard), info, catalogue)
+        gpus = parse_gpus(gpu)
+        if gpus and info.get("tombstones"):  # the removed-row filter is a CPU search parameter
+            log.warning("index: %s holds removed rows (index remove): searching on CPU; rebuild it for GPUs", folder)
+            gpus = []
+        return cls(folder, place(index, gpus, shard), info, catalogue)
 
     @staticmethod
     def find(root: str | Path) -> list[Path]:
@@ -366,6 +359,8 @@ class IndexFolder:
             raise UserError(f"queries have dimension {q.shape[1]}, the index in {self.path} has {self.info['dim']}")
         if not np.isfinite(q).all():
             raise UserError("queries contain NaN or inf: the model that embedded them is broken")
+        if self.info.get("tombstones"):  # removed rows an IVF or HNSW still holds carry negative ids: never returned
+            return self.index.search(q, k, params=live_params(self.index))
         return self.index.search(q, k)
 
     def rows(self, image_ids: np.ndarray) -> np.ndarray:

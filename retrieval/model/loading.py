@@ -19,7 +19,8 @@ Forms accepted, wherever a model is taken (``retrieval embed --model``, ``Embedd
   projection, L2-normalised (the seed table's "pretrained" row); with ``untrained``, timm's own random
   initialisation (seed 0) of that architecture; a config YAML with ``pretrained``/``pretrained_file``: the same
   for the config's architecture (``model.kwargs``) at its ``data.img_size``;
-* with ``untrained``: a config YAML or any of the above, rebuilt at its seeded starting weights.
+* with ``untrained``: a config YAML or any of the above, rebuilt at its seeded starting weights (those of its
+  ``model.init_from`` parent for a continued run: :func:`starting_model`).
 
 Every loaded model is checked for NaN/inf weights (one check, here): a diverged model embeds every image to
 garbage and an index over it answers nonsense. ``provenance["model_sha256"]`` identifies the weights file, so
@@ -28,8 +29,10 @@ an index can refuse queries embedded by another model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +44,12 @@ from retrieval.config.io import load_config
 from retrieval.config.schema import Config, DataConfig, ModelConfig
 from retrieval.data.input_spec import InputSpec
 from retrieval.errors import UserError
-from retrieval.model.files import CONFIG_NAME, load_exported, read_input_spec, resolve_export
-from retrieval.model.network import EmbeddingModel, build_model, initial_model
+from retrieval.model.files import CONFIG_NAME, load_exported, read_input_spec, read_loss_state, resolve_export
+from retrieval.model.network import EmbeddingModel, build_model, describe_mismatch, initial_model
 from retrieval.run_folder import RunFolder
 
 TIMM_CONFIG, TIMM_WEIGHTS = "config.json", "model.safetensors"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,7 +96,7 @@ def _load_ours(path: Path, untrained: bool) -> LoadedModel:
     digest = None  # the identity of the weights (sha256 of model.safetensors); None for starting weights
     source = path
     if untrained and cfg is not None:
-        model, spec, model_cfg = initial_model(cfg), None, cfg.model
+        model, spec, model_cfg = starting_model(cfg)[0], None, cfg.model
     else:
         model, model_cfg = load_exported(path)
         weights = source = resolve_export(path)[0]
@@ -105,6 +109,43 @@ def _load_ours(path: Path, untrained: bool) -> LoadedModel:
     spec = spec or InputSpec.of(model, cfg.data if cfg is not None else None)
     check_finite_weights(model, source)
     return LoadedModel(model, spec, {"model": str(path), "untrained": untrained, "model_sha256": digest}, model_cfg)
+
+
+@dataclass
+class Parent:
+    """The trained model a new run starts from (``model.init_from``): where, its weights' sha256, its loss state."""
+
+    path: str
+    sha256: str
+    loss: dict[str, torch.Tensor] | None  # {"proxies": C x d} when the parent trained proxy_anchor
+
+
+def starting_model(cfg: Config) -> tuple[EmbeddingModel, Parent | None]:
+    """The run's model at its starting weights: seeded (:func:`~retrieval.model.network.initial_model`), or those of
+    ``model.init_from`` (a run folder or an export folder, through :func:`load_model` and its checks) for a run that
+    continues a trained one. The parent must be the same architecture (keys and shapes compared, one line naming
+    what differs) and, when ``model.init_sha256`` is set, the weights it names."""
+    if not cfg.model.init_from:
+        return initial_model(cfg), None
+    source = cfg.model.init_from
+    parent = load_model(source)
+    digest = parent.provenance.get("model_sha256")
+    if cfg.model.init_sha256 and cfg.model.init_sha256 != digest:
+        raise UserError(
+            f"model.init_from: {source} holds weights of sha256 {str(digest)[:12]}, model.init_sha256 says "
+            f"{cfg.model.init_sha256[:12]}: the parent changed since this run started from it"
+        )
+    own = dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None)  # the parent's weights replace them
+    model = initial_model(dataclasses.replace(cfg, model=own))
+    weights = parent.model.state_dict()
+    problem = describe_mismatch(model.state_dict(), weights)
+    if problem:
+        raise UserError(f"model.init_from: {source} is not the architecture of this run's model section: {problem}")
+    model.load_state_dict(weights, strict=True)
+    ours = Path(source).exists() and parent.provenance.get("format") != "timm"  # a timm export or name: no loss
+    loss = read_loss_state(source) if ours else None
+    log.info("model: starting from the weights of %s (sha256 %s)", source, str(digest)[:12])
+    return model, Parent(str(source), str(digest), loss)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

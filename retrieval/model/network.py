@@ -186,6 +186,12 @@ def check_pretrained_file(path: str | os.PathLike, name: str, timm_kwargs: dict[
             f"model.pretrained_file: {str(path)!r} does not exist (expected a .safetensors or .pth "
             "file of weights for model.name)"
         )
+    if (path.parent / "model.yaml").is_file():  # model.files.CONFIG_NAME (files imports this module): a whole model
+        raise UserError(
+            f"model.pretrained_file: {str(path)!r} is a model exported by `retrieval train` (model.yaml beside it: "
+            f"backbone and head), not a backbone's weights; start a new run from it with "
+            f"model.init_from={path.parent}"
+        )
     try:
         state = timm.models.load_state_dict(str(path))
     except Exception as e:  # truncated, not a checkpoint, pickled objects refused by weights_only

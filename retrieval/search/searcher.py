@@ -83,13 +83,17 @@ class Searcher:
         names = [str(x) if isinstance(x, (str, Path)) else f"<{type(x).__name__} {i}>" for i, x in enumerate(images)]
         return self.search_vectors(self.embed(images, progress), names, k)
 
-    def search_vectors(self, vectors: np.ndarray, names: list[str], k: int = 10) -> list[dict]:
-        """Top-k results of embeddings made by :attr:`embedder` (``names`` label the queries)."""
+    def search_vectors(
+        self, vectors: np.ndarray, names: list[str], k: int = 10, index: IndexFolder | None = None
+    ) -> list[dict]:
+        """Top-k results of embeddings made by :attr:`embedder` (``names`` label the queries) from ``index`` (default:
+        the one loaded; a service passes the version it answers a batch from)."""
         if k < 1:
             raise UserError(f"k: expected a positive integer, got {k}")
-        scores, ids = self.index.search(vectors, k)
-        cat = self.index.catalogue
-        rows = self.index.rows(ids)
+        index = index or self.index
+        scores, ids = index.search(vectors, k)
+        cat = index.catalogue
+        rows = index.rows(ids)
         out = []
         for q, name in enumerate(names):
             hits = []

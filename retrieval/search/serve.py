@@ -7,7 +7,8 @@
 or JSON ``{"path": ...}`` / ``{"paths": [...]}`` (optionally ``"k"``; only with ``path_root``), or embeddings made
 elsewhere as JSON ``{"vectors": [[...], ...]}`` (the index's dimension, as the index's model makes them: searched as
 they are), and answers ``{"queries": [{"query", "results": [{rank, image_id, class_id, super_class_id, path,
-score}]}]}``. ``GET /healthz`` answers what is loaded. Bad input answers 4xx with ``{"detail": "..."}``; the server
+score}]}]}`` with the index version it came from (``"index": {version, build_id, count}``). ``GET /healthz``
+answers what is loaded, the version included. Bad input answers 4xx with ``{"detail": "..."}``; the server
 never dies of a request. Every request is bounded (body bytes and time, images, pixels, JSON, paths:
 :mod:`retrieval.search.serve_request`) and, with ``token``, must carry ``Authorization: Bearer <token>`` (401
 otherwise).
@@ -18,6 +19,13 @@ and embeds it in one forward pass and one index search (at the largest k asked; 
 back). A request of more than ``max_batch`` images is queued as several parts, so it never makes a larger forward
 pass and other requests are served between its parts. A lone request waits at most ``max_wait_ms``; under load,
 throughput comes from the batch.
+
+A new version of the index folder (``retrieval index add|remove|build``) is picked up without a restart
+(:mod:`retrieval.search.live`): the folder is checked every ``watch_s`` seconds, and ``POST /admin/reload`` loads it
+at once (behind the token like every route). A request is pinned to the version current when it was queued (all its
+parts too) and answered from it whole, naming it; a version built from another model's embeddings is refused and
+the service stays on the one it has. ``POST /feedback`` (with ``feedback_dir``) records users' judgements of results
+(:mod:`retrieval.search.serve_feedback`).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -41,7 +50,10 @@ from starlette.routing import Route
 
 from retrieval.errors import UserError
 from retrieval.search import serve_request as rq
+from retrieval.search.feedback import FeedbackLog
+from retrieval.search.live import LiveIndex, version_of
 from retrieval.search.searcher import Searcher
+from retrieval.search.serve_feedback import feedback_route
 from retrieval.search.serve_request import IMAGE_FIELDS, Query, ServeOptions
 
 __all__ = ["IMAGE_FIELDS", "Batcher", "ServeOptions", "create_app", "read_queries"]
@@ -51,8 +63,8 @@ log = logging.getLogger(__name__)
 class Batcher:
     """Groups queued queries into forward passes of at most ``max_batch`` images and one index search each."""
 
-    def __init__(self, searcher: Searcher, options: ServeOptions) -> None:
-        self.searcher, self.options = searcher, options
+    def __init__(self, searcher: Searcher, options: ServeOptions, live: LiveIndex | None = None) -> None:
+        self.searcher, self.options, self.live = searcher, options, live or LiveIndex(searcher)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.batches = 0  # forward passes so far (healthz shows it: a check that batching happens)
         self._task: asyncio.Task | None = None
@@ -65,14 +77,15 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def search(self, images: list, names: list[str], k: int) -> list[dict]:
-        """Top-k results per image (PIL images or prepared inputs), queued in parts of at most ``max_batch``."""
+    async def search(self, images: list, names: list[str], k: int) -> tuple[list[dict], dict]:
+        """Top-k results per image (PIL images or prepared inputs), queued in parts of at most ``max_batch``, all
+        answered from the index version current now; returns them and that version."""
         loop, step = asyncio.get_running_loop(), self.options.max_batch
-        futures = []
+        index, futures = self.live.current, []  # the version this request is answered from, every part of it
         for start in range(0, len(images), step):
             futures.append(loop.create_future())
-            await self.queue.put((images[start : start + step], names[start : start + step], k, futures[-1]))
-        return [r for part in await asyncio.gather(*futures) for r in part]
+            await self.queue.put((images[start : start + step], names[start : start + step], k, index, futures[-1]))
+        return [r for part in await asyncio.gather(*futures) for r in part], version_of(index)
 
     async def _work(self) -> None:
         carried = None  # a part that did not fit the last forward pass: it opens the next
@@ -102,16 +115,20 @@ class Batcher:
                 (future.set_exception if isinstance(answer, Exception) else future.set_result)(answer)
 
     def _run(self, group: list[tuple]) -> list[list[dict]]:
-        images = [im for item in group for im in item[0]]
-        names = [n for item in group for n in item[1]]
-        k = max(item[2] for item in group)
-        results = self.searcher.search_vectors(self.searcher.embed(images), names, k)
+        """One forward pass for the group, one index search per version its requests are pinned to (one but
+        during a swap), at the largest k asked of it; each request gets its own top k back."""
+        vectors = self.searcher.embed([im for item in group for im in item[0]])
         self.batches += 1
-        out, start = [], 0
-        for item_images, _, item_k, _ in group:
-            chunk = results[start : start + len(item_images)]
-            out.append([{**r, "results": r["results"][:item_k]} for r in chunk])
-            start += len(item_images)
+        bounds = np.cumsum([0] + [len(item[0]) for item in group])
+        out: list = [None] * len(group)
+        for index in {id(item[3]): item[3] for item in group}.values():
+            mine = [i for i, item in enumerate(group) if item[3] is index]
+            rows = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in mine])
+            names = [n for i in mine for n in group[i][1]]
+            results = self.searcher.search_vectors(vectors[rows], names, max(group[i][2] for i in mine), index=index)
+            for i in mine:
+                chunk, results = results[: len(group[i][0])], results[len(group[i][0]) :]
+                out[i] = [{**r, "results": r["results"][: group[i][2]]} for r in chunk]
         return out
 
 
@@ -206,37 +223,31 @@ class BearerToken:
 
 
 def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starlette:
-    """The Starlette app: ``POST /search``, ``GET /healthz``; the batcher runs while the app does."""
+    """The Starlette app: ``POST /search``, ``GET /healthz``, ``POST /admin/reload`` and (with a feedback folder)
+    ``POST /feedback``; the batcher and the index folder's watch run while the app does."""
     options = options or ServeOptions()
-    batcher = Batcher(searcher, options)
+    live = LiveIndex(searcher)
+    batcher = Batcher(searcher, options, live)
+    feedback = FeedbackLog(options.feedback_dir, options.feedback_max_bytes) if options.feedback_dir else None
     limits: dict = {}  # the decoders' limiter, made in the app's event loop
 
     async def search(request: Request) -> JSONResponse:
         query = await read_queries(request, options, searcher, limits["decoders"])
         if isinstance(query, VectorQuery):  # embeddings made elsewhere: no model, no batching with image queries
-            names = [f"vector {i}" for i in range(len(query.array))]
-            results = await anyio.to_thread.run_sync(searcher.search_vectors, query.array, names, query.k)
-            return JSONResponse({"k": query.k, "queries": results})
+            names, index = [f"vector {i}" for i in range(len(query.array))], live.current
+            results = await anyio.to_thread.run_sync(searcher.search_vectors, query.array, names, query.k, index)
+            return JSONResponse({"k": query.k, "index": version_of(index), "queries": results})
         try:
-            results = await batcher.search(query.inputs, query.names, query.k)
+            results, version = await batcher.search(query.inputs, query.names, query.k)
         except UserError as e:
             raise HTTPException(400, str(e)) from None
-        return JSONResponse({"k": query.k, "queries": results})
+        return JSONResponse({"k": query.k, "index": version, "queries": results})
 
-    async def healthz(request: Request) -> JSONResponse:
-        info = searcher.index.info
-        return JSONResponse(
-            {
-                "status": "ok",
-                "model": str(info.get("model")),
-                "index": str(searcher.index.path),
-                "count": int(searcher.index.index.ntotal),
-                "dim": int(info["dim"]),
-                "device": str(searcher.embedder.device),
-                "batches": batcher.batches,
-                "pid": os.getpid(),
-            }
-        )
+    async def reload(request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(await anyio.to_thread.run_sync(live.reload))
+        except UserError as e:
+            raise HTTPException(409, str(e)) from None
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
@@ -245,9 +256,49 @@ def create_app(searcher: Searcher, options: ServeOptions | None = None) -> Starl
     async def lifespan(app: Starlette):
         limits["decoders"] = anyio.CapacityLimiter(options.decoders)
         batcher.start()
+        watch = asyncio.get_running_loop().create_task(_watch(live, options.watch_s)) if options.watch_s else None
         yield
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await batcher.stop()
+        if feedback is not None:
+            feedback.close()
 
-    routes = [Route("/search", search, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])]
+    routes = [Route("/search", search, methods=["POST"]), Route("/admin/reload", reload, methods=["POST"])]
+    routes.append(Route("/healthz", _healthz(live, batcher, feedback), methods=["GET"]))
+    if feedback is not None:
+        routes.append(Route("/feedback", feedback_route(live, feedback, options, limits), methods=["POST"]))
     guard = [Middleware(BearerToken, token=options.token)] if options.token else []
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan, middleware=guard)
+
+
+def _healthz(live: LiveIndex, batcher: Batcher, feedback: FeedbackLog | None):
+    async def healthz(request: Request) -> JSONResponse:
+        index = live.current
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": str(index.info.get("model")),
+                "index": str(index.path),
+                **version_of(index),
+                "reloads": live.reloads,
+                "reload_error": live.last_error,
+                "dim": int(index.info["dim"]),
+                "device": str(batcher.searcher.embedder.device),
+                "batches": batcher.batches,
+                "feedback": str(feedback.folder) if feedback else None,
+                "pid": os.getpid(),
+            }
+        )
+
+    return healthz
+
+
+async def _watch(live: LiveIndex, every_s: float) -> None:
+    """Reload when the folder was switched to another version; a refused one is not retried until it changes."""
+    while True:
+        await asyncio.sleep(every_s)
+        if live.changed():
+            with contextlib.suppress(UserError):  # logged and shown in /healthz; the old version keeps answering
+                await anyio.to_thread.run_sync(live.reload)

@@ -60,12 +60,17 @@ class ServeOptions:
     decoders: int = 2  # images decoded at a time (threads); bounds peak memory with max_pixels
     path_root: str | None = None  # JSON path queries read files under it; None: path queries are off
     token: str | None = None  # a bearer token every request must carry (None: open, for 127.0.0.1)
+    watch_s: float = 2.0  # how often the index folder is checked for a new version (0: only POST /admin/reload)
+    feedback_dir: str | None = None  # enables POST /feedback: the append-only judgement log's folder
+    feedback_max_bytes: int = 2**30  # the log and its photos stay under it (507 past it)
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "max_k", "max_bytes", "max_json_bytes", "max_images", "max_pixels", "decoders")
+        positive += ("feedback_max_bytes",)
         rules = {f"{n} >= 1 (got {getattr(self, n)})": getattr(self, n) >= 1 for n in positive}
         rules[f"max_wait_ms >= 0 (got {self.max_wait_ms})"] = self.max_wait_ms >= 0
         rules[f"body_timeout_s > 0 (got {self.body_timeout_s})"] = self.body_timeout_s > 0
+        rules[f"watch_s >= 0 (got {self.watch_s})"] = self.watch_s >= 0
         rules[f"max_request_pixels >= max_pixels (got {self.max_request_pixels})"] = (
             self.max_request_pixels >= self.max_pixels
         )
