@@ -8,6 +8,10 @@ import json
 import numpy as np
 import pytest
 
+# the trainer and the service import pytorch-metric-learning, which swaps faiss.Index.search for a torch-aware one
+# without `params` (the removed-row filter): every test here runs with that swap in place, as they would
+import pytorch_metric_learning.utils.accuracy_calculator  # noqa: F401
+
 from retrieval import knn
 from retrieval.cli import main
 from retrieval.embed.embeddings import EmbeddingSet

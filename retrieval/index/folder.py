@@ -360,7 +360,10 @@ class IndexFolder:
         if not np.isfinite(q).all():
             raise UserError("queries contain NaN or inf: the model that embedded them is broken")
         if self.info.get("tombstones"):  # removed rows an IVF or HNSW still holds carry negative ids: never returned
-            return self.index.search(q, k, params=live_params(self.index))
+            # faiss.contrib.torch_utils (imported by pytorch-metric-learning) replaces Index.search with a version
+            # without `params`; it keeps the numpy one as search_numpy
+            search = getattr(self.index, "search_numpy", self.index.search)
+            return search(q, k, params=live_params(self.index))
         return self.index.search(q, k)
 
     def rows(self, image_ids: np.ndarray) -> np.ndarray:
