@@ -118,14 +118,11 @@ def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     assert all(metrics[k] == pytest.approx(val[k], abs=1e-6) for k in ("recall@1", "map@r", "r_precision"))
 
 
-def test_signal_checkpoints_marks_preempted_and_exits_3(synth_shards, tmp_path):
-    """SIGUSR1 mid-run: the step finishes, a checkpoint is written, ``preempted`` holds its step, exit code 3;
-    ``--resume auto`` then continues from that step and clears the mark."""
+def _signalled_run(shards: Path, run: RunFolder, overrides: list[str], after_s: float = 0.0) -> tuple[int, str]:
+    """A training process sent SIGUSR1 ``after_s`` after its first logged step: (exit code, stderr)."""
     from _launch import cpu_env
 
-    run = RunFolder(tmp_path / "run")
-    common = ["train.epochs=1", "data.steps_per_epoch=400", "train.eval_every=0"]
-    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run.path), *FAST, *common]
+    argv = ["train", "--config", TINY, "--shards", str(shards), "--run-dir", str(run.path), *FAST, *overrides]
     proc = subprocess.Popen(
         [sys.executable, "-m", "retrieval", *argv], env=cpu_env(), stderr=subprocess.PIPE, text=True
     )
@@ -134,11 +131,21 @@ def test_signal_checkpoints_marks_preempted_and_exits_3(synth_shards, tmp_path):
         while not any(r["kind"] == "train" for r in run.read_metrics()):
             assert proc.poll() is None and time.monotonic() < deadline, "no train step logged"
             time.sleep(0.2)
+        time.sleep(after_s)
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=240)
     finally:
         proc.kill()
-    assert proc.returncode == 3, err[-3000:]
+    return proc.returncode, err
+
+
+def test_signal_checkpoints_marks_preempted_and_exits_3(synth_shards, tmp_path):
+    """SIGUSR1 mid-run: the step finishes, a checkpoint is written, ``preempted`` holds its step, exit code 3;
+    ``--resume auto`` then continues from that step and clears the mark."""
+    run = RunFolder(tmp_path / "run")
+    common = ["train.epochs=1", "data.steps_per_epoch=400", "train.eval_every=0"]
+    returncode, err = _signalled_run(synth_shards, run, common)
+    assert returncode == 3, err[-3000:]
     step = int(run.preempted_path.read_text())
     assert 1 <= step < 400 and run.latest() == run.path / "checkpoints" / f"step_{step}"
     assert run.read_summary()["preempted"] and run.read_summary()["global_step"] == step
@@ -151,25 +158,10 @@ def test_signal_checkpoints_marks_preempted_and_exits_3(synth_shards, tmp_path):
 def test_a_signal_is_agreed_at_a_log_step(synth_shards, tmp_path):
     """The stop flag's all-reduce and host read run at log steps only (not every step: on a GPU each is a stall), so
     a preempted run stops at a multiple of train.log_every."""
-    from _launch import cpu_env
-
     run = RunFolder(tmp_path / "run")
-    argv = ["train", "--config", TINY, "--shards", str(synth_shards), "--run-dir", str(run.path), *FAST]
-    argv += ["train.epochs=1", "data.steps_per_epoch=400", "train.eval_every=0", "train.log_every=7"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "retrieval", *argv], env=cpu_env(), stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not any(r["kind"] == "train" for r in run.read_metrics()):
-            assert proc.poll() is None and time.monotonic() < deadline, "no train step logged"
-            time.sleep(0.2)
-        time.sleep(0.3)  # between two log steps, most likely
-        proc.send_signal(signal.SIGUSR1)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-    assert proc.returncode == 3, err[-3000:]
+    overrides = ["train.epochs=1", "data.steps_per_epoch=400", "train.eval_every=0", "train.log_every=7"]
+    returncode, err = _signalled_run(synth_shards, run, overrides, after_s=0.3)  # between two log steps, likely
+    assert returncode == 3, err[-3000:]
     step = int(run.preempted_path.read_text())
     assert step % 7 == 0 and 7 <= step < 400, step
 
