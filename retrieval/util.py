@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import math
 import os
 import resource
 import shutil
@@ -284,3 +285,9 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def standard_error(value: float, n: int) -> float:
+    """Upper bound of the standard error of a mean of ``n`` values in [0, 1] whose mean is ``value`` (inf for n = 0):
+    how far apart two validations of a run must be to tell them apart (train selection and its warning)."""
+    return math.sqrt(max(value * (1 - value), 0.0) / n) if n > 0 else float("inf")

@@ -20,6 +20,7 @@ import math
 
 from retrieval.config.schema import TrainConfig
 from retrieval.run_folder import TrainerState
+from retrieval.util import standard_error
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,6 @@ NOISY = 0.01  # a 95 % half-width of one point: the differences between checkpoi
 def scored_metric(train: TrainConfig, ks: tuple[int, ...]) -> str:
     """The metric validations are scored by: ``train.select_metric``, or with ``last`` the first Recall@K."""
     return f"recall@{ks[0]}" if train.select_metric == LAST else train.select_metric
-
-
-def standard_error(value: float, n: int) -> float:
-    """Upper bound of the standard error of a mean of ``n`` values in [0, 1] whose mean is ``value``."""
-    return math.sqrt(max(value * (1 - value), 0.0) / n) if n > 0 else float("inf")
 
 
 def warn_if_noisy(name: str, value: float, n: int, train: TrainConfig) -> None:
