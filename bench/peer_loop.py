@@ -104,7 +104,10 @@ def train(cfg, images: Path, seed: int, window: int, foreach: bool | None) -> tu
         },
         end_of_iteration_hook=every_iteration,
     )
-    torch.manual_seed(seed)  # the sampler's and the augmentations' draws
+    # the augmentations' draws (torch) and the sampler's: pml's MPerClassSampler draws from the global numpy
+    # generator (c_f.NUMPY_RANDOM), which torch.manual_seed leaves unseeded: the peer was not repeatable without it
+    torch.manual_seed(seed)
+    np.random.seed(seed)
     trainer.train(num_epochs=cfg.train.epochs)
     rates = [window * p * k / (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
     return model, rates

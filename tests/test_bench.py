@@ -14,9 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import common
+from bench import peer as bench_peer
 from retrieval.cli import main
 from retrieval.embed.embeddings import EmbeddingSet
 from retrieval.run_folder import RunFolder
@@ -204,6 +206,20 @@ def test_peer_tiny_both_trainers_train_and_are_scored_alike(tmp_path, work):
     assert len(train) == stats["train"]["samples"]  # every train image, once, under its label
     peer = json.loads((work / "peer-pml-0.json").read_text())
     assert peer["precision_at_1"] * 100 == pytest.approx(pml["recall_at_1"], abs=0.01)
+    # the peer is repeatable: pml's sampler draws from numpy's global generator, which the loop seeds
+    seeds, window, extra = bench_peer.LEVELS["tiny"]
+    config = str(common.ROOT / "configs" / "demo.yaml")
+    bench_peer.peer(config, images, tmp_path / "again.json", [*extra, f"train.log_every={window}"], 0, window, [])
+    assert np.array_equal(np.load(tmp_path / "again.emb.npy"), np.load(work / "peer-pml-0.emb.npy"))
+
+
+def test_peer_paired_difference_over_seeds():
+    """Per-seed R@1 differences (ours - peer) 1, 2, 3: mean 2, sd 1, 95 % t-interval 2 +- 4.303 / sqrt(3)."""
+    p = bench_peer.paired([10.0, 8.0, 9.0], [9.0, 6.0, 6.0])
+    assert (p["wins"], p["diff_mean"], p["ours_mean"], p["other_mean"]) == (3, 2.0, 9.0, 7.0)
+    assert p["diff_ci95"] == [pytest.approx(2 - 2.484, abs=0.01), pytest.approx(2 + 2.484, abs=0.01)]
+    one = bench_peer.paired([5.0], [6.0])
+    assert one["wins"] == 0 and one["diff_ci95"] is None and one["ours_sd"] is None
 
 
 def test_index_update_tiny_adds_faster_than_it_rebuilds(tmp_path):
