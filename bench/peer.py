@@ -15,13 +15,17 @@ scales); the peer's test is pml's AccuracyCalculator on the test JPEGs, ours `re
 of the run's default selection (both are Recall@1 with the query excluded; the peer's embeddings are scored by our
 eval too, as a cross-check).
 
-Two peers: ``pml``, as a user writes it (torch's default AdamW, which on CPU loops over the tensors in Python), and
+Three peers: ``pml``, as a user writes it (torch's default AdamW, which on CPU loops over the tensors in Python),
 ``pml-foreach``, the same with the AdamW kernels our trainer picks on CPU (foreach), so that the loop itself is
-compared with the optimizer matched too.
+compared with the optimizer matched too, and ``pml-1thread``, the plain peer on 1 torch thread (ours runs 1 beside
+its loader worker; torch's default is one per core): a different float summation order and nothing else, so its
+R@1 beside ``pml``'s measures the noise floor of a per-seed comparison.
 
 Figures: the training loop's images/s (medians of windows of 25 steps, the first window dropped: ours
 from the run's metrics.jsonl, the peer's from an iteration hook), the whole command's images/s (train images over
-the wall time of train + test), and test Recall@1 of both, per seed.
+the wall time of train + test), and test Recall@1 of both, per seed, then paired by seed: means, standard
+deviations, our wins, the mean difference and its 95 % t-interval (``paired``), for ours against each peer, for
+the floor (pml-1thread against pml) and for our default selection against our own final weights.
 
     python -m bench peer --out bench-out                 # the demo's catalogue, 800 steps, seeds 0..5 (~25 min)
     python -m bench peer --quick                         # one seed
@@ -56,8 +60,10 @@ LEVELS = {
 # two-sided 95 % Student t quantiles by degrees of freedom (no scipy in the project's dependencies)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 # the peer as a user writes it (torch's default AdamW: a Python loop over the tensors on CPU), and with the AdamW
-# kernels our trainer picks on CPU (foreach): the loop beside ours with the optimizer matched too
-PEERS = {"pml": [], "pml-foreach": ["--foreach"]}
+# kernels our trainer picks on CPU (foreach): the loop beside ours with the optimizer matched too. pml-1thread: the
+# plain peer on 1 torch thread instead of 2, nothing else changed: its R@1 beside pml's is the noise floor (a
+# different float summation order alone moves a seed's test R@1 by as much as a different trainer)
+PEERS = {"pml": [], "pml-foreach": ["--foreach"], "pml-1thread": ["--threads", "1"]}
 
 
 def extract(shards: Path, split: str, out: Path) -> Path:
@@ -137,7 +143,7 @@ def paired(ours: list[float], other: list[float]) -> dict:
         "other_sd": round(float(b.std(ddof=1)), 2) if n > 1 else None,
         "wins": int((diff >= 0).sum()),
         "diff_mean": round(mean, 2),
-        "diff_ci95": None if half is None else [round(mean - half, 2), round(mean + half, 2)],
+        "diff_ci95": None if half is None else [round(float(mean - half), 2), round(float(mean + half), 2)],
     }
 
 
@@ -149,6 +155,8 @@ def r1_over_seeds(results: dict, seeds: tuple[int, ...], peers: dict) -> dict:
         return [results[f"{name}/seed{s}"][key] for s in seeds]
 
     out = {f"ours vs {name}": paired(r1("ours"), r1(name)) for name in peers}
+    if "pml-1thread" in peers:  # the floor: the same peer, only its torch threads changed
+        out["floor: pml-1thread vs pml"] = paired(r1("pml-1thread"), r1("pml"))
     return out | {"ours: selected vs final": paired(r1("ours"), r1("ours", "recall_at_1_final"))}
 
 

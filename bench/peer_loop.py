@@ -142,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=25, help="iterations per images/s window")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) instead of torch's default")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     start = time.perf_counter()
     cfg = load_config(a.config, [*a.overrides, f"train.seed={a.seed}"])
     model, rates = train(cfg, a.images, a.seed, a.window, True if a.foreach else None)

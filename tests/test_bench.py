@@ -220,6 +220,12 @@ def test_peer_paired_difference_over_seeds():
     assert p["diff_ci95"] == [pytest.approx(2 - 2.484, abs=0.01), pytest.approx(2 + 2.484, abs=0.01)]
     one = bench_peer.paired([5.0], [6.0])
     assert one["wins"] == 0 and one["diff_ci95"] is None and one["ours_sd"] is None
+    results = {"ours/seed0": {"recall_at_1": 5.0, "recall_at_1_final": 6.0}, "ours/seed1": {"recall_at_1": 7.0, "recall_at_1_final": 7.0}}  # fmt: skip
+    results |= {f"{name}/seed{s}": {"recall_at_1": 4.0 + s + (name == "pml")} for name in bench_peer.PEERS for s in (0, 1)}  # fmt: skip
+    rows = bench_peer.r1_over_seeds(results, (0, 1), bench_peer.PEERS)
+    assert rows["floor: pml-1thread vs pml"]["diff_mean"] == -1.0 and rows["ours vs pml"]["wins"] == 2
+    assert rows["ours: selected vs final"]["diff_mean"] == -0.5 and rows["ours: selected vs final"]["wins"] == 1
+    assert "floor: pml-1thread vs pml" in bench_peer.seed_table(rows)
 
 
 def test_index_update_tiny_adds_faster_than_it_rebuilds(tmp_path):
