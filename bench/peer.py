@@ -35,6 +35,7 @@ the floor (pml-1thread against pml) and for our default selection against our ow
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -89,6 +90,7 @@ def extract(shards: Path, split: str, out: Path) -> Path:
 
 def ours(config: str, shards: Path, run: Path, overrides: list[str], seed: int) -> dict:
     """`retrieval train` (1 process), then `retrieval embed` + `retrieval eval` of its default selection."""
+    shutil.rmtree(run, ignore_errors=True)  # a rerun in the same --work measures a fresh run, never a resume
     start = time.perf_counter()
     seeded = [f"data.shards={shards}", f"train.seed={seed}", f"data.seed={seed}", "log.wandb=disabled", *overrides]
     common.launch_train(1, Path(config), run, seeded)
