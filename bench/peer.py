@@ -95,18 +95,16 @@ def ours(config: str, shards: Path, run: Path, overrides: list[str], seed: int) 
     seeded = [f"data.shards={shards}", f"train.seed={seed}", f"data.seed={seed}", "log.wandb=disabled", *overrides]
     common.launch_train(1, Path(config), run, seeded)
     train_s = time.perf_counter() - start
-    emb = run / "emb-test"
-    common.retrieval("embed", "--model", run, "--shards", shards, "--split", "test", "--out", emb, "--workers", 1)
-    common.retrieval("eval", "--embeddings", emb)
+    recall = score_r1(run, shards, run / "emb-test")
     seconds = time.perf_counter() - start
-    metrics = json.loads((emb / "metrics.json").read_text())
     rates = [r["images_per_s"] for r in RunFolder(run).read_metrics() if r.get("kind") == "train"]
-    return {"rates": rates, "seconds": seconds, "train_s": train_s, "recall@1": metrics["recall@1"],
-            "recall@1_final": test_r1(run / "final", shards, run / "emb-test-final")}  # fmt: skip
+    # after the timed command: our final weights, what no selection would have exported
+    final = score_r1(run / "final", shards, run / "emb-test-final")
+    return {"rates": rates, "seconds": seconds, "train_s": train_s, "recall@1": recall, "recall@1_final": final}
 
 
-def test_r1(model: Path, shards: Path, out: Path) -> float:
-    """Test Recall@1 of an export folder (after the timed command: our final weights, selection's counterfactual)."""
+def score_r1(model: Path, shards: Path, out: Path) -> float:
+    """`retrieval embed` + `retrieval eval` of the test split: Recall@1 of a run's default selection or an export."""
     common.retrieval("embed", "--model", model, "--shards", shards, "--split", "test", "--out", out, "--workers", 1)
     common.retrieval("eval", "--embeddings", out)
     return json.loads((out / "metrics.json").read_text())["recall@1"]

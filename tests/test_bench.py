@@ -207,7 +207,7 @@ def test_peer_tiny_both_trainers_train_and_are_scored_alike(tmp_path, work):
     peer = json.loads((work / "peer-pml-0.json").read_text())
     assert peer["precision_at_1"] * 100 == pytest.approx(pml["recall_at_1"], abs=0.01)
     # the peer is repeatable: pml's sampler draws from numpy's global generator, which the loop seeds
-    seeds, window, extra = bench_peer.LEVELS["tiny"]
+    _, window, extra = bench_peer.LEVELS["tiny"]
     config = str(common.ROOT / "configs" / "demo.yaml")
     bench_peer.peer(config, images, tmp_path / "again.json", [*extra, f"train.log_every={window}"], 0, window, [])
     assert np.array_equal(np.load(tmp_path / "again.emb.npy"), np.load(work / "peer-pml-0.emb.npy"))
