@@ -106,8 +106,13 @@ def ours(config: str, shards: Path, run: Path, overrides: list[str], seed: int) 
 def score_r1(model: Path, shards: Path, out: Path) -> float:
     """`retrieval embed` + `retrieval eval` of the test split: Recall@1 of a run's default selection or an export."""
     common.retrieval("embed", "--model", model, "--shards", shards, "--split", "test", "--out", out, "--workers", 1)
-    common.retrieval("eval", "--embeddings", out)
-    return json.loads((out / "metrics.json").read_text())["recall@1"]
+    return eval_r1(out)
+
+
+def eval_r1(embeddings: Path) -> float:
+    """`retrieval eval` of an embeddings folder: its Recall@1 (ours and the peer's scored by the same command)."""
+    common.retrieval("eval", "--embeddings", embeddings)
+    return json.loads((embeddings / "metrics.json").read_text())["recall@1"]
 
 
 def peer(config: str, images: Path, out: Path, overrides: list[str], seed: int, window: int, flags: list[str]) -> dict:
@@ -121,8 +126,7 @@ def peer(config: str, images: Path, out: Path, overrides: list[str], seed: int, 
     emb, labels = np.load(out.with_suffix(".emb.npy")), np.load(out.with_suffix(".labels.npy"))
     folder = out.with_suffix("")
     EmbeddingSet(emb, np.arange(len(labels)), labels, labels, [], {"model": "peer"}).save(folder)
-    common.retrieval("eval", "--embeddings", folder)
-    result["recall@1"] = json.loads((folder / "metrics.json").read_text())["recall@1"]
+    result["recall@1"] = eval_r1(folder)
     return result
 
 

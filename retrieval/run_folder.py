@@ -77,9 +77,10 @@ class TrainerState:
     def record_eval(self, value: float, queries: int = 0, select_last: bool = False) -> bool:
         """A validation's selection metric at ``global_step``: True if it becomes ``best`` (then remembered).
 
-        ``best`` is the latest validation within one standard error (:func:`retrieval.util.standard_error` of the
-        highest value over the ``queries``; none for 0 queries) of the highest so far: a tie the val split cannot resolve goes to the longer-trained
-        weights (issue 31). With ``select_last`` every validation is the best (``train.select_metric: last``)."""
+        ``best`` is the latest validation within one standard error of the highest so far
+        (:func:`retrieval.util.standard_error` of the highest over ``queries``; no margin for 0 queries): a tie the
+        val split cannot resolve goes to the longer-trained weights. With ``select_last`` every validation is the
+        best (``train.select_metric: last``)."""
         self.last_metric, self.last_step, self.val_queries = value, self.global_step, queries
         top = self.top_metric if self.top_metric is not None else self.best_metric  # older states: no top_metric
         margin = util.standard_error(top, queries) if top is not None and queries > 0 else 0.0
