@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -314,3 +315,23 @@ def test_a_pool_that_holds_every_class_reads_the_shards_once(shards, tmp_path):
     for k in range(3):  # each cycle: distinct classes
         assert len(set().union(*per_batch[k * cycle : (k + 1) * cycle])) == 3 * cycle
     assert set().union(*per_batch) == usable
+
+
+@pytest.mark.parametrize("cache_mb", [256, 0])
+def test_a_small_pool_rereads_its_shards_from_memory_with_the_same_batches(shards, tmp_path, cache_mb):
+    """A pool smaller than the worker's classes passes over its shards again and again; after the first pass the
+    worker reads them from its shard cache (no tar parsing, no download), and the batches are those of a worker
+    that reads the tars every pass. Without the cache, the second pass needs the files."""
+    d, _ = shards
+    copy = tmp_path / "shards"
+    shutil.copytree(d, copy)
+    rereading = _train(d, _cfg(shard_cache_mb=0), steps=30)  # 30 x P=3 draws: about 4 passes over 30 groups
+    batches = iter(L.train_loader(copy, _cfg(shard_cache_mb=cache_mb), SPEC, L.EpochSpan(0, 30)))
+    first = [next(batches) for _ in range(10)]  # a pool of 8 + 3 x 9 groups: the first pass is over
+    for tar in copy.glob("train-*.tar"):
+        tar.unlink()
+    if cache_mb == 0:
+        with pytest.raises(FileNotFoundError, match="train-"):
+            list(batches)
+        return
+    assert _same(rereading, [*first, *batches])

@@ -44,6 +44,8 @@ class DataConfig:
     eval_batch_size: int = 128  # images per batch when embedding val/test
     val_cache_mb: int = 512  # per rank: keep the val split's prepared images between validations when they fit
     # (validations then run the model only); 0 = decode them at every validation
+    shard_cache_mb: int = 256  # per loader worker: keep its shards' samples (undecoded) after their first read in
+    # an epoch, so a pool smaller than its classes re-reads them from memory; 0 = read the tars again every pass
     img_size: int | None = None  # None = the model's pretrained input size
     scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop area range
     hflip: float = 0.5  # horizontal flip probability (train)
@@ -70,6 +72,7 @@ class DataConfig:
         _positive("data.classes_per_batch", self.classes_per_batch)
         _positive("data.images_per_class", self.images_per_class)
         _positive("data.class_pool", self.class_pool)
+        _positive("data.shard_cache_mb", self.shard_cache_mb, allow_zero=True)
         _positive("data.steps_per_epoch", self.steps_per_epoch)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.eval_batch_size", self.eval_batch_size)

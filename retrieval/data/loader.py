@@ -182,6 +182,7 @@ class _TrainStream(IterableDataset):
             where,
             stream,
             self.negatives,
+            d.shard_cache_mb * 2**20,
         )
         for j, plan in enumerate(planner):
             g = j * W + logical

@@ -29,6 +29,9 @@ or SOP's 11k classes over 64 loader workers), the first pass reads them all and 
 are read once, and batches take the classes in a seeded order, each class once per cycle through them
 (what a sampler over an in-memory dataset does). A class's images are then all of its images in the
 worker's shards, wherever they lie. Fewer than P usable classes is a UserError.
+Re-reads: a worker keeps what it read of a shard (its groups or samples, undecoded) while they fit in
+``data.shard_cache_mb`` (:class:`ShardCache`), so the passes after the first cost no tar parsing or download; the
+plans are the same either way.
 
 Classes with fewer than K images: a 1-image class is always dropped (it has no positive). With
 ``small_class="repeat"`` a class with 2..K-1 images is used with all its images once plus
@@ -42,8 +45,9 @@ import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import webdataset as wds
@@ -192,6 +196,52 @@ def class_groups(samples: Iterator[Sample]) -> Iterator[list[Sample]]:
         yield group
 
 
+T = TypeVar("T")
+
+
+class ShardCache:
+    """What one worker read of each shard, kept after its first complete read while the bytes fit in ``budget``.
+
+    Why our own: a pool smaller than the worker's classes passes over its shards several times an epoch (the
+    demo: 255 classes, a pool of 32, 5 passes), and each pass re-parsed every tar member: 8 s of a 1-core loader
+    worker's 54 s over the demo's 800 steps, CPU taken beside the training step on a small machine, and a
+    download per pass for a remote shard. webdataset's caches keep remote shards on disk, not parsed samples. A
+    pass's content is a pure function of the shard bytes, so replaying it changes no plan. A shard read only in
+    part (the epoch ended, or it did not fit) is read again next time; skips are counted once per sample anyway.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.kept: dict[Hashable, list] = {}
+
+    def read(self, key: Hashable, items: Iterable[T], size: Callable[[T], int]) -> Iterator[T]:
+        """``items`` (the shard's read, only started if not kept), keeping them if the whole read fits."""
+        if key in self.kept:
+            yield from self.kept[key]
+            return
+        kept: list[T] | None = [] if self.budget > 0 else None
+        total = 0
+        for item in items:
+            if kept is not None:
+                total += size(item)
+                if self.used + total > self.budget:
+                    kept = None
+                else:
+                    kept.append(item)
+            yield item
+        if kept is not None:
+            self.kept[key] = kept
+            self.used += total
+
+
+def group_bytes(group: list[Sample]) -> int:
+    return sum(len(s.jpg) + 256 for s in group)  # 256: the Sample's other fields, roughly
+
+
+def sample_bytes(sample: Sample) -> int:
+    return len(sample.jpg) + 256
+
+
 @dataclass(frozen=True)
 class Plan:
     """One batch: P (class group, K chosen indices) pairs, and the pool's other classes as spares.
@@ -253,6 +303,7 @@ class PKPlanner:
         where: str = "worker",
         stream: Stream = Stream(),
         negatives: dict[int, tuple[int, ...]] | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         if not urls:
             raise ValueError("PKPlanner needs at least one shard")
@@ -260,6 +311,7 @@ class PKPlanner:
         self.small_class, self.seed_words, self.counter, self.where = small_class, tuple(seed_words), counter, where
         self.stream = stream
         self.negatives = negatives or {}  # class -> classes it must meet in a batch (retrieval.data.negatives)
+        self.cache = ShardCache(cache_bytes)  # a pass after the first reads the kept shards from memory
 
     def usable(self, group: list[Sample]) -> bool:
         n = len(group)
@@ -273,25 +325,32 @@ class PKPlanner:
             yield _PASS_END
 
     def _grouped_pass(self, order) -> Iterator[list[Sample]]:
-        share, key = self.stream.share, self.stream.label_key
         for j in order:
-            for i, g in enumerate(class_groups(read_samples([self.urls[j]], self.counter, key))):
-                if share.keeps_group(i, int(j)):
-                    yield g
+            yield from self.cache.read(("groups", int(j)), self._kept_groups(int(j)), group_bytes)
+
+    def _kept_groups(self, j: int) -> Iterator[list[Sample]]:
+        """Shard ``j``'s class groups that this reader keeps."""
+        groups = class_groups(read_samples([self.urls[j]], self.counter, self.stream.label_key))
+        return (g for i, g in enumerate(groups) if self.stream.share.keeps_group(i, j))
 
     def _gathered_pass(self, order) -> Iterator[list[Sample]]:
         """Classes scattered over shards: buffer each label's samples, release it once K are buffered; at the
-        pass end the remainders (fewer than K) follow. Holds at most K-1 undecoded images per class."""
+        pass end the remainders (fewer than K) follow. Holds at most K-1 undecoded images per class (beside what
+        the shard cache keeps)."""
         share, key = self.stream.share, self.stream.label_key
         partial: dict[int, list[Sample]] = {}
-        for s in read_samples([self.urls[j] for j in order], self.counter, key):
-            if not share.keeps_label(s.label):
-                continue
+        for j in order:
+            kept = (s for s in read_samples([self.urls[j]], self.counter, key) if share.keeps_label(s.label))
+            yield from self._gather(partial, self.cache.read(("samples", int(j)), kept, sample_bytes))
+        yield from partial.values()
+
+    def _gather(self, partial: dict[int, list[Sample]], samples: Iterator[Sample]) -> Iterator[list[Sample]]:
+        """Each label's samples into ``partial``; a label is released as soon as K are buffered."""
+        for s in samples:
             group = partial.setdefault(s.label, [])
             group.append(s)
             if len(group) >= self.K:
                 yield partial.pop(s.label)
-        yield from partial.values()
 
     def _too_few_classes(self) -> str:
         need = f"{self.K} images (data.small_class=drop)" if self.small_class == "drop" else "2 images"

@@ -58,6 +58,7 @@ MAY_CHANGE = (
     "data.num_workers",
     "data.eval_batch_size",
     "data.val_cache_mb",
+    "data.shard_cache_mb",
     "data.allow_listed_commands",
     "model.compile",
     "model.grad_checkpointing",
