@@ -54,7 +54,7 @@ from retrieval.run_folder import RunFolder
 # full: test R@1 after 800 steps from scratch spreads over 2-12 % between seeds for either trainer, so a
 # per-seed win is a coin flip; the paired difference over the seeds is the figure that can say more.
 LEVELS = {
-    "tiny": ((0,), 2, ["data.steps_per_epoch=6", "train.epochs=1", "data.classes_per_batch=4"]),
+    "tiny": ((0,), 2, ["data.steps_per_epoch=3", "train.epochs=2", "data.classes_per_batch=4"]),
     "quick": ((0,), 25, []),
     "full": ((0, 1, 2, 3, 4, 5), 25, []),
 }

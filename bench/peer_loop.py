@@ -15,6 +15,7 @@ build, train, test), test precision@1 (= Recall@1 with the query excluded) and t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -83,11 +84,15 @@ def train(cfg, images: Path, seed: int, window: int, foreach: bool | None) -> tu
     optimizer, schedule = optimizer_and_schedule(model, cfg, steps * cfg.train.epochs, foreach)
     loss = losses.MultiSimilarityLoss(alpha=cfg.loss.ms_alpha, beta=cfg.loss.ms_beta, base=cfg.loss.ms_base)
     trunk, embedder = model.backbone, torch.nn.Sequential(model.head, Normalize())
-    stamps: list[float] = []
+    stamps: list[tuple[int, float]] = []  # (iterations done, when): every `window` iterations of the whole run
+    done = itertools.count(1)
 
     def every_iteration(trainer) -> None:
-        if trainer.iteration % window == 0:
-            stamps.append(time.perf_counter())
+        # counted here, not by trainer.iteration: that restarts at 0 every epoch, and a window across an epoch's end
+        # (the loader's restart included) was counted as `window` iterations where it held fewer
+        n = next(done)
+        if n % window == 0:
+            stamps.append((n, time.perf_counter()))
 
     trainer = trainers.MetricLossOnly(
         models={"trunk": trunk, "embedder": embedder},
@@ -109,7 +114,7 @@ def train(cfg, images: Path, seed: int, window: int, foreach: bool | None) -> tu
     torch.manual_seed(seed)
     np.random.seed(seed)
     trainer.train(num_epochs=cfg.train.epochs)
-    rates = [window * p * k / (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
+    rates = [(n1 - n0) * p * k / (t1 - t0) for (n0, t0), (n1, t1) in zip(stamps, stamps[1:], strict=False)]
     return model, rates
 
 

@@ -206,6 +206,9 @@ def test_peer_tiny_both_trainers_train_and_are_scored_alike(tmp_path, work):
     assert len(train) == stats["train"]["samples"]  # every train image, once, under its label
     peer = json.loads((work / "peer-pml-0.json").read_text())
     assert peer["precision_at_1"] * 100 == pytest.approx(pml["recall_at_1"], abs=0.01)
+    # windows of 2 iterations over 2 epochs of 3: stamps at iterations 2, 4, 6 of the run (the one across the epoch's
+    # end holds 2 iterations too; counted per epoch, it was a window of 1 taken for 2)
+    assert len(peer["rates"]) == 2
     # the peer is repeatable: pml's sampler draws from numpy's global generator, which the loop seeds
     _, window, extra = bench_peer.LEVELS["tiny"]
     config = str(common.ROOT / "configs" / "demo.yaml")
