@@ -156,7 +156,7 @@ def test_corrupt_jpegs_are_skipped_and_counted(tmp_path, caplog):
     sk.write_split(tmp_path, "train", layout, corrupt=bad)
     sk.write_split(tmp_path, "test", layout, corrupt=bad, first_id=1)
     cfg = _cfg(class_pool=6)
-    with caplog.at_level(logging.WARNING, logger="retrieval.data.pk"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.data.samples"):
         batches = _train(tmp_path, cfg, steps=8)
     assert len(batches) == 8
     assert sum(b["skipped"] for b in batches) == len(bad)
@@ -260,7 +260,7 @@ def test_loading_leaves_the_global_rng_alone(shards, workers):
 def test_a_cls_that_is_no_integer_is_refused_not_hashed():
     """Today `.cls` = "zq" is hashed into a label silently (only `shards verify` notices): now the sample is
     malformed (skipped and counted, warned once); text labels are read with data.label_key=txt."""
-    from retrieval.data.pk import parse_sample, stable_int
+    from retrieval.data.samples import parse_sample, stable_int
 
     raw = {"__key__": "000000001", "jpg": sk.jpeg_bytes(0), "cls": b"zq", "txt": b"zq"}
     with pytest.raises(ValueError, match=r"its \.cls holds 'zq', expected an integer class id"):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from retrieval.data.pk import SkipCounter, read_samples
+from retrieval.data.samples import SkipCounter, read_samples
 from retrieval.data.source import expand, is_remote
 from retrieval.errors import UserError
 from retrieval.util import write_atomic

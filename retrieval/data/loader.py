@@ -64,7 +64,8 @@ from retrieval.data import transforms as tfm
 from retrieval.data.decode import decode_image
 from retrieval.data.layout import Layout, split_readers, train_layout
 from retrieval.data.negatives import read_pairs
-from retrieval.data.pk import TAG_AUG, PKPlanner, Plan, Sample, SkipCounter, Stream, read_samples, seed_seq
+from retrieval.data.pk import TAG_AUG, PKPlanner, Plan, Stream, seed_seq
+from retrieval.data.samples import Sample, SkipCounter, read_samples
 from retrieval.data.source import read_stats, shard_urls, split_entry
 from retrieval.errors import UserError
 
