@@ -182,19 +182,20 @@ def test_recipe_batches_are_seeded_per_batch_and_leave_host_rngs_alone(shards):
 # ----------------------------------------------------------------------------------------- AdamW's kernels
 
 
-def test_adamw_kernels_foreach_on_cpu_gives_the_for_loops_numbers():
-    """`optim.implementation=auto` takes torch's foreach kernels on CPU (torch's own CPU default loops over the
-    tensors in Python: 14x slower on the demo model) and trains to bitwise the same weights as that loop."""
+def test_adamw_kernels_auto_is_fused_and_foreach_gives_the_for_loops_numbers():
+    """`optim.implementation=auto` takes torch's fused AdamW (CPU too: 0.95 ms a step on the demo model against
+    2.95 foreach and 3.27 for torch's CPU default, a Python loop over the tensors); it trains to within rounding of
+    that loop, and foreach to bitwise its weights."""
     from retrieval.train.optim import build_optimizer
 
     cfg = load_config(TINY)
     weights = {}
-    for impl in ("auto", "for_loop", "fused"):
+    for impl in ("auto", "for_loop", "foreach"):
         torch.manual_seed(0)
         model = initial_model(cfg)
         optim_cfg = load_config(TINY, [f"optim.implementation={impl}"]).optim
-        optimizer, schedule = build_optimizer(model, [], optim_cfg, 10, torch.device("cpu"))
-        expected = {"auto": {"foreach": True}, "for_loop": {"foreach": False}, "fused": {"fused": True}}[impl]
+        optimizer, schedule = build_optimizer(model, [], optim_cfg, 10)
+        expected = {"auto": {"fused": True}, "for_loop": {"foreach": False}, "foreach": {"foreach": True}}[impl]
         assert all(optimizer.defaults[k] == v for k, v in expected.items()), optimizer.defaults
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
@@ -203,7 +204,7 @@ def test_adamw_kernels_foreach_on_cpu_gives_the_for_loops_numbers():
             optimizer.step()
             schedule.step()
         weights[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert torch.equal(weights["auto"], weights["for_loop"])
-    assert torch.allclose(weights["fused"], weights["for_loop"], atol=1e-6)
+    assert torch.equal(weights["foreach"], weights["for_loop"])
+    assert torch.allclose(weights["auto"], weights["for_loop"], atol=1e-6)
     with pytest.raises(ConfigError, match="optim.implementation"):
         load_config(TINY, ["optim.implementation=fast"])

@@ -30,7 +30,11 @@ DEMO_LONG = [  # `make demo-long`
     *("--config", str(REPO / "configs" / "demo_long.yaml")),
     *("--classes", "2700", "--train-classes", "2400", "--query-views", "2"),
 ]
+# multi-similarity, not tiny.yaml's triplet loss: with fused AdamW the triplet recipe collapsed at train.seed 0
+# (every embedding within 1e-5 cosine of the others: top-10 0.16 against 0.13 untrained, and R@1 decided by float
+# rounding, 1 query of 508 apart from pml's); over seeds 0-4 multi-similarity never did
 TRAIN = ["log.wandb=disabled", "data.num_workers=0", "train.epochs=3", "data.steps_per_epoch=200", "train.eval_every=0"]
+TRAIN += ["loss.name=multi_similarity"]
 
 
 def machine() -> str:
@@ -85,8 +89,8 @@ def test_new_photos_find_their_product_after_training(world, capsys):
     # every query carries its truth, and the summary counts exactly the queries whose top hit is of that class
     top1 = np.mean([q["results"][0]["class_id"] == q["query_class_id"] for q in trained["queries"]])
     assert t["top1_same_class"] == pytest.approx(top1)
-    # one of the top 10 is the product: untrained 0.13; trained 0.33 / 0.34 / 0.33 / 0.36 / 0.20 for train.seed
-    # 0-4 (+0.07 to +0.23; seed 4 learns least), measured on a 2-core Xeon: the margin holds at the weakest seed
+    # one of the top 10 is the product: untrained 0.13; trained 0.42 / 0.335 / 0.365 / 0.32 / 0.255 for train.seed
+    # 0-4 (+0.125 to +0.29; seed 4 learns least), measured on a 2-core Xeon: the margin holds at the weakest seed
     assert t["topk_any_same_class"] >= u["topk_any_same_class"] + 0.05, (t, u, machine())
     assert all(h["path"] and not h["path"].startswith("queries/") for q in trained["queries"] for h in q["results"])
 
@@ -105,7 +109,7 @@ def test_trained_metrics_agree_with_pml(world):
     assert abs(ours["map@r"] - ref["mean_average_precision_at_r"]) < 1e-6
     untrained = evaluate.retrieval_metrics(EmbeddingSet.load(world["emb-untrained"]).vectors32(), labels)
     # MAP@R over the whole test split (~500 queries, a steadier statistic than 200 photos' top hits): untrained
-    # 0.0073; trained 0.0209 / 0.0216 / 0.0282 / 0.0258 / 0.0104 for train.seed 0-4 (x1.42 to x3.86)
+    # 0.0073; trained 0.0271 / 0.0189 / 0.0268 / 0.0203 / 0.0178 for train.seed 0-4 (x2.4 to x3.7)
     assert ours["map@r"] >= 1.25 * untrained["map@r"], (ours["map@r"], untrained["map@r"], machine())
 
 

@@ -204,8 +204,8 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     layer_decay: float | None = None  # layer-wise lr decay of the backbone (e.g. 0.75): its last layer at
     # backbone_lr, each earlier one x layer_decay (timm's group_matcher); null or 1 = off
-    implementation: str = "auto"  # AdamW's kernels (torch): auto = fused on CUDA, foreach on CPU | fused | foreach
-    # | for_loop (torch's CPU default: a Python loop over tensors, 14x slower here than foreach on the demo model)
+    implementation: str = "auto"  # AdamW's kernels (torch): auto = fused (one kernel over all tensors; CUDA and
+    # CPU) | foreach | for_loop (torch's CPU default: a Python loop over the tensors; foreach: its numbers bitwise)
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)

@@ -82,7 +82,7 @@ def prepare(cfg: Config, run: RunFolder) -> TrainParts:
     loss_groups, proxies = losses.param_groups(criterion, cfg.optim.lr), losses.trainable(criterion)
     if proxies is not None and parent is not None:
         inherit_proxies(proxies.proxies, parent)
-    optimizer, scheduler = build_optimizer(model, loss_groups, cfg.optim, d.total_optimizer_steps, accelerator.device)
+    optimizer, scheduler = build_optimizer(model, loss_groups, cfg.optim, d.total_optimizer_steps)
     if proxies is not None:  # after the model's groups: the proxies are in the loss's only
         model.add_module(LOSS_MODULE, proxies)  # see retrieval.losses.trainable
     if cfg.model.channels_last:
