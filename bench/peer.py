@@ -6,8 +6,8 @@ Matched: the JPEG bytes and the train classes (the peer reads the train shards' 
 tiny SwinV2 and its seeded starting weights (``initial_model``, post-norm gains set), multi-similarity loss with the
 config's alpha/beta/base, AdamW with the head/backbone lr split and no decay on 1-d parameters, linear warmup then
 cosine per step, gradient clipping at ``optim.grad_clip``, the train transform (``train_transform`` of the same
-input spec), P x K batches and steps, loader workers (``data.num_workers``), torch threads (the default of a fresh
-process, both).
+input spec), P x K batches and steps, loader workers (``data.num_workers``); torch threads and AdamW's kernels
+per peer (below: ours takes 1 thread beside its worker on this machine and fused AdamW).
 Not matched (what each does on its own): the data order (our shard stream's P x K planner vs pml's sampler), our
 per-epoch validation, checkpoints and exports (the peer has none: they are in our whole-command time), our
 divergence/stop checks; layer-wise no-decay names (our groups also exempt SwinV2's position tables and logit
@@ -15,15 +15,17 @@ scales); the peer's test is pml's AccuracyCalculator on the test JPEGs, ours `re
 of the run's default selection (both are Recall@1 with the query excluded; the peer's embeddings are scored by our
 eval too, as a cross-check).
 
-Three peers: ``pml``, as a user writes it (torch's default AdamW, which on CPU loops over the tensors in Python),
-``pml-foreach``, the same with the AdamW kernels our trainer picks on CPU (foreach), so that the loop itself is
-compared with the optimizer matched too, and ``pml-1thread``, the plain peer on 1 torch thread (ours runs 1 beside
-its loader worker; torch's default is one per core): a different float summation order and nothing else, so its
-R@1 beside ``pml``'s measures the noise floor of a per-seed comparison.
+Three peers: ``pml``, as a user writes it (torch's default threads, one per core, and torch's default AdamW, which
+on CPU loops over the tensors in Python); ``pml-1thread``, the same on 1 torch thread (as ours sizes itself beside
+its loader worker): a different float summation order and nothing else, so its R@1 beside ``pml``'s measures the
+noise floor of a per-seed comparison; and ``pml-1thread-fused``, also with the AdamW kernel our trainer picks
+(fused): every choice of ours the peer could also make, so that what remains is the loops themselves.
 
 Figures: the training loop's images/s (medians of windows of 25 steps, the first window dropped: ours
 from the run's metrics.jsonl, the peer's from an iteration hook), the whole command's images/s (train images over
-the wall time of train + test), and test Recall@1 of both, per seed, then paired by seed: means, standard
+wall seconds: ours of ``retrieval train``, its validations, checkpoints and exports included, the peer's of its
+script, train() and its test), the same with our test added (``retrieval embed`` + ``retrieval eval``, two more
+processes), and test Recall@1 of both, per seed, then paired by seed: means, standard
 deviations, our wins, the mean difference and its 95 % t-interval (``paired``), for ours against each peer, for
 the floor (pml-1thread against pml) and for our default selection against our own final weights.
 
@@ -60,11 +62,11 @@ LEVELS = {
 }
 # two-sided 95 % Student t quantiles by degrees of freedom (no scipy in the project's dependencies)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-# the peer as a user writes it (torch's default AdamW: a Python loop over the tensors on CPU), and with the AdamW
-# kernels our trainer picks on CPU (foreach): the loop beside ours with the optimizer matched too. pml-1thread: the
-# plain peer on 1 torch thread instead of 2, nothing else changed: its R@1 beside pml's is the noise floor (a
-# different float summation order alone moves a seed's test R@1 by as much as a different trainer)
-PEERS = {"pml": [], "pml-foreach": ["--foreach"], "pml-1thread": ["--threads", "1"]}
+# the peer as a user writes it (torch's default threads and AdamW: a Python loop over the tensors on CPU);
+# pml-1thread: on 1 torch thread instead of 2, nothing else changed: its R@1 beside pml's is the noise floor (a
+# different float summation order alone moves a seed's test R@1 by as much as a different trainer);
+# pml-1thread-fused: with our AdamW kernel too, every setting of ours matched: the loops themselves side by side
+PEERS = {"pml": [], "pml-1thread": ["--threads", "1"], "pml-1thread-fused": ["--threads", "1", "--adamw", "fused"]}
 
 
 def extract(shards: Path, split: str, out: Path) -> Path:
@@ -194,7 +196,9 @@ def run(opts: common.Options) -> dict:
             rates = r["rates"][1:] or r["rates"]
             results[f"{name}/seed{seed}"] = common.summarize(
                 rates, "images/s", len(r["rates"]) - len(rates),
-                command_images_per_s=round(steps * per_step / r["seconds"], 1),
+                # ours: `retrieval train` alone, then with embed + eval; the peer's script holds its test already
+                command_images_per_s=round(steps * per_step / r.get("train_s", r["seconds"]), 1),
+                with_test_images_per_s=round(steps * per_step / r["seconds"], 1),
                 seconds=round(r["seconds"], 1), recall_at_1=round(100 * r["recall@1"], 2),
                 **({"recall_at_1_final": round(100 * r["recall@1_final"], 2)} if "recall@1_final" in r else {}),
             )  # fmt: skip
@@ -202,18 +206,21 @@ def run(opts: common.Options) -> dict:
         for name in peers:
             p = results[f"{name}/seed{seed}"]
             ratios[f"loop ours/{name} seed{seed}"] = common.ratio(o, p)
-            ratios[f"command ours/{name} seed{seed}"] = round(o["command_images_per_s"] / p["command_images_per_s"], 3)
-            rows.append((seed, name, o["median"], p["median"], o["command_images_per_s"], p["command_images_per_s"],
-                         o["recall_at_1"], p["recall_at_1"]))  # fmt: skip
-    print(common.table(("seed", "peer", "loop ours", "loop peer", "command ours", "command peer", "R@1 ours",
-                        "R@1 peer"), rows), flush=True)  # fmt: skip
+            for figure in ("command", "with_test"):
+                key = f"{figure}_images_per_s"
+                ratios[f"{figure} ours/{name} seed{seed}"] = round(o[key] / p[key], 3)
+            rows.append((seed, name, o["median"], p["median"], o["command_images_per_s"], o["with_test_images_per_s"],
+                         p["command_images_per_s"], o["recall_at_1"], p["recall_at_1"]))  # fmt: skip
+    print(common.table(("seed", "peer", "loop ours", "loop peer", "command ours", "+ test ours", "command peer",
+                        "R@1 ours", "R@1 peer"), rows), flush=True)  # fmt: skip
     over_seeds = r1_over_seeds(results, seeds, peers)
     print(seed_table(over_seeds), flush=True)
     results["recall_at_1_over_seeds"] = over_seeds
     notes = [
         f"{steps} steps of {cfg.data.classes_per_batch} x {cfg.data.images_per_class}, 1 process each, run one after "
-        "the other; loop = median images/s of windows of the training loop, command = train images / wall seconds "
-        "of train + test",
+        "the other; loop = median images/s of windows of the training loop, command = train images / wall seconds: "
+        "ours of `retrieval train` (validations, checkpoints, exports), the peer's of train() + its test; + test "
+        "ours: with `retrieval embed` + `retrieval eval` of the test split added",
         "R@1: test Recall@1 (%) by `retrieval eval`, ours of the run's default selection, pml's of its final weights",
         "R@1 over seeds: a seed fixes both trainers' starting weights and their own data orders; the difference is "
         "paired by seed, its interval a t-interval over the seeds",

@@ -51,16 +51,16 @@ class JpegFolder(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")), self.labels[i]
 
 
-def optimizer_and_schedule(model: torch.nn.Module, cfg, total_steps: int, foreach: bool | None):
+def optimizer_and_schedule(model: torch.nn.Module, cfg, total_steps: int, kernels: dict[str, bool]):
     """AdamW: the projection head at optim.lr, the backbone at optim.backbone_lr, no weight decay on 1-d parameters
-    (norms, biases); warmup then cosine to optim.min_lr_ratio, per iteration. ``foreach``: torch's keyword (None is
-    torch's default: a Python loop over the tensors on CPU, foreach on CUDA)."""
+    (norms, biases); warmup then cosine to optim.min_lr_ratio, per iteration. ``kernels``: torch's AdamW keywords
+    (none: torch's default, a Python loop over the tensors on CPU, foreach on CUDA; ``{"fused": True}``)."""
     groups = []
     for part, lr in (("backbone.", cfg.optim.backbone_lr), ("head.", cfg.optim.lr)):
         named = [(n, p) for n, p in model.named_parameters() if n.startswith(part)]
         groups.append({"params": [p for n, p in named if p.ndim > 1], "lr": lr, "weight_decay": cfg.optim.weight_decay})
         groups.append({"params": [p for n, p in named if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(cfg.optim.betas), foreach=foreach)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(cfg.optim.betas), **kernels)
     warmup, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
 
     def factor(step: int) -> float:
@@ -72,7 +72,7 @@ def optimizer_and_schedule(model: torch.nn.Module, cfg, total_steps: int, foreac
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(cfg, images: Path, seed: int, window: int, foreach: bool | None) -> tuple[torch.nn.Module, list[float]]:
+def train(cfg, images: Path, seed: int, window: int, kernels: dict[str, bool]) -> tuple[torch.nn.Module, list[float]]:
     from pytorch_metric_learning import losses, samplers, trainers
 
     model = initial_model(cfg)  # the same seeded starting weights as `retrieval train` (train.seed)
@@ -81,7 +81,7 @@ def train(cfg, images: Path, seed: int, window: int, foreach: bool | None) -> tu
     p, k = cfg.data.classes_per_batch, cfg.data.images_per_class
     steps = cfg.data.steps_per_epoch
     sampler = samplers.MPerClassSampler(dataset.labels, m=k, batch_size=p * k, length_before_new_iter=steps * p * k)
-    optimizer, schedule = optimizer_and_schedule(model, cfg, steps * cfg.train.epochs, foreach)
+    optimizer, schedule = optimizer_and_schedule(model, cfg, steps * cfg.train.epochs, kernels)
     loss = losses.MultiSimilarityLoss(alpha=cfg.loss.ms_alpha, beta=cfg.loss.ms_beta, base=cfg.loss.ms_base)
     trunk, embedder = model.backbone, torch.nn.Sequential(model.head, Normalize())
     stamps: list[tuple[int, float]] = []  # (iterations done, when): every `window` iterations of the whole run
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=25, help="iterations per images/s window")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) instead of torch's default")
+    p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default", help="AdamW's kernels")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     start = time.perf_counter()
     cfg = load_config(a.config, [*a.overrides, f"train.seed={a.seed}"])
-    model, rates = train(cfg, a.images, a.seed, a.window, True if a.foreach else None)
+    kernels = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[a.adamw]
+    model, rates = train(cfg, a.images, a.seed, a.window, kernels)
     precision, emb, labels = test(model, cfg, a.images)
     seconds = time.perf_counter() - start
     np.save(a.out.with_suffix(".emb.npy"), emb)

@@ -199,6 +199,7 @@ def test_peer_tiny_both_trainers_train_and_are_scored_alike(tmp_path, work):
     payload = run_topic("peer", tmp_path, work)
     ours, pml = payload["results"]["ours/seed0"], payload["results"]["pml/seed0"]
     assert ours["median"] > 0 and pml["median"] > 0 and ours["command_images_per_s"] > 0
+    assert ours["with_test_images_per_s"] < ours["command_images_per_s"]  # embed + eval come on top of train
     assert 0 <= ours["recall_at_1"] <= 100 and 0 <= pml["recall_at_1"] <= 100
     images = work / "peer-images-tiny"
     train = {p.name for p in (images / "train").glob("*/*.jpg")}
