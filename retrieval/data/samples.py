@@ -184,9 +184,9 @@ class ShardCache:
             self.used += total
 
 
-def group_bytes(group: list[Sample]) -> int:
-    return sum(len(s.jpg) + 256 for s in group)  # 256: the Sample's other fields, roughly
-
-
 def sample_bytes(sample: Sample) -> int:
-    return len(sample.jpg) + 256
+    return len(sample.jpg) + 256  # 256: the Sample's other fields, roughly
+
+
+def group_bytes(group: list[Sample]) -> int:
+    return sum(map(sample_bytes, group))
