@@ -122,5 +122,5 @@ def test_long_cpu_training_finds_the_product_first(tmp_path, capsys):
     _ok(["index", "build", "--embeddings", str(tmp_path / "emb-untrained"), "--out", str(tmp_path / "index-untrained")])
     untrained = _search(tmp_path / "index-untrained", tmp_path / "sop" / "queries.txt", capsys)["summary"]
     assert trained["queries"] == untrained["queries"] == 600  # 300 test products x 2 new photos
-    assert trained["top1_same_class"] > 0.5, trained  # measured 0.565
+    assert trained["top1_same_class"] > 0.5, trained  # measured 0.565 with foreach AdamW, 0.745 fused (the default)
     assert untrained["top1_same_class"] < 0.05, untrained  # measured 0.007
