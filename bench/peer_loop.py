@@ -33,7 +33,6 @@ from retrieval.config.io import load_config  # noqa: E402
 from retrieval.data.input_spec import InputSpec  # noqa: E402
 from retrieval.data.transforms import eval_transform, train_transform  # noqa: E402
 from retrieval.model.network import initial_model  # noqa: E402
-from retrieval.train.optim import adamw_kernels  # noqa: E402
 
 
 class JpegFolder(torch.utils.data.Dataset):
@@ -155,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     start = time.perf_counter()
     cfg = load_config(a.config, [*a.overrides, f"train.seed={a.seed}"])
-    kernels = {} if a.adamw == "default" else adamw_kernels(a.adamw)  # the keywords our trainer passes
+    # torch.optim.AdamW's own keywords, as a user of pml writes them (bench/ imports no trainer internals)
+    kernels = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[a.adamw]
     model, rates = train(cfg, a.images, a.seed, a.window, kernels)
     precision, emb, labels = test(model, cfg, a.images)
     seconds = time.perf_counter() - start
