@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -103,6 +104,19 @@ def test_order_is_a_function_of_seed_and_epoch(shards):
     assert not _same(a, _train(d, _cfg(num_workers=2, seed=8), epoch=3))
     # one worker in a process == in-process (W = 1 both ways)
     assert _same(_train(d, _cfg(num_workers=1)), _train(d, _cfg(num_workers=0)))
+
+
+def test_a_slow_consumer_gets_the_batches_a_fast_one_gets(shards):
+    """Workers hand images over through shared slots (retrieval.data.handoff): with the consumer slow, both workers
+    run as far ahead as the DataLoader lets them; no batch is overwritten before it is taken, none after."""
+    d, _ = shards
+    fast = _train(d, _cfg(num_workers=2), steps=12)
+    slow = []
+    for batch in L.train_loader(d, _cfg(num_workers=2), SPEC, L.EpochSpan(0, 12)):
+        slow.append(batch)
+        time.sleep(0.1)
+    assert _same(fast, slow)
+    assert len({b["image"].data_ptr() for b in slow}) == 12, "each batch owns its images"
 
 
 @pytest.mark.parametrize("workers,start", [(0, 3), (2, 1), (2, 4), (3, 5), (2, 9)])

@@ -4,7 +4,8 @@ Shards follow the contract of ``retrieval shards build`` (``DIR/{split}-NNNNNN.t
 ``jpg``/``cls``/``json``, ``stats.json``) or come from any source :mod:`retrieval.data.source` accepts
 (URL prefixes, brace patterns, ``http(s)://``, ``pipe:``; labels by ``data.label_key``). Both modes are ``torch.utils.data.DataLoader`` objects with
 ``batch_size=None``: batches are formed inside the workers, which decode with :func:`retrieval.data.decode.decode_image` (full size: the
-same decode as a query's).
+same decode as a query's). A train worker hands its images over through the shared slots of
+:mod:`retrieval.data.handoff`; the consumer gets a batch it owns.
 
 Train (:func:`train_loader`): every rank yields exactly ``steps - start_step`` batches
 ``{"image": B×3×H×W float32, "label": int64 B, "image_id": int64 B, "skipped": int}``, B = P*K.
@@ -62,6 +63,7 @@ from retrieval import dist
 from retrieval.config.schema import DataConfig
 from retrieval.data import transforms as tfm
 from retrieval.data.decode import decode_image
+from retrieval.data.handoff import Failure, SlotRing, dataloader
 from retrieval.data.layout import Layout, split_readers, train_layout
 from retrieval.data.negatives import read_pairs
 from retrieval.data.pk import TAG_AUG, PKPlanner, Plan, Stream, seed_seq
@@ -77,10 +79,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what PIL raises on corrupt bytes
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # the DataLoader does this too; explicit because N workers x M threads thrash
 
 
 @contextlib.contextmanager
@@ -147,8 +145,10 @@ class _TrainStream(IterableDataset):
         steps: int,
         start_step: int,
         layout: Layout,
+        ring: SlotRing | None = None,
     ) -> None:
         self.urls, self.data, self.transform = urls, data, transform
+        self.ring = ring  # the images' way to the consumer from a worker process (None: in-process loading)
         self.epoch, self.rank, self.workers, self.steps, self.start_step = epoch, rank, workers, steps, start_step
         self.layout = layout
         self.negatives = read_pairs(data.hard_negatives) if data.hard_negatives else None
@@ -160,7 +160,7 @@ class _TrainStream(IterableDataset):
         try:
             yield from self._batches()
         except UserError as e:  # travels as data: the DataLoader would wrap it in a worker traceback
-            yield _Failure(str(e))
+            yield Failure(str(e))
 
     def _batches(self):
         info = get_worker_info()
@@ -223,11 +223,15 @@ class _TrainStream(IterableDataset):
                         )
                     imgs = self._images(group, [k % len(group) for k in range(K)], counter)
                 out += imgs
+            labels, ids = [s.label for _, s in out], [s.image_id for _, s in out]
+            if self.ring is not None and get_worker_info() is not None:  # ints travel, the images wait in a slot
+                slot = self.ring.put(step - self.start_step, [x for x, _ in out])
+                return {"slot": slot, "label": labels, "image_id": ids, "skipped": counter.take()}
             images = torch.stack([x for x, _ in out])
         return {
             "image": images,
-            "label": torch.tensor([s.label for _, s in out], dtype=torch.int64),
-            "image_id": torch.tensor([s.image_id for _, s in out], dtype=torch.int64),
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "image_id": torch.tensor(ids, dtype=torch.int64),
             "skipped": counter.take(),
         }
 
@@ -265,35 +269,6 @@ def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
     return rank, world
 
 
-@dataclass(frozen=True)
-class _Failure:
-    message: str
-
-
-class _Loader(DataLoader):
-    """DataLoader that re-raises a worker's UserError as a plain UserError (no worker traceback in the message)."""
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            if isinstance(batch, _Failure):
-                raise UserError(batch.message)
-            yield batch
-
-
-def _dataloader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
-    return _Loader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-        worker_init_fn=_worker_init if workers else None,
-        # Its own generator: by default iter() draws a worker base seed from the global RNG, which would make a
-        # resumed trainer's RNG differ from an uninterrupted one. Randomness here is seeded per batch instead.
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
 def train_loader(
     shards_dir: str | Path, data_cfg: DataConfig, spec: InputSpec, span: EpochSpan, reader: Reader = Reader()
 ) -> DataLoader:
@@ -312,8 +287,13 @@ def train_loader(
         span.steps,
         span.start_step,
         layout,
+        SlotRing(
+            data_cfg.num_workers, (data_cfg.classes_per_batch * data_cfg.images_per_class, 3, spec.size, spec.size)
+        )
+        if data_cfg.num_workers
+        else None,
     )
-    return _dataloader(dataset, data_cfg.num_workers, reader.pin_memory)
+    return dataloader(dataset, data_cfg.num_workers, reader.pin_memory)
 
 
 class _EvalStream(IterableDataset):
@@ -384,4 +364,4 @@ def eval_loader(
     layout = split_readers(shard_urls(shards_dir, split, entry, allow_commands), rank, world, num_workers, stream)
     workers = num_workers if layout.in_shard else min(num_workers, len(layout.urls))
     dataset = _EvalStream(layout, max(workers, 1), batch_size, tfm.eval_transform(spec), spec.size, rank)
-    return _dataloader(dataset, workers, reader.pin_memory)
+    return dataloader(dataset, workers, reader.pin_memory)
