@@ -71,6 +71,31 @@ def test_resume_mid_epoch_is_bitwise_identical(synth_shards, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_the_next_epoch_starts_ahead_with_the_batches_a_resume_gets(synth_shards, tmp_path, monkeypatch):
+    """With loader workers, the next epoch's loader starts before this epoch's last batch (its workers warm up
+    while the epoch ends and validates); its batches are those a run resumed at the boundary reads."""
+    import retrieval.train.trainer as trainer_module
+
+    events: list[tuple] = []
+    real = trainer_module.train_loader
+
+    def recorded(shards, data, spec, span, reader):
+        events.append(("start", span.epoch))
+        return ([events.append(("batch", span.epoch)), b][1] for b in real(shards, data, spec, span, reader))
+
+    monkeypatch.setattr(trainer_module, "train_loader", recorded)
+    common = ["train.epochs=2", "data.steps_per_epoch=3", "train.eval_every=0", "data.num_workers=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(synth_shards, straight, *common) == 0
+    assert events == [("start", 0), ("batch", 0), ("start", 1), ("batch", 0), ("batch", 0), *[("batch", 1)] * 3]
+    events.clear()
+    assert _train(synth_shards, resumed, *common, "train.max_steps=3") == 0  # capped at the boundary: no start ahead
+    assert _train(synth_shards, resumed, *common, resume="latest") == 0
+    assert events == [("start", 0), *[("batch", 0)] * 3, ("start", 1), *[("batch", 1)] * 3]
+    a, b = (_weights(run / "final" / "model.safetensors") for run in (straight, resumed))
+    assert all((a[k] == b[k]).all() for k in a), "the epoch started ahead trained on other batches"
+
+
 def test_resume_with_ema_and_xbm_is_bitwise_identical(synth_shards, tmp_path):
     """train.ema_decay and a cross-batch memory on (with warmup, layer decay and RandAugment + erasing, the recipes'
     other options): 4 steps straight == 2, stop, resume for 2 more, for the raw weights (the checkpoint), the EMA

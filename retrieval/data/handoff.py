@@ -60,7 +60,10 @@ class _Loader(DataLoader):
     """Re-raises a worker's :class:`Failure` as a plain UserError and takes train images out of their slot."""
 
     def __iter__(self):
-        for batch in super().__iter__():
+        return self._handed_over(super().__iter__())  # not a generator itself: iter() starts the workers now
+
+    def _handed_over(self, batches):
+        for batch in batches:
             if isinstance(batch, Failure):
                 raise UserError(batch.message)
             if "slot" in batch:
