@@ -174,6 +174,14 @@ def seed_table(over_seeds: dict) -> str:
     return common.table(head, rows)
 
 
+def run_order(seed: int, peers: list[str]) -> list[str]:
+    """Who runs when for a seed: the matched peer (the last of ``peers``) right beside ours, first on odd seeds, then
+    the others. This machine's speed drifted by 20-30 % within minutes (the same peer: 527 to 691 images/s from one
+    seed to the next), so ours against a peer three runs later compared the drift as much as the trainers."""
+    matched, others = peers[-1], peers[:-1]
+    return (["ours", matched] if seed % 2 == 0 else [matched, "ours"]) + others
+
+
 def run(opts: common.Options) -> dict:
     config = opts.config or str(common.ROOT / "configs" / "demo.yaml")
     seeds, window, extra = LEVELS[opts.level]
@@ -189,9 +197,14 @@ def run(opts: common.Options) -> dict:
     rows, results, ratios = [], {}, {}
     peers = PEERS if opts.level != "tiny" else {"pml": []}
     for seed in seeds:
-        runs = {"ours": ours(config, shards, work / f"peer-ours-{seed}", overrides, seed)}
-        for name, flags in peers.items():
-            runs[name] = peer(config, images, work / f"peer-{name}-{seed}.json", overrides, seed, window, flags)
+        runs = {}
+        for name in run_order(seed, list(peers)):
+            if name == "ours":
+                runs[name] = ours(config, shards, work / f"peer-ours-{seed}", overrides, seed)
+            else:
+                runs[name] = peer(
+                    config, images, work / f"peer-{name}-{seed}.json", overrides, seed, window, peers[name]
+                )
         for name, r in runs.items():
             rates = r["rates"][1:] or r["rates"]
             results[f"{name}/seed{seed}"] = common.summarize(
@@ -218,7 +231,7 @@ def run(opts: common.Options) -> dict:
     results["recall_at_1_over_seeds"] = over_seeds
     notes = [
         f"{steps} steps of {cfg.data.classes_per_batch} x {cfg.data.images_per_class}, 1 process each, run one after "
-        "the other; loop = median images/s of windows of the training loop, command = train images / wall seconds: "
+        f"the other (the matched peer beside ours, in turn first: {run_order(1, list(peers))}); loop = median images/s of windows of the training loop, command = train images / wall seconds: "
         "ours of `retrieval train` (validations, checkpoints, exports), the peer's of train() + its test; + test "
         "ours: with `retrieval embed` + `retrieval eval` of the test split added",
         "R@1: test Recall@1 (%) by `retrieval eval`, ours of the run's default selection, pml's of its final weights",

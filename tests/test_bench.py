@@ -193,6 +193,14 @@ def test_scale_tiny_auto_index_keeps_its_recall_on_new_queries(tmp_path):
     assert r["index"]["chosen"]["recall@10"] >= 0.96 and "data trained" in proc.stdout
 
 
+def test_peer_runs_the_matched_peer_beside_ours_in_turn_first():
+    """Machine drift over minutes must hit ours and the matched peer alike: adjacent runs, alternating order."""
+    names = list(bench_peer.PEERS)
+    assert bench_peer.run_order(0, names) == ["ours", "pml-1thread-fused", "pml", "pml-1thread"]
+    assert bench_peer.run_order(1, names) == ["pml-1thread-fused", "ours", "pml", "pml-1thread"]
+    assert bench_peer.run_order(3, ["pml"]) == ["pml", "ours"]
+
+
 def test_peer_tiny_both_trainers_train_and_are_scored_alike(tmp_path, work):
     """Our trainer and pytorch-metric-learning's MetricLossOnly train on the same extracted JPEGs (a few steps),
     each scored by `retrieval eval`; the peer's own AccuracyCalculator agrees with our eval on its embeddings."""
