@@ -231,7 +231,8 @@ def run(opts: common.Options) -> dict:
     results["recall_at_1_over_seeds"] = over_seeds
     notes = [
         f"{steps} steps of {cfg.data.classes_per_batch} x {cfg.data.images_per_class}, 1 process each, run one after "
-        f"the other (the matched peer beside ours, in turn first: {run_order(1, list(peers))}); loop = median images/s of windows of the training loop, command = train images / wall seconds: "
+        f"the other (the matched peer beside ours, in turn first: {run_order(1, list(peers))}); loop = median "
+        "images/s of windows of the training loop, command = train images / wall seconds: "
         "ours of `retrieval train` (validations, checkpoints, exports), the peer's of train() + its test; + test "
         "ours: with `retrieval embed` + `retrieval eval` of the test split added",
         "R@1: test Recall@1 (%) by `retrieval eval`, ours of the run's default selection, pml's of its final weights",

@@ -277,6 +277,8 @@ def train_loader(
     entry = split_entry(shards_dir, data_cfg.train_split)
     urls = shard_urls(shards_dir, data_cfg.train_split, entry, data_cfg.allow_listed_commands)
     layout = train_layout(urls, data_cfg, entry, span.epoch, rank, world)
+    shape = (data_cfg.classes_per_batch * data_cfg.images_per_class, 3, spec.size, spec.size)
+    ring = SlotRing(data_cfg.num_workers, shape) if data_cfg.num_workers else None
     dataset = _TrainStream(
         layout.urls,
         data_cfg,
@@ -287,11 +289,7 @@ def train_loader(
         span.steps,
         span.start_step,
         layout,
-        SlotRing(
-            data_cfg.num_workers, (data_cfg.classes_per_batch * data_cfg.images_per_class, 3, spec.size, spec.size)
-        )
-        if data_cfg.num_workers
-        else None,
+        ring,
     )
     return dataloader(dataset, data_cfg.num_workers, reader.pin_memory)
 

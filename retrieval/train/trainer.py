@@ -73,7 +73,7 @@ class Trainer:
         self.skips = SkipTally(cfg.data.max_skipped_fraction, cfg.data.shards)
         self.validation = Validation(cfg, self.accelerator, self.spec, self.mlog)
         self.clock = clock or runlog.StageClock()  # start-up, validation, checkpoint, export: their share of the run
-        self._ahead: tuple[int, Iterator[dict]] | None = None  # the next epoch's batches, started early (_epoch)
+        self._ahead: tuple[int, Iterator[dict]] | None = None  # the next epoch's batches (_start_next_epoch)
 
     @classmethod
     def create(cls, cfg: Config, run: RunFolder, stop: StopFlag) -> Trainer:
