@@ -79,9 +79,14 @@ def test_the_next_epoch_starts_ahead_with_the_batches_a_resume_gets(synth_shards
     events: list[tuple] = []
     real = trainer_module.train_loader
 
+    def tagged(batches, epoch):
+        for batch in batches:
+            events.append(("batch", epoch))
+            yield batch
+
     def recorded(shards, data, spec, span, reader):
         events.append(("start", span.epoch))
-        return ([events.append(("batch", span.epoch)), b][1] for b in real(shards, data, spec, span, reader))
+        return tagged(iter(real(shards, data, spec, span, reader)), span.epoch)  # started now, as the trainer does
 
     monkeypatch.setattr(trainer_module, "train_loader", recorded)
     common = ["train.epochs=2", "data.steps_per_epoch=3", "train.eval_every=0", "data.num_workers=1"]
