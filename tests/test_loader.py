@@ -198,6 +198,8 @@ def test_eval_yields_every_sample_once(shards, workers, batch):
     for b in batches:
         assert b["image"].shape[1:] == (3, IMG, IMG) and 0 < len(b["path"]) <= batch
         assert len(b["label"]) == len(b["super_label"]) == len(b["path"])
+        # workers send the integer columns as lists; the consumer gets int64 tensors whichever way they came
+        assert all(b[k].dtype == torch.int64 for k in ("label", "image_id", "super_label"))
 
 
 def test_eval_with_more_ranks_than_shards(shards):

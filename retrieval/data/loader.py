@@ -228,12 +228,7 @@ class _TrainStream(IterableDataset):
                 slot = self.ring.put(step - self.start_step, [x for x, _ in out])
                 return {"slot": slot, "label": labels, "image_id": ids, "skipped": counter.take()}
             images = torch.stack([x for x, _ in out])
-        return {
-            "image": images,
-            "label": torch.tensor(labels, dtype=torch.int64),
-            "image_id": torch.tensor(ids, dtype=torch.int64),
-            "skipped": counter.take(),
-        }
+        return {"image": images, "label": labels, "image_id": ids, "skipped": counter.take()}  # ints: see _collate
 
 
 @dataclass(frozen=True)
@@ -327,15 +322,16 @@ class _EvalStream(IterableDataset):
             yield self._collate([], counter)
 
     def _collate(self, batch: list[tuple], counter: SkipCounter) -> dict:
-        """Transform the decoded images of a batch (in one go: see :func:`_one_thread`) and collate."""
+        """Transform the decoded images of a batch (in one go: see :func:`_one_thread`) and collate; the integer
+        columns stay lists (the loader makes them tensors: :mod:`retrieval.data.handoff`)."""
         samples = [s for _, s in batch]
         with _one_thread():
             images = torch.stack([self.transform(img) for img, _ in batch]) if batch else None
         return {
             "image": images if batch else torch.empty(0, 3, self.img_size, self.img_size),
-            "label": torch.tensor([s.label for s in samples], dtype=torch.int64),
-            "image_id": torch.tensor([s.image_id for s in samples], dtype=torch.int64),
-            "super_label": torch.tensor([s.super_label for s in samples], dtype=torch.int64),
+            "label": [s.label for s in samples],
+            "image_id": [s.image_id for s in samples],
+            "super_label": [s.super_label for s in samples],
             "path": [s.path for s in samples],
             "skipped": counter.take(),
         }
