@@ -61,7 +61,8 @@ class Failure:
 
 
 class _Loader(DataLoader):
-    """Re-raises a worker's :class:`Failure` as a plain UserError and takes train images out of their slot."""
+    """Re-raises a worker's :class:`Failure` as a plain UserError, takes train images out of their slot and makes
+    the integer columns tensors."""
 
     def __iter__(self):
         return self._handed_over(super().__iter__())  # not a generator itself: iter() starts the workers now

@@ -228,7 +228,8 @@ class _TrainStream(IterableDataset):
                 slot = self.ring.put(step - self.start_step, [x for x, _ in out])
                 return {"slot": slot, "label": labels, "image_id": ids, "skipped": counter.take()}
             images = torch.stack([x for x, _ in out])
-        return {"image": images, "label": labels, "image_id": ids, "skipped": counter.take()}  # ints: see _collate
+        # the integer columns as lists, like the slot's batch: the loader makes them tensors (handoff.INT_COLUMNS)
+        return {"image": images, "label": labels, "image_id": ids, "skipped": counter.take()}
 
 
 @dataclass(frozen=True)
