@@ -90,6 +90,7 @@ class Trainer:
         try:
             self._start(resume)
             preempted = self._epochs()
+            self._ahead = None  # an epoch started ahead and not run (early stop, preemption): its workers go now
             summary = self._finish(preempted)
         finally:
             self.run.unlock()
